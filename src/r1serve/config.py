@@ -1,0 +1,46 @@
+"""Engine configuration: frozen data, validated once, passed explicitly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1serve.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. Built by `LLM(...)` or the CLI."""
+
+    model: str
+    cache_dir: Path
+    dtype: str = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    max_model_len: int | None = None  # None: the checkpoint's own limit, capped by the KV cache
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0  # KV cache size when num_kv_blocks is not given
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kernel: str = "auto"  # "auto": the platform's kernels; "reference": the plain-torch twins
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} is not supported; use auto, cpu or cuda")
+        _require(self.block_size in (8, 16, 32, 64, 128), f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
+        _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        _require(self.max_num_batched_tokens >= self.block_size,
+                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= block_size ({self.block_size})")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, f"num_kv_blocks={self.num_kv_blocks} must be >= 2")
+        _require(self.kv_cache_memory_gib > 0, f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be > 0")
+        _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len} must be >= 2")
+        _require(self.kernel in ("auto", "reference"), f"kernel={self.kernel!r} must be 'auto' or 'reference'")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)

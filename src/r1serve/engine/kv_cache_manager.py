@@ -1,0 +1,95 @@
+"""Maps requests to KV blocks: block tables, prefix-cache lookups, allocation and release."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1serve.engine.block_pool import BlockPool, KVBlock, hash_block
+from r1serve.engine.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens served from the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.stats = PrefixCacheStats()
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # chain hashes of the request's full blocks
+
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def num_blocks_held(self, request_id: str) -> int:
+        return len(self._blocks.get(request_id, ()))
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """Longest run of the request's full blocks already in the cache.
+
+        At least the last token is always left to compute: its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._block_hashes(request, (request.num_tokens - 1) // self.block_size)
+        hit = []
+        for h in hashes:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hit.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(hit) * self.block_size
+        return hit
+
+    def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] = ()) -> bool:
+        """Give the request room for `num_new_tokens` more tokens after its computed ones
+        (and after `cached`, prefix blocks it is about to adopt). False if blocks ran out."""
+        held = self._blocks.setdefault(request.request_id, [])
+        total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        need = -(-total // self.block_size) - len(held) - len(cached)
+        # Adopting a cached block that is free takes it off the free list too.
+        reclaimed = sum(1 for b in cached if b.ref_count == 0)
+        if max(need, 0) + reclaimed > self.pool.num_free:
+            if not held:
+                del self._blocks[request.request_id]
+            return False
+        self.pool.touch(list(cached))
+        held.extend(cached)
+        if need > 0:
+            held.extend(self.pool.allocate(need))
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Publish the request's blocks that are full and computed to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        n_full = request.num_computed_tokens // self.block_size
+        held = self._blocks[request.request_id]
+        for block, h in zip(held[:n_full], self._block_hashes(request, n_full)):
+            self.pool.cache(block, h)
+
+    def free(self, request: Request) -> None:
+        blocks = self._blocks.pop(request.request_id, [])
+        self.pool.release(blocks[::-1])
+        self._hashes.pop(request.request_id, None)
+
+    def _block_hashes(self, request: Request, n_blocks: int) -> list[bytes]:
+        # Hashes are extended incrementally: each full block is hashed once per request.
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        while len(hashes) < n_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.token_ids[i * bs:(i + 1) * bs]))
+        return hashes[:n_blocks]

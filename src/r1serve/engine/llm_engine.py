@@ -1,0 +1,195 @@
+"""The synchronous engine: requests in, one model step at a time, RequestOutputs out."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from r1serve.config import EngineConfig
+from r1serve.engine.detokenizer import IncrementalDetokenizer
+from r1serve.engine.kv_cache_manager import KVCacheManager
+from r1serve.engine.model_runner import ModelRunner
+from r1serve.engine.request import Request
+from r1serve.engine.scheduler import Scheduler, SchedulerConfig
+from r1serve.errors import InvalidRequestError, ModelLoadError
+from r1serve.models.loader import LoadedModel, load_model
+from r1serve.outputs import CompletionOutput, Logprob, RequestOutput
+from r1serve.platforms import get_platform
+from r1serve.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+@dataclass
+class ParentRequest:
+    """A user request; with n > 1 it fans out to n engine requests sharing the prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_path) -> None:
+        self.config = config
+        self.platform = get_platform(config.device)
+        if config.num_threads and self.platform.name == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.loaded: LoadedModel = load_model(model_path, self.platform, config.dtype, config.kernel)
+        self.tokenizer = self.loaded.tokenizer
+        arch = self.loaded.arch
+        self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
+        self.max_model_len = self._max_model_len()
+        shape = (2, self.num_kv_blocks, config.block_size, arch.num_kv_heads, arch.head_dim)
+        kv_caches = [torch.zeros(shape, dtype=self.loaded.dtype, device=self.platform.device) for _ in range(arch.num_layers)]
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.enable_chunked_prefill), self.kv)
+        self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
+        self._parents: dict[str, ParentRequest] = {}
+        self._child_parent: dict[str, ParentRequest] = {}
+        self._seeds = random.Random(0)  # seeds for requests that bring none: reproducible runs
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        a = self.loaded.arch
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.loaded.dtype.itemsize
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.kv_bytes_per_token * self.config.block_size
+
+    def _max_model_len(self) -> int:
+        limit = self.loaded.arch.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ModelLoadError(f"max_model_len={wanted} exceeds the model's limit of {limit} positions")
+        # A single request must always fit in the cache alone, or preemption could not help it.
+        return min(wanted, self.num_kv_blocks * self.config.block_size)
+
+    # ---- requests in ------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        self._validate_prompt(ids)
+        parent = ParentRequest(request_id, text, ids, [], [])
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
+            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(63)
+            gen = torch.Generator(device=self.platform.device).manual_seed(seed)
+            child = Request(child_id, ids, replace(params, n=1), self.eos_token_ids, self.max_model_len, gen)
+            parent.children.append(child)
+            parent.detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
+        self._parents[request_id] = parent
+        for child in parent.children:
+            self._child_parent[child.request_id] = parent
+            self.scheduler.add(child)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError(f"a dict prompt needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise InvalidRequestError(f"prompt of type {type(prompt).__name__} is not supported; "
+                                  "give a string, a list of token ids or {'prompt_token_ids': [...]}")
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        vocab = self.loaded.arch.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
+                                      f"shorten it to at most {self.max_model_len - 1} tokens")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return None
+        for child in parent.children:
+            if not child.finished:
+                self.scheduler.finish(child.request_id, "abort")
+        return self._finish_parent(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests waiting; the KV cache is too small")
+            return []
+        result, ids = self.runner.execute(sched)
+        sampled = dict(zip(ids, result.token_ids))
+        self.scheduler.update(sched, sampled)
+        touched: dict[str, ParentRequest] = {}
+        for rid, token, lp in zip(ids, result.token_ids, result.logprobs):
+            parent = self._child_parent[rid]
+            self._on_token(parent, rid, token, lp)
+            touched[parent.request_id] = parent
+        return [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
+
+    def _on_token(self, parent: ParentRequest, rid: str, token: int, lp) -> None:
+        idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)
+        child, detok = parent.children[idx], parent.detoks[idx]
+        if lp is not None:
+            child.logprobs.append({t: replace(v, decoded_token=self.tokenizer.decode([t])) for t, v in lp.items()})
+        stop = detok.add_tokens([token])
+        if stop is None and child.finished:
+            stop = detok.flush()
+        if stop is not None:
+            self.scheduler.finish(rid, "stop", stop)
+
+    def _finish_parent(self, parent: ParentRequest) -> RequestOutput:
+        out = self._output(parent)
+        self._parents.pop(parent.request_id, None)
+        for child in parent.children:
+            self._child_parent.pop(child.request_id, None)
+        return out
+
+    def _output(self, parent: ParentRequest) -> RequestOutput:
+        outs = [CompletionOutput(i, d.visible_text(c.finished), c.output_token_ids, c.finish_reason,
+                                 c.stop_reason, list(c.logprobs) if c.logprobs is not None else None)
+                for i, (c, d) in enumerate(zip(parent.children, parent.detoks))]
+        first = parent.children[0]
+        metrics = {"arrival_time": parent.arrival_time, "first_token_time": first.first_token_time,
+                   "num_preemptions": sum(c.num_preemptions for c in parent.children)}
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
+                             parent.finished, max(first.num_cached_tokens, 0), metrics)
+
+    # ---- introspection ------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage(),
+            "num_kv_blocks": self.num_kv_blocks,
+            "num_free_blocks": self.kv.pool.num_free,
+            "prefix_cache_queries": self.kv.stats.queries,
+            "prefix_cache_hits": self.kv.stats.hits,
+            "prefix_cache_evictions": self.kv.pool.num_evictions,
+        }

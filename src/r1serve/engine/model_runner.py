@@ -1,0 +1,55 @@
+"""Turns a SchedulerOutput into tensors, runs the model, and samples."""
+from __future__ import annotations
+
+import torch
+
+from r1serve.engine.sampler import SampleResult, Sampler
+from r1serve.engine.scheduler_output import SchedulerOutput
+from r1serve.layers.attention_metadata import AttentionMetadata
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches  # per layer: (2, num_blocks, block_size, Hkv, D)
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> tuple[SampleResult, list[str]]:
+        """Returns the sampled tokens and the ids of the requests they belong to."""
+        input_ids, positions, meta, logits_idx = self._prepare(output)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
+        sampling = [c.request for c in output.chunks if c.samples]
+        if not sampling:
+            return SampleResult([], []), []
+        logits = self.model.compute_logits(hidden[logits_idx])  # (B_sample, vocab)
+        return self.sampler(logits, sampling), [r.request_id for r in sampling]
+
+    def compute_logits(self, output: SchedulerOutput) -> torch.Tensor:
+        """Logits of every scheduled token (N, vocab): for tests against a reference model."""
+        with torch.inference_mode():
+            input_ids, positions, meta, _ = self._prepare(output)
+            return self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+
+    def _prepare(self, output: SchedulerOutput):
+        ids, pos, slots, q_lens, s_lens, logits_idx = [], [], [], [], [], []
+        bs = self.block_size
+        for chunk in output.chunks:
+            ids += chunk.request.token_ids[chunk.start:chunk.end]
+            positions = range(chunk.start, chunk.end)
+            pos += positions
+            slots += [chunk.block_table[p // bs] * bs + p % bs for p in positions]
+            q_lens.append(chunk.num_tokens)
+            s_lens.append(chunk.end)
+            if chunk.samples:
+                logits_idx.append(len(ids) - 1)
+        max_blocks = max(len(c.block_table) for c in output.chunks)
+        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in output.chunks]
+        dev = self.device
+        meta = AttentionMetadata.build(q_lens, s_lens, torch.tensor(slots, device=dev),
+                                       torch.tensor(tables, device=dev), bs)
+        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                torch.tensor(logits_idx, device=dev, dtype=torch.long))

@@ -1,0 +1,93 @@
+"""Turns a step's logits into tokens: penalties, temperature, top-k / top-p / min-p, seeds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1serve.engine.request import Request
+from r1serve.outputs import Logprob
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]  # (B,) one new token per sampled request
+    # Per request: {token_id: Logprob} for the chosen token and the top-k, or None.
+    logprobs: list[dict[int, Logprob] | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        # logits: (B, V) float32, row b belongs to requests[b]
+        want_lp = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None  # vLLM's default: raw model logprobs
+        logits = self._apply_penalties(logits, requests)
+        tokens = self._sample(logits, requests)
+        lps = [None] * len(requests)
+        if want_lp:
+            lps = [_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs) if r.params.logprobs is not None else None
+                   for i, r in enumerate(requests)]
+        return SampleResult(tokens, lps)
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        logits = logits.clone()
+        for i, r in enumerate(requests):
+            p = r.params
+            if r.num_output_tokens < p.min_tokens:  # no ending before min_tokens
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+                logits[i, banned] = float("-inf")
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
+                row = logits[i, seen]
+                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and r.num_output_tokens:
+                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if not random_rows:
+            return greedy
+        probs = _filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
+        for row, i in enumerate(random_rows):
+            # Exponential race (argmax p/q, q ~ Exp(1)) draws from p using only this
+            # request's generator: the result does not depend on the rest of the batch.
+            q = torch.empty_like(probs[row]).exponential_(generator=requests[i].generator)
+            greedy[i] = int(torch.argmax(probs[row] / q))
+        return greedy
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    # logits: (R, V) -> probabilities after temperature, top-k, top-p and min-p
+    dev = logits.device
+    temp = torch.tensor([r.params.temperature for r in requests], device=dev)[:, None]
+    logits = logits / temp
+    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in requests], device=dev)
+    top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
+    min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
+    if (top_k < logits.shape[1]).any() or (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1], device=dev)[None, :]
+        drop = ranks >= top_k[:, None]
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        drop |= (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def _logprobs(row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
+    # row: (V,) raw log-probabilities; rank 1 is the most likely token.
+    chosen_lp = float(row[chosen])
+    out = {chosen: Logprob(chosen_lp, int((row > row[chosen]).sum()) + 1)}
+    if k:
+        values, ids = row.topk(k)
+        for rank, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            out.setdefault(t, Logprob(v, rank))
+    return out

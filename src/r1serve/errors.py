@@ -1,0 +1,13 @@
+"""Errors r1serve raises for bad input. Each message names the bad value and the fix."""
+
+
+class R1ServeError(Exception):
+    """Base class: anything r1serve rejects on purpose."""
+
+
+class ModelLoadError(R1ServeError):
+    """A model name, file or checkpoint that cannot be loaded."""
+
+
+class InvalidRequestError(R1ServeError, ValueError):
+    """A request (prompt or sampling parameters) the engine refuses before any work starts."""

@@ -1,0 +1,91 @@
+"""The offline Python API, shaped as vLLM's `LLM`."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from r1serve.config import EngineConfig
+from r1serve.engine.llm_engine import LLMEngine, Prompt
+from r1serve.errors import InvalidRequestError
+from r1serve.models.catalog import default_cache_dir, resolve_model
+from r1serve.outputs import RequestOutput
+from r1serve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model (catalog name, .gguf file or HF directory) and generate from it.
+
+    >>> llm = LLM(model="smollm2-135m")
+    >>> llm.generate(["Hello, my name is"], SamplingParams(temperature=0, max_tokens=32))
+    """
+
+    def __init__(self, model: str, dtype: str = "auto", *, cache_dir: str | Path | None = None,
+                 **engine_options) -> None:
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        config = EngineConfig(model=model, cache_dir=cache_dir, dtype=dtype, **engine_options)
+        self.engine = LLMEngine(config, resolve_model(model, cache_dir))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
+                                      "give one, or one per prompt")
+        ids = self._add_all(prompts, params)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.get_tokenizer()
+        texts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                         **(chat_template_kwargs or {})) for conv in conversations]
+        # The template already holds BOS where the model wants it: encode without adding more.
+        prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add_all(self, prompts, params) -> list[str]:
+        # Either every prompt is accepted or none: a bad one later in the list must not
+        # leave earlier ones running.
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in ids]

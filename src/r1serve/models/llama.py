@@ -1,0 +1,152 @@
+"""Llama (SmolLM2, R1-Distill-Llama) over a flattened, paged batch.
+
+All sequences of a step are concatenated into one (N, hidden) tensor; only attention
+needs to know where one sequence ends and the next begins (AttentionMetadata).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1serve.errors import ModelLoadError
+from r1serve.layers.attention import AttentionImpl, PagedAttention
+from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.layers.norm import RMSNorm
+from r1serve.layers.rotary import RotaryEmbedding
+from r1serve.models.arch_config import ArchConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_impl: AttentionImpl) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # q, k and v projections fused into one GEMM; load_weights fills the three slices.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                                  bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.n_heads, self.n_kv_heads, self.head_dim, attn_impl)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        N = x.shape[0]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(N, self.n_heads, self.head_dim)  # (N, H, D)
+        k = k.view(N, self.n_kv_heads, self.head_dim)  # (N, Hkv, D)
+        v = v.view(N, self.n_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up fused
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_impl: AttentionImpl) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary, attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions, x, residual, kv_cache, meta):
+        # The residual stream is carried separately so each norm can fuse the add.
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_impl) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
+        x, residual = self.embed_tokens(input_ids), None  # (N, hidden)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint names of the weights that are fused here: name -> (fused name, slice index)
+    FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg, attn_impl)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (B, vocab)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                continue
+            target, slice_idx = self._fused_target(name)
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            with torch.no_grad():
+                self._copy(params[target], tensor, slice_idx, name)
+            loaded.add(name)
+        self._check_complete(loaded)
+
+    def _fused_target(self, name: str) -> tuple[str, int | None]:
+        for part, (fused, idx) in self.FUSED.items():
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), idx
+        return name, None
+
+    def _copy(self, param: torch.Tensor, tensor: torch.Tensor, slice_idx: int | None, name: str) -> None:
+        dst = param if slice_idx is None else self._fused_slice(param, slice_idx)
+        if dst.shape != tensor.shape:
+            raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(dst.shape)}")
+        dst.copy_(tensor)
+
+    def _fused_slice(self, param: torch.Tensor, idx: int) -> torch.Tensor:
+        if param.shape[0] == 2 * self.cfg.intermediate_size:
+            sizes = [self.cfg.intermediate_size] * 2
+        else:
+            d = self.cfg.head_dim
+            sizes = [self.cfg.num_heads * d, self.cfg.num_kv_heads * d, self.cfg.num_kv_heads * d]
+        return param.split(sizes, dim=0)[idx]
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        expected = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(self.cfg.num_layers) for p in "qkvo"}
+        expected |= {"model.embed_tokens.weight", "model.norm.weight"}
+        if not self.cfg.tie_word_embeddings:
+            expected.add("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,57 @@
+"""From a resolved path (a .gguf file or an HF directory) to a model with weights on the device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from r1serve.errors import ModelLoadError
+from r1serve.models.arch_config import ArchConfig
+from r1serve.models.registry import model_class
+from r1serve.platforms.base import Platform
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    arch: ArchConfig
+    tokenizer: object  # r1serve.tokenizer.Tokenizer
+    dtype: torch.dtype
+    path: Path
+
+
+def open_checkpoint(path: Path):
+    if path.is_file() and path.suffix == ".gguf":
+        from r1serve.models.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint.open(path)
+    if path.is_dir():
+        from r1serve.models.hf_checkpoint import HFCheckpoint
+
+        return HFCheckpoint.open(path)
+    raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model directory")
+
+
+def load_model(path: Path, platform: Platform, dtype: str, kernel: str) -> LoadedModel:
+    ckpt = open_checkpoint(path)
+    arch = ArchConfig.from_hf(ckpt.hf_config)
+    cls = model_class(arch.architecture)
+    try:
+        torch_dtype = platform.resolve_dtype(dtype, arch.torch_dtype)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    # Build without allocating or initialising weights, then materialise on the device:
+    # random init of billions of parameters would cost more than loading them.
+    with torch.device("meta"):
+        model = cls(arch, platform.attention(kernel))
+    model = model.to(torch_dtype).to_empty(device=platform.device)
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    if arch.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_weights(ckpt.iter_weights())
+    model.eval()
+    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path)

@@ -1,0 +1,37 @@
+"""What the engine needs to know about a device family, in one small object."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from r1serve.layers.attention import AttentionImpl
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str  # "cpu" | "cuda" | "npu"
+    device: torch.device
+    supported_dtypes: tuple[torch.dtype, ...]
+    # Picks the attention kernel; "reference" always gives the plain-torch twin.
+    attention: Callable[[str], AttentionImpl]
+    dist_backend: str  # torch.distributed backend for multi-device serving
+    # dtype "auto" resolves to this for checkpoints stored in 16-bit floats.
+    preferred_half: torch.dtype
+
+    def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
+        if requested != "auto":
+            dtype = getattr(torch, requested)
+        elif checkpoint_dtype in ("bfloat16", "float16", None):
+            dtype = self.preferred_half
+        else:
+            dtype = getattr(torch, checkpoint_dtype, torch.float32)
+        if dtype not in self.supported_dtypes:
+            supported = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
+            raise ValueError(f"dtype {dtype} is not supported on {self.name}; use one of {supported}")
+        return dtype
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
