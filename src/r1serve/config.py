@@ -26,6 +26,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kernel: str = "auto"  # "auto": the platform's kernels; "reference": the plain-torch twins
+    # Int8 weight copies for batches of at most int8_max_rows tokens (CPU, bf16; see
+    # kernels/int8_weight_linear.py). "auto": on for GGUF checkpoints, whose weights are
+    # already quantized below int8, off for full-precision ones.
+    int8_small_batch: str = "auto"  # "auto" | "on" | "off"
+    int8_max_rows: int = 4
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -39,6 +44,8 @@ class EngineConfig:
         _require(self.kv_cache_memory_gib > 0, f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be > 0")
         _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len} must be >= 2")
         _require(self.kernel in ("auto", "reference"), f"kernel={self.kernel!r} must be 'auto' or 'reference'")
+        _require(self.int8_small_batch in ("auto", "on", "off"),
+                 f"int8_small_batch={self.int8_small_batch!r} must be 'auto', 'on' or 'off'")
 
 
 def _require(ok: bool, message: str) -> None:

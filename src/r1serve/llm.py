@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -50,12 +50,30 @@ class LLM:
              add_generation_prompt: bool = True, use_tqdm: bool = False,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.get_tokenizer()
-        texts = [tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                         **(chat_template_kwargs or {})) for conv in conversations]
-        # The template already holds BOS where the model wants it: encode without adding more.
-        prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
+        prompts = [self.chat_prompt(conv, add_generation_prompt, **(chat_template_kwargs or {}))
+                   for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that changed it (text is cumulative)."""
+        rid = self._add_all([prompt], [sampling_params or SamplingParams()])[0]
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:  # the consumer stopped early (Ctrl-C, break): free the blocks
+                self.engine.abort_request(rid)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> dict:
+        """The chat template applied to one conversation, as a prompt for generate/stream."""
+        tok = self.get_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        # The template already holds BOS where the model wants it: encode without adding more.
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
     def _add_all(self, prompts, params) -> list[str]:
         # Either every prompt is accepted or none: a bad one later in the list must not

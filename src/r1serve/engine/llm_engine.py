@@ -43,7 +43,7 @@ class LLMEngine:
         self.platform = get_platform(config.device)
         if config.num_threads and self.platform.name == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.loaded: LoadedModel = load_model(model_path, self.platform, config.dtype, config.kernel)
+        self.loaded: LoadedModel = load_model(model_path, self.platform, config)
         self.tokenizer = self.loaded.tokenizer
         arch = self.loaded.arch
         self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError
+from r1serve.kernels.int8_weight_linear import use_int8_for_small_batches
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.registry import model_class
 from r1serve.platforms.base import Platform
@@ -34,8 +36,9 @@ def open_checkpoint(path: Path):
     raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model directory")
 
 
-def load_model(path: Path, platform: Platform, dtype: str, kernel: str) -> LoadedModel:
+def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedModel:
     ckpt = open_checkpoint(path)
+    dtype, kernel = config.dtype, config.kernel
     arch = ArchConfig.from_hf(ckpt.hf_config)
     cls = model_class(arch.architecture)
     try:
@@ -53,5 +56,15 @@ def load_model(path: Path, platform: Platform, dtype: str, kernel: str) -> Loade
     if arch.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
     model.load_weights(ckpt.iter_weights())
+    if _wants_int8(config, platform, torch_dtype, path):
+        use_int8_for_small_batches(model, config.int8_max_rows)
     model.eval()
     return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path)
+
+
+def _wants_int8(config: EngineConfig, platform: Platform, dtype: torch.dtype, path: Path) -> bool:
+    usable = platform.int8_weight_gemm and dtype == torch.bfloat16
+    if config.int8_small_batch == "on" and not usable:
+        raise ModelLoadError(f"int8_small_batch='on' needs dtype bfloat16 on a platform with an int8 weight GEMM "
+                             f"(cpu); got dtype {dtype} on {platform.name}")
+    return usable and (config.int8_small_batch == "on" or (config.int8_small_batch == "auto" and path.suffix == ".gguf"))

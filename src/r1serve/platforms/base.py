@@ -19,6 +19,8 @@ class Platform:
     dist_backend: str  # torch.distributed backend for multi-device serving
     # dtype "auto" resolves to this for checkpoints stored in 16-bit floats.
     preferred_half: torch.dtype
+    # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
+    int8_weight_gemm: bool = False
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":

@@ -31,4 +31,5 @@ def cpu_platform() -> Platform:
         attention=_attention,
         dist_backend="gloo",
         preferred_half=torch.bfloat16 if _has_native_bf16() else torch.float32,
+        int8_weight_gemm=True,
     )

@@ -1,0 +1,188 @@
+"""`r1serve pull | generate | chat | info | bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from r1serve.errors import R1ServeError
+
+
+def cache_dir_from(args) -> Path:
+    from r1serve.models.catalog import default_cache_dir
+
+    # The one place the environment is read: flags win, then R1SERVE_CACHE_DIR.
+    return Path(args.cache_dir or os.environ.get("R1SERVE_CACHE_DIR") or default_cache_dir())
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, dest="kv_cache_memory_gib", help="GiB for the KV cache")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kernel", default="auto", choices=["auto", "reference"],
+                   help="'reference' runs the plain-torch twins of every kernel")
+    p.add_argument("--int8-small-batch", default="auto", choices=["auto", "on", "off"],
+                   help="int8 weight copies for small decode batches on the CPU (auto: on for GGUF models)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_llm(args):
+    from r1serve.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, cache_dir=cache_dir_from(args), device=args.device,
+               max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
+               int8_small_batch=args.int8_small_batch)
+
+
+def sampling_from(args):
+    from r1serve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def stream_text(llm, prompt, params, out=sys.stdout) -> str:
+    """Print a request's text as it is produced; returns the whole text."""
+    shown = ""
+    for o in llm.stream(prompt, params):
+        text = o.outputs[0].text
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    out.write("\n")
+    return shown
+
+
+def cmd_pull(args) -> None:
+    from r1serve.models.catalog import CATALOG, pull
+
+    if args.list or not args.name:
+        for name, entry in CATALOG.items():
+            print(f"{name:34s} {entry.description if hasattr(entry, 'description') else ''}")
+        return
+    path = pull(args.name, cache_dir_from(args))
+    print(f"{args.name} is ready at {path}")
+
+
+def cmd_generate(args) -> None:
+    llm = build_llm(args)
+    params = sampling_from(args)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    stream_text(llm, prompt, params)
+
+
+def cmd_chat(args) -> None:
+    llm = build_llm(args)
+    params = sampling_from(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"r1serve chat with {args.model}. Type /exit or Ctrl-D to leave, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = stream_text(llm, llm.chat_prompt(history), params)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args) -> None:
+    llm = build_llm(args)
+    e = llm.engine
+    a, m = e.loaded.arch, e.loaded.model
+    n_params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    info = {"architecture": a.architecture, "parameters": n_params, "dtype": str(e.loaded.dtype).removeprefix("torch."),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values()),
+            "kv_bytes_per_token": e.kv_bytes_per_token, "kv_blocks": e.num_kv_blocks,
+            "max_model_len": e.max_model_len, "platform": e.platform.name}
+    print(json.dumps(info, indent=2))
+
+
+def cmd_bench(args) -> None:
+    from r1serve.bench.offline import main as bench_offline
+
+    bench_offline(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1serve", description="Serve DeepSeek-R1 and its family.")
+    parser.add_argument("--cache-dir", default=None, help="models and data (default: $R1SERVE_CACHE_DIR or ~/.cache/r1serve)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a catalog model")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the catalog")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=64)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="model size, KV bytes per token, context that fits")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    from r1serve.bench.offline import add_args as add_offline_args
+
+    add_offline_args(bench.add_parser("offline", help="r1serve vs transformers generate(), same prompts, same run"))
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except R1ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ---- the real SmolLM2 GGUF ---------------------------------------------------------------------
+
+_SMOLLM2_PULLED = Path("~/.cache/r1serve/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1: $R1SERVE_TEST_GGUF if set, else where `r1serve pull smollm2-135m` puts it."""
+    override = os.environ.get("R1SERVE_TEST_GGUF")
+    path = Path(override).expanduser() if override else _SMOLLM2_PULLED.expanduser()
+    if not path.is_file():
+        where = f"R1SERVE_TEST_GGUF={override!r} does not exist" if override else f"{path} does not exist"
+        pytest.skip(f"needs the SmolLM2-135M-Instruct GGUF: {where}; run `r1serve pull smollm2-135m` "
+                    "or set R1SERVE_TEST_GGUF to the .gguf file")
+    return path

@@ -1,0 +1,100 @@
+"""Every kernel against its plain-torch twin."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from r1serve.kernels.cpu_decode_attention import decode_attention
+from r1serve.kernels.int8_weight_linear import (SmallBatchInt8Linear, int8_linear, int8_linear_reference,
+                                                quantize_per_channel)
+from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
+from r1serve.layers.attention_metadata import AttentionMetadata
+
+
+def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=64, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, dtype=torch.float32).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, dtype=torch.float32).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered across the pool
+    tables, slots = [], []
+    for s, q in zip(seq_lens, query_lens):
+        n = -(-s // bs)
+        table, perm = perm[:n], perm[n:]
+        tables.append(table + [0] * (16 - n))
+        slots += [table[p // bs] * bs + p % bs for p in range(s - q, s)]
+    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), torch.tensor(slots), torch.tensor(tables), bs)
+    q = torch.randn(sum(query_lens), H, D, generator=g).to(dtype)
+    return q, k_cache, v_cache, meta
+
+
+def dense_attention(q, k_cache, v_cache, meta, scale):
+    """Independent oracle: per sequence, contiguous K/V and an explicit causal softmax."""
+    out, start = [], 0
+    for b, (s, n) in enumerate(zip(meta.seq_lens, meta.query_lens)):
+        slots = meta.key_slots[b, :s]
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].float()  # (s, Hkv, D)
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].float()
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (s, H, D)
+        qs = q[start:start + n].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        causal = torch.arange(s)[None, :] <= (s - n + torch.arange(n))[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("seq_lens,query_lens", [
+    ([5, 17, 1, 33], [5, 17, 1, 33]),  # prefill of several lengths
+    ([20, 9, 40], [4, 9, 1]),  # chunked prefill after a cached prefix, mixed with decode
+])
+def test_reference_attention_matches_dense_oracle(seq_lens, query_lens):
+    q, kc, vc, meta = random_paged_batch(seq_lens, query_lens)
+    torch.testing.assert_close(paged_attention_reference(q, kc, vc, meta, 0.2), dense_attention(q, kc, vc, meta, 0.2),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3])
+def test_decode_attention_matches_twin(seq_lens, dtype, tol):
+    q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype)
+    expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
+    torch.testing.assert_close(decode_attention(q, kc, vc, meta, 0.125).float(), expected, atol=tol, rtol=tol)
+
+
+def test_write_kv_lands_in_the_right_slots():
+    kc, vc = torch.zeros(4, 2, 1, 3), torch.zeros(4, 2, 1, 3)
+    k = torch.arange(6.0).view(2, 1, 3)
+    write_kv(kc, vc, k, -k, torch.tensor([5, 0]))  # slot 5 = block 2, offset 1
+    assert torch.equal(kc[2, 1, 0], k[0, 0]) and torch.equal(kc[0, 0, 0], k[1, 0])
+    assert torch.equal(vc[2, 1, 0], -k[0, 0]) and kc.abs().sum() == k.sum()
+
+
+def test_int8_quantization_error_is_bounded():
+    w = torch.randn(64, 96)
+    q, scales = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_linear_matches_twin(rows):
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    q, scales = quantize_per_channel(w)
+    x = torch.randn(rows, 64).bfloat16()
+    got = int8_linear(x, q, scales.bfloat16()).float()
+    expected = int8_linear_reference(x, q, scales.bfloat16()).float()
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=2e-2)
+
+
+def test_small_batch_linear_switches_on_row_count():
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, bias=True).bfloat16()
+    layer = SmallBatchInt8Linear(dense, max_rows=4)
+    small, big = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert torch.equal(layer(big), dense(big))  # dense path exactly
+    torch.testing.assert_close(layer(small).float(), dense(small).float(), atol=0.1, rtol=0.05)
+    assert not torch.equal(layer(small), dense(small))  # the int8 path really ran
