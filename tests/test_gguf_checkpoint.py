@@ -144,7 +144,8 @@ def test_tiny_qwen2_weights_and_config_equal_transformers(tiny_qwen2):
         assert ours[field] == theirs[field], field
     assert ours["rope_theta"] == theirs["rope_parameters"]["rope_theta"] == 1e6
     assert ours["architectures"] == ["Qwen2ForCausalLM"]
-    assert ours["tie_word_embeddings"] is False and "model.layers.0.self_attn.q_proj.bias" in dict(checkpoint.iter_weights())
+    assert ours["tie_word_embeddings"] is False
+    assert "model.layers.0.self_attn.q_proj.bias" in dict(checkpoint.iter_weights())
     assert ours["head_dim"] == TINY["hidden"] // TINY["heads"]
     assert ours["torch_dtype"] == "float32"  # mixed F32/F16/BF16 matrices
 
@@ -203,8 +204,10 @@ def ref_q2_k(b):
         q = qs[32 * half: 32 * half + 32]
         for shift in (0, 2, 4, 6):
             for part in range(2):
-                sc = int(scales[k]); k += 1
-                out += [d * (sc & 0xF) * ((int(x) >> shift) & 3) - dmin * (sc >> 4) for x in q[16 * part: 16 * part + 16]]
+                sc = int(scales[k])
+                k += 1
+                values = q[16 * part: 16 * part + 16]
+                out += [d * (sc & 0xF) * ((int(x) >> shift) & 3) - dmin * (sc >> 4) for x in values]
     return np.array(out)
 
 
@@ -225,7 +228,8 @@ def ref_q3_k(b):
         q = qs[32 * half: 32 * half + 32]
         for shift in (0, 2, 4, 6):
             for part in range(2):
-                dl = d * (scales[k] - 32); k += 1
+                dl = d * (scales[k] - 32)
+                k += 1
                 for i in range(16 * part, 16 * part + 16):
                     out.append(dl * (((int(q[i]) >> shift) & 3) - (0 if hmask[i] & bit else 4)))
             bit <<= 1
@@ -255,8 +259,8 @@ def ref_q5_k(b):
     for g in range(4):
         (s1, m1), (s2, m2) = _k4_scale_min(2 * g, scales), _k4_scale_min(2 * g + 1, scales)
         q = [int(x) for x in qs[32 * g: 32 * g + 32]]
-        out += [d * s1 * ((x & 0xF) + (16 if qh[l] & u1 else 0)) - dmin * m1 for l, x in enumerate(q)]
-        out += [d * s2 * ((x >> 4) + (16 if qh[l] & u2 else 0)) - dmin * m2 for l, x in enumerate(q)]
+        out += [d * s1 * ((x & 0xF) + (16 if qh[i] & u1 else 0)) - dmin * m1 for i, x in enumerate(q)]
+        out += [d * s2 * ((x >> 4) + (16 if qh[i] & u2 else 0)) - dmin * m2 for i, x in enumerate(q)]
         u1, u2 = u1 << 2, u2 << 2
     return np.array(out)
 
@@ -312,7 +316,8 @@ def every_type(tmp_path_factory):
     for kind, array, raw_dtype, value in [
         (Q.F32, floats, None, floats),
         (Q.F16, floats.astype(np.float16), None, floats.astype(np.float16)),
-        (Q.BF16, bf16_bits.view(np.uint8).reshape(ROWS, -1), Q.BF16, (bf16_bits.astype(np.uint32) << 16).view(np.float32)),
+        (Q.BF16, bf16_bits.view(np.uint8).reshape(ROWS, -1), Q.BF16,
+         (bf16_bits.astype(np.uint32) << 16).view(np.float32)),
     ]:
         tensors[f"blk.{len(tensors)}.ffn_up.weight"] = (array, raw_dtype)
         expected[kind] = value.astype(np.float64)
@@ -401,6 +406,12 @@ def test_unsupported_tensor_type_names_tensor_type_and_list(tmp_path):
 
 
 def test_unknown_tensor_name(tmp_path):
-    path = write_gguf(tmp_path / "odd.gguf", "llama", {"blk.0.ffn_gate_exps.weight": (np.zeros((2, 32), np.float32), None)})
+    tensors = {"blk.0.ffn_gate_exps.weight": (np.zeros((2, 32), np.float32), None)}
+    path = write_gguf(tmp_path / "odd.gguf", "llama", tensors)
     with pytest.raises(ModelLoadError, match="ffn_gate_exps"):
         GGUFCheckpoint.open(path)
+
+
+def test_missing_metadata_named_in_error(every_type):
+    with pytest.raises(ModelLoadError, match="llama.embedding_length"):
+        _ = every_type[0].hf_config

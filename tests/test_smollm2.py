@@ -39,14 +39,14 @@ def reference(smollm2_gguf, llm):
 
 
 def test_greedy_matches_transformers_single(llm, reference):
-    sp = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=N, min_tokens=N)  # as min_new_tokens: EOS masked
     for conv, expected in zip(CONVERSATIONS, reference):
         out = llm.chat(conv, sp)[0].outputs[0]
         assert out.token_ids == expected
 
 
 def test_greedy_matches_transformers_batched(llm, reference):
-    sp = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=N, min_tokens=N)  # as min_new_tokens: EOS masked
     outs = llm.chat(CONVERSATIONS, sp)
     assert [o.outputs[0].token_ids for o in outs] == reference
     assert llm.engine.kv.pool.num_free == llm.engine.num_kv_blocks

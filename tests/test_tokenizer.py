@@ -44,8 +44,13 @@ DIGIT_AFTER_WHITESPACE = ["a  1", "x =   42", "\n\n 7", "   1 22 333", "tab\t\t9
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+def smollm2_reader(smollm2_gguf):
+    return gguf.GGUFReader(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_reader):
+    return Tokenizer.from_gguf(smollm2_reader)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +228,7 @@ def assert_same_as_transformers(ours: Tokenizer, ref) -> None:
         assert ours.decode(ref.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True)
     for conversation in CONVERSATIONS:
         for add in (True, False):
-            expected = ref.apply_chat_template(conversation, add_generation_prompt=add, tokenize=True, return_dict=False)
+            expected = ref.apply_chat_template(conversation, add_generation_prompt=add, return_dict=False)
             assert ours.encode_chat(conversation, add_generation_prompt=add) == expected
 
 
@@ -233,12 +238,21 @@ def test_from_dir_matches_transformers(saved_dir):
     assert ours.eos_token_ids == frozenset({2}) and ours.bos_token == "<|im_start|>"
 
 
-def test_from_dir_config_flags_template_and_generation_eos(saved_dir, tmp_path):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((saved_dir / name).read_bytes())
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+def test_from_dir_post_processor_template_and_generation_eos(saved_dir, tmp_path):
+    # BOS comes from tokenizer.json's post-processor (add_bos_token in tokenizer_config.json is
+    # ignored when tokenizer.json exists, as in transformers); the template from tokenizer_config
+    # when there is no chat_template.jinja; end-of-generation ids from generation_config.json.
+    backend = json.loads((saved_dir / "tokenizer.json").read_text())
+    backend["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(backend))
+    config = json.loads((saved_dir / "tokenizer_config.json").read_text())
     template = (saved_dir / "chat_template.jinja").read_text()
-    config |= {"add_bos_token": True, "chat_template": template, "bos_token": {"content": "<|endoftext|>"}}
+    config |= {"add_bos_token": False, "chat_template": template, "bos_token": "<|endoftext|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     ours = Tokenizer.from_dir(tmp_path)
@@ -256,15 +270,15 @@ def test_from_dir_without_tokenizer_json(tmp_path):
 # ---- other GGUF tokenizers ----------------------------------------------------------------------
 
 
-def write_vocab_gguf(path, source_reader, arch="llama", model="gpt2", pre="smollm", add_bos=None):
-    """A GGUF holding only SmolLM2's vocabulary under different tokenizer settings."""
-    fields = source_reader.fields
+def write_vocab_gguf(path, vocab, arch="llama", model="gpt2", pre="smollm", add_bos=None):
+    """A GGUF holding only a vocabulary (tokens, merges, token types) under the given settings."""
+    tokens, merges, types = vocab
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(fields["tokenizer.ggml.tokens"].contents())
-    writer.add_token_merges(fields["tokenizer.ggml.merges"].contents())
-    writer.add_token_types(fields["tokenizer.ggml.token_type"].contents())
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(types)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     if add_bos is not None:
@@ -277,27 +291,49 @@ def write_vocab_gguf(path, source_reader, arch="llama", model="gpt2", pre="smoll
 
 
 @pytest.fixture(scope="module")
-def smollm2_reader(smollm2_gguf):
-    return gguf.GGUFReader(smollm2_gguf)
+def small_vocab(smollm2_reader):
+    """SmolLM2's first 6000 tokens and the merges that stay inside them: a consistent BPE that
+    still has every byte, small enough to write and load quickly."""
+    size = 6000
+    fields = smollm2_reader.fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()[:size]
+    keep = set(tokens)
+    merges = [m for m in fields["tokenizer.ggml.merges"].contents() if m.replace(" ", "", 1) in keep]
+    return tokens, merges, fields["tokenizer.ggml.token_type"].contents()[:size]
 
 
-@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe")])
-def test_other_pretokenizers_and_add_bos_match_transformers(smollm2_reader, tmp_path, arch, pre):
-    path = write_vocab_gguf(tmp_path / "vocab.gguf", smollm2_reader, arch=arch, pre=pre, add_bos=True)
+@pytest.mark.parametrize("arch,pre", [("qwen2", "qwen2"), ("llama", "llama-bpe"), ("llama", "smollm")])
+def test_other_pretokenizers_and_add_bos_match_transformers(small_vocab, tmp_path, arch, pre):
+    path = write_vocab_gguf(tmp_path / "vocab.gguf", small_vocab, arch=arch, pre=pre, add_bos=True)
     ours = Tokenizer.from_gguf(path)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in TEXTS + DIGIT_AFTER_WHITESPACE:
+    # transformers has no "smollm" rule (see DIGIT_AFTER_WHITESPACE); the others it knows.
+    texts = TEXTS if pre == "smollm" else TEXTS + DIGIT_AFTER_WHITESPACE
+    for text in texts:
         assert ours.encode(text) == ref.encode(text), text
     assert ours.encode("hi")[0] == 1
+    assert ours.vocab_size == 6000
 
 
-def test_unsupported_tokenizer_model(smollm2_reader, tmp_path):
-    path = write_vocab_gguf(tmp_path / "spm.gguf", smollm2_reader, model="llama")
+# "</s>" typed normal (1) on purpose: as the eos token it must still be special.
+TINY_VOCAB = (["<|endoftext|>", "<s>", "</s>", "a", "b", "ab"], ["a b"], [3, 3, 1, 1, 1, 1])
+
+
+def test_unsupported_tokenizer_model(tmp_path):
+    path = write_vocab_gguf(tmp_path / "spm.gguf", TINY_VOCAB, model="llama")
     with pytest.raises(ModelLoadError, match=r"tokenizer model 'llama'.*\['gpt2'\]"):
         Tokenizer.from_gguf(path)
 
 
-def test_unsupported_pretokenizer(smollm2_reader, tmp_path):
-    path = write_vocab_gguf(tmp_path / "pre.gguf", smollm2_reader, pre="made-up")
+def test_unsupported_pretokenizer(tmp_path):
+    path = write_vocab_gguf(tmp_path / "pre.gguf", TINY_VOCAB, pre="made-up")
     with pytest.raises(ModelLoadError, match=r"pre-tokenizer 'made-up'.*smollm"):
         Tokenizer.from_gguf(path)
+
+
+def test_tiny_vocab_gguf_tokenizer(tmp_path):
+    tok = Tokenizer.from_gguf(write_vocab_gguf(tmp_path / "tiny.gguf", TINY_VOCAB))
+    assert tok.encode("ab a</s>") == [5, 3, 2]  # "ab" merged, " a" has no Ġ token so the space is dropped
+    assert tok.decode([5, 3, 2]) == "aba" and tok.decode([5, 3, 2], skip_special_tokens=False) == "aba</s>"
+    assert (tok.bos_token, tok.eos_token, tok.chat_template) == ("<s>", "</s>", None)
+    assert tok.all_special_ids == [0, 1, 2]

@@ -112,25 +112,31 @@ class GGUFCheckpoint:
                     "the file is not a plain Llama/Qwen2 checkpoint."
                 )
 
+    def _required(self, key: str) -> Any:
+        value = self._arch_field(key)
+        if value is None:
+            raise ModelLoadError(f"GGUF file {str(self.path)!r} lacks the {self.architecture}.{key} metadata key.")
+        return value
+
     @property
     def hf_config(self) -> dict[str, Any]:
-        hidden_size = self._arch_field("embedding_length")
-        num_heads = self._arch_field("attention.head_count")
+        hidden_size = self._required("embedding_length")
+        num_heads = self._required("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
         config: dict[str, Any] = {
             "architectures": [_HF_ARCHITECTURES[self.architecture]],
             "model_type": self.architecture,
             "hidden_size": hidden_size,
-            "intermediate_size": self._arch_field("feed_forward_length"),
-            "num_hidden_layers": self._arch_field("block_count"),
+            "intermediate_size": self._required("feed_forward_length"),
+            "num_hidden_layers": self._required("block_count"),
             "num_attention_heads": num_heads,
             "num_key_value_heads": self._arch_field("attention.head_count_kv", num_heads),
             "head_dim": self._head_dim(hidden_size, num_heads),
             "hidden_act": "silu",
-            "rms_norm_eps": self._arch_field("attention.layer_norm_rms_epsilon"),
+            "rms_norm_eps": self._required("attention.layer_norm_rms_epsilon"),
             "rope_theta": rope_theta,
             "rope_scaling": self._rope_scaling(),
-            "max_position_embeddings": self._arch_field("context_length"),
+            "max_position_embeddings": self._required("context_length"),
             "vocab_size": self._vocab_size(),
             "tie_word_embeddings": "output.weight" not in self._tensor_names,
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
@@ -168,8 +174,10 @@ class GGUFCheckpoint:
         declared = self._arch_field("vocab_size")
         if declared is not None:
             return int(declared)
-        embedding = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
-        return int(embedding.shape[1])  # GGUF dims are (hidden, vocab)
+        embedding = [t for t in self.reader.tensors if t.name == "token_embd.weight"]
+        if not embedding:
+            raise ModelLoadError(f"GGUF file {str(self.path)!r} has no token_embd.weight tensor.")
+        return int(embedding[0].shape[1])  # GGUF dims are (hidden, vocab)
 
     def _torch_dtype(self) -> str:
         # A file of plain float matrices keeps its dtype. For quantized files transformers leaves

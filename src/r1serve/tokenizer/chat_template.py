@@ -34,7 +34,9 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
-            raise ModelLoadError(f"the model's chat template does not compile (line {exc.lineno}: {exc.message}).") from exc
+            raise ModelLoadError(
+                f"the model's chat template does not compile (line {exc.lineno}: {exc.message})."
+            ) from exc
 
     def render(
         self,

@@ -9,6 +9,7 @@ and mark control tokens special so that `<|im_start|>` in text stays one token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +91,10 @@ def read_gguf_tokenizer(reader: GGUFReader) -> GGUFTokenizerSpec:
     tokens: list[str] = meta.require("tokenizer.ggml.tokens")
     backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), meta.get("tokenizer.ggml.pre", "default"))
     _add_typed_tokens(backend, tokens, meta.get("tokenizer.ggml.token_type", []))
-    named = {name: _token(tokens, meta.get(f"tokenizer.ggml.{name}_token_id")) for name in ("bos", "eos")}
-    named["unk"] = _token(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
-    named["pad"] = _token(tokens, meta.get("tokenizer.ggml.padding_token_id"))
-    backend.post_processor = bos_eos_processor(
+    id_keys = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+    named = {name: _token(tokens, meta.get(f"tokenizer.ggml.{key}_token_id")) for name, key in id_keys.items()}
+    _mark_special(backend, named.values())
+    backend.post_processor = _bos_eos_processor(
         named["bos"] if meta.get("tokenizer.ggml.add_bos_token", False) else None,
         named["eos"] if meta.get("tokenizer.ggml.add_eos_token", False) else None,
         backend,
@@ -110,8 +111,8 @@ def read_gguf_tokenizer(reader: GGUFReader) -> GGUFTokenizerSpec:
     )
 
 
-def bos_eos_processor(bos: str | None, eos: str | None, backend: Backend) -> processors.PostProcessor | None:
-    """What `add_special_tokens=True` adds around a single text: `bos $A eos`, either side optional."""
+def _bos_eos_processor(bos: str | None, eos: str | None, backend: Backend) -> processors.PostProcessor | None:
+    # What encode(add_special_tokens=True) adds around a text: `bos $A eos`, either side optional.
     if bos is None and eos is None:
         return None
     single = " ".join(p for p in (bos and f"{bos}:0", "$A:0", eos and f"{eos}:0") if p)
@@ -156,6 +157,13 @@ def _add_typed_tokens(backend: Backend, tokens: list[str], token_types: list[int
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == _USER_DEFINED]
     backend.add_special_tokens(control)
     backend.add_tokens(user)
+
+
+def _mark_special(backend: Backend, named: Iterable[str | None]) -> None:
+    # bos/eos/unk/pad are special even when the file types them as normal (transformers agrees).
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}
+    missing = dict.fromkeys(t for t in named if t is not None and t not in added)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
 
 
 def _token(tokens: list[str], token_id: int | None) -> str | None:

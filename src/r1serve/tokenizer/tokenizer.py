@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as Backend
 
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.tokenizer.chat_template import ChatTemplate
-from r1serve.tokenizer.gguf_tokenizer import bos_eos_processor, read_gguf_tokenizer
+from r1serve.tokenizer.gguf_tokenizer import read_gguf_tokenizer
 
 
 class Tokenizer:
@@ -68,13 +68,8 @@ class Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         named = {name: _token_text(config.get(f"{name}_token")) for name in ("bos", "eos", "unk", "pad")}
         _add_declared_tokens(backend, config.get("added_tokens_decoder", {}), named.values())
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # An explicit flag wins over tokenizer.json's post-processor, as in transformers.
-            backend.post_processor = bos_eos_processor(
-                named["bos"] if config.get("add_bos_token") else None,
-                named["eos"] if config.get("add_eos_token") else None,
-                backend,
-            )
+        # Whether encode() adds BOS/EOS is tokenizer.json's post-processor alone; transformers
+        # (>= 5) also ignores tokenizer_config's add_bos_token when tokenizer.json exists.
         return cls(
             backend,
             bos_token=named["bos"],
