@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import decode_attention
-from r1serve.kernels.int8_weight_linear import (SmallBatchInt8Linear, int8_linear, int8_linear_reference,
-                                                quantize_per_channel)
+from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
+from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
+from r1serve.layers.cpu_linear import CpuLinear
 from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
 from r1serve.layers.attention_metadata import AttentionMetadata
 
@@ -90,11 +91,27 @@ def test_int8_linear_matches_twin(rows):
     torch.testing.assert_close(got, expected, atol=0.1, rtol=2e-2)
 
 
-def test_small_batch_linear_switches_on_row_count():
+needs_onednn = pytest.mark.skipif(not packing_available(), reason="oneDNN bf16 GEMM not available on this CPU")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 5, 32, 130])
+def test_packed_linear_is_bit_identical_to_twin(rows):
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    assert torch.equal(packed_linear(x, pack_weight(w), b), torch.nn.functional.linear(x, w, b))
+
+
+@needs_onednn
+def test_cpu_linear_switches_on_row_count():
     torch.manual_seed(0)
     dense = nn.Linear(64, 32, bias=True).bfloat16()
-    layer = SmallBatchInt8Linear(dense, max_rows=4)
+    layer = CpuLinear(dense, int8_max_rows=4, pack=True)
     small, big = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
-    assert torch.equal(layer(big), dense(big))  # dense path exactly
+    assert torch.equal(layer(big), dense(big))  # packed bf16 path: exact
     torch.testing.assert_close(layer(small).float(), dense(small).float(), atol=0.1, rtol=0.05)
     assert not torch.equal(layer(small), dense(small))  # the int8 path really ran
+    assert layer.weight is None  # the packed copy replaced it
+    unpacked = CpuLinear(dense, int8_max_rows=0, pack=False)
+    assert torch.equal(unpacked(big), dense(big)) and unpacked.weight is dense.weight

@@ -62,8 +62,10 @@ def sampling_from(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def stream_text(llm, prompt, params, out=sys.stdout) -> str:
+def stream_text(llm, prompt, params, out=None) -> str:
     """Print a request's text as it is produced; returns the whole text."""
+    # Looked up per call, not bound at import: redirect_stdout and test capture replace it.
+    out = out or sys.stdout
     shown = ""
     for o in llm.stream(prompt, params):
         text = o.outputs[0].text
@@ -86,15 +88,15 @@ def cmd_pull(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    params = sampling_from(args)  # bad flags fail before the model loads
     llm = build_llm(args)
-    params = sampling_from(args)
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     stream_text(llm, prompt, params)
 
 
 def cmd_chat(args) -> None:
+    params = sampling_from(args)  # bad flags fail before the model loads
     llm = build_llm(args)
-    params = sampling_from(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print(f"r1serve chat with {args.model}. Type /exit or Ctrl-D to leave, /reset to start over.", file=sys.stderr)
     while True:
@@ -123,10 +125,9 @@ def cmd_chat(args) -> None:
 def cmd_info(args) -> None:
     llm = build_llm(args)
     e = llm.engine
-    a, m = e.loaded.arch, e.loaded.model
-    n_params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
-    info = {"architecture": a.architecture, "parameters": n_params, "dtype": str(e.loaded.dtype).removeprefix("torch."),
-            "weight_bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values()),
+    a = e.loaded.arch
+    info = {"architecture": a.architecture, "parameters": e.loaded.num_parameters,
+            "dtype": str(e.loaded.dtype).removeprefix("torch."), "weight_bytes": e.loaded.weight_bytes,
             "kv_bytes_per_token": e.kv_bytes_per_token, "kv_blocks": e.num_kv_blocks,
             "max_model_len": e.max_model_len, "platform": e.platform.name}
     print(json.dumps(info, indent=2))

@@ -27,8 +27,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     kernel: str = "auto"  # "auto": the platform's kernels; "reference": the plain-torch twins
     # Int8 weight copies for batches of at most int8_max_rows tokens (CPU, bf16; see
-    # kernels/int8_weight_linear.py). "auto": on for GGUF checkpoints, whose weights are
-    # already quantized below int8, off for full-precision ones.
+    # kernels/int8_weight_linear.py). "auto": on for checkpoints whose weights are already
+    # quantized below 8 bits (most GGUF files), off for full-precision ones.
     int8_small_batch: str = "auto"  # "auto" | "on" | "off"
     int8_max_rows: int = 4
     num_threads: int | None = None

@@ -62,6 +62,8 @@ class SamplingParams:
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "must be >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "stop strings must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+               "token ids must be integers >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer")
 
     @property

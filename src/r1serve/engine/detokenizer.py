@@ -24,10 +24,12 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.text = ""
         self.stop_hit: str | None = None
+        self.num_output_tokens = 0
 
     def add_tokens(self, token_ids: list[int]) -> str | None:
         """Append new tokens; returns the stop string if one was completed (text then ends before it)."""
         self.ids.extend(token_ids)
+        self.num_output_tokens += len(token_ids)
         skip = self.params.skip_special_tokens
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=skip)
@@ -51,7 +53,8 @@ class IncrementalDetokenizer:
         return self._check_stop(before)
 
     def _check_stop(self, before: int) -> str | None:
-        if not self.params.stop:
+        # min_tokens holds back every stop, stop strings included (as vLLM's stop checker does).
+        if not self.params.stop or self.num_output_tokens < self.params.min_tokens:
             return None
         # A stop string may straddle the old and new text: search from just before the join.
         start = max(0, before - self.params.max_stop_len + 1)
@@ -69,4 +72,6 @@ class IncrementalDetokenizer:
         if finished or self.stop_hit is not None or not self.params.stop:
             return self.text
         hold = self.params.max_stop_len - 1
-        return self.text[:len(self.text) - hold] if hold else self.text
+        # max(0, ...): a text shorter than the hold shows nothing (a negative end would
+        # slice from the back, show a stop-string prefix, then take it back).
+        return self.text[:max(0, len(self.text) - hold)]

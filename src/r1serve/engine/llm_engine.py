@@ -49,7 +49,7 @@ class LLMEngine:
         self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
         self.max_model_len = self._max_model_len()
         shape = (2, self.num_kv_blocks, config.block_size, arch.num_kv_heads, arch.head_dim)
-        kv_caches = [torch.zeros(shape, dtype=self.loaded.dtype, device=self.platform.device) for _ in range(arch.num_layers)]
+        kv_caches = [self.platform.zeros(shape, self.loaded.dtype) for _ in range(arch.num_layers)]
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)

@@ -30,11 +30,15 @@ class Sampler:
         return SampleResult(tokens, lps)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        if not any(_needs_processing(r) for r in requests):
+            return logits  # the common case: no copy of the (B, V) logits
         logits = logits.clone()
         for i, r in enumerate(requests):
             p = r.params
             if r.num_output_tokens < p.min_tokens:  # no ending before min_tokens
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+                # Ids past the vocabulary can never be sampled; indexing with them would fail the step.
+                banned = [t for t in banned if t < logits.shape[1]]
                 logits[i, banned] = float("-inf")
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
@@ -58,6 +62,12 @@ class Sampler:
             q = torch.empty_like(probs[row]).exponential_(generator=requests[i].generator)
             greedy[i] = int(torch.argmax(probs[row] / q))
         return greedy
+
+
+def _needs_processing(r: Request) -> bool:
+    p = r.params
+    return (r.num_output_tokens < p.min_tokens or p.repetition_penalty != 1.0
+            or bool(p.presence_penalty) or bool(p.frequency_penalty))
 
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -87,7 +97,9 @@ def _logprobs(row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
     chosen_lp = float(row[chosen])
     out = {chosen: Logprob(chosen_lp, int((row > row[chosen]).sum()) + 1)}
     if k:
-        values, ids = row.topk(k)
+        # k may exceed the vocabulary (only validated as >= 0): then every token is returned,
+        # rather than topk failing mid-step and taking the whole batch down with it.
+        values, ids = row.topk(min(k, row.numel()))
         for rank, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
             out.setdefault(t, Logprob(v, rank))
     return out

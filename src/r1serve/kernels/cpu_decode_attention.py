@@ -29,9 +29,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, H, D = q.shape
     k, v = gather_kv(k_cache, meta), gather_kv(v_cache, meta)  # (B, Hkv, L, D)
     Hkv = k.shape[1]
-    qg = q.view(B, Hkv, H // Hkv, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, L)
+    qg = (q * scale).view(B, Hkv, H // Hkv, D)  # scaling q is cheaper than scaling the scores
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G, L)
     if B > 1:  # sequences shorter than the longest see padding keys: mask them
         scores.masked_fill_(~meta.attn_mask[:, :, :1, :], float("-inf"))  # (B, 1, 1, L) broadcasts
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).view(B, H, D)

@@ -4,8 +4,8 @@ Decoding one or a few sequences is bound by reading the weights: every step stre
 whole model from memory for a handful of rows of activations. An int8 copy of each weight
 (one scale per output channel) halves those bytes against bfloat16, and PyTorch's CPU
 `_weight_int8pack_mm` multiplies bf16 activations by it directly. For larger batches the
-GEMM is compute-bound and the dense bf16 weight (AMX / AVX512-BF16) is faster, so both are
-kept and the row count picks one.
+GEMM is compute-bound and the dense bf16 weight (AMX / AVX512-BF16) is faster: the CPU
+platform's Linear (layers/cpu_linear.py) keeps both and the row count picks one.
 
 Twin: `int8_linear_reference` (dequantize, then a plain matmul).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,34 +33,3 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     assert qweight.dtype == torch.int8 and qweight.is_contiguous()
     assert scales.dtype == x.dtype and scales.shape == (qweight.shape[0],)
     return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
-
-
-class SmallBatchInt8Linear(nn.Module):
-    """A Linear that uses its int8 copy for at most `max_rows` rows and its dense weight beyond."""
-
-    def __init__(self, dense: nn.Linear, max_rows: int) -> None:
-        super().__init__()
-        self.dense = dense
-        self.max_rows = max_rows
-        q, scales = quantize_per_channel(dense.weight.detach())
-        self.register_buffer("qweight", q, persistent=False)
-        self.register_buffer("scales", scales.to(dense.weight.dtype), persistent=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dense.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
-            return self.dense(x)
-        y = int8_linear(x, self.qweight, self.scales)
-        return y if self.dense.bias is None else y + self.dense.bias
-
-
-def use_int8_for_small_batches(model: nn.Module, max_rows: int) -> int:
-    """Wrap every nn.Linear of a loaded bf16 model; returns how many were wrapped."""
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
-    for parent, name, child in targets:
-        setattr(parent, name, SmallBatchInt8Linear(child, max_rows))
-    return len(targets)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,7 +19,6 @@ class RMSNorm(nn.Module):
             residual = x
         dtype = x.dtype
         # Normalise in float32, as the reference implementation does, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)

@@ -50,11 +50,17 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)  # (P, D/2)
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (N,); q: (N, H, D); k: (N, Hkv, D)
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (N, 1, D/2)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for this step's positions, looked up once and shared by every layer."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # (N, 1, D/2)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    # q: (N, H, D); k: (N, Hkv, D); rope: cos, sin (N, 1, D/2)
+    cos, sin = rope
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,13 @@ class GGUFCheckpoint:
             raise ModelLoadError(f"GGUF file {str(self.path)!r} has no token_embd.weight tensor.")
         return int(embedding[0].shape[1])  # GGUF dims are (hidden, vocab)
 
+    @property
+    def is_quantized(self) -> bool:
+        """True when some matrix is stored below 16 bits: "auto" dtype then means the
+        platform's fast half type, not the float32 the file dequantizes to."""
+        plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+        return any(t.tensor_type not in plain for t in self.reader.tensors if len(t.shape) == 2)
+
     def _torch_dtype(self) -> str:
         # A file of plain float matrices keeps its dtype. For quantized files transformers leaves
         # the dtype unset and loads float32, the dtype we dequantize to.

@@ -15,30 +15,28 @@ from r1serve.errors import ModelLoadError
 from r1serve.layers.attention import AttentionImpl, PagedAttention
 from r1serve.layers.attention_metadata import AttentionMetadata
 from r1serve.layers.norm import RMSNorm
-from r1serve.layers.rotary import RotaryEmbedding
+from r1serve.layers.rotary import RotaryEmbedding, apply_rotary
 from r1serve.models.arch_config import ArchConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_impl: AttentionImpl) -> None:
+    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v projections fused into one GEMM; load_weights fills the three slices.
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                   bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.rotary = rotary
         self.attn = PagedAttention(self.n_heads, self.n_kv_heads, self.head_dim, attn_impl)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         N = x.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(N, self.n_heads, self.head_dim)  # (N, H, D)
         k = k.view(N, self.n_kv_heads, self.head_dim)  # (N, Hkv, D)
         v = v.view(N, self.n_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -54,20 +52,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_impl: AttentionImpl) -> None:
+    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary, attn_impl)
+        self.self_attn = LlamaAttention(cfg, attn_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, positions, x, residual, kv_cache, meta):
+    def forward(self, rope, x, residual, kv_cache, meta):
         # The residual stream is carried separately so each norm can fuse the add.
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
+        x = self.self_attn(rope, x, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -76,14 +74,15 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_impl) for _ in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, attn_impl) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
         x, residual = self.embed_tokens(input_ids), None  # (N, hidden)
+        rope = self.rotary(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+            x, residual = layer(rope, x, residual, kv_cache, meta)
         x, _ = self.norm(x, residual)
         return x
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError
-from r1serve.kernels.int8_weight_linear import use_int8_for_small_batches
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.registry import model_class
 from r1serve.platforms.base import Platform
@@ -22,6 +21,8 @@ class LoadedModel:
     tokenizer: object  # r1serve.tokenizer.Tokenizer
     dtype: torch.dtype
     path: Path
+    num_parameters: int  # counted before platform rewrites (packing drops nn.Parameters)
+    weight_bytes: int
 
 
 def open_checkpoint(path: Path):
@@ -42,7 +43,8 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     arch = ArchConfig.from_hf(ckpt.hf_config)
     cls = model_class(arch.architecture)
     try:
-        torch_dtype = platform.resolve_dtype(dtype, arch.torch_dtype)
+        stored = None if getattr(ckpt, "is_quantized", False) else arch.torch_dtype
+        torch_dtype = platform.resolve_dtype(dtype, stored)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     # Build without allocating or initialising weights, then materialise on the device:
@@ -56,15 +58,18 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     if arch.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
     model.load_weights(ckpt.iter_weights())
-    if _wants_int8(config, platform, torch_dtype, path):
-        use_int8_for_small_batches(model, config.int8_max_rows)
+    params = list(model.parameters())  # shared (tied) parameters are listed once
+    num_parameters = sum(p.numel() for p in params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    int8_rows = config.int8_max_rows if _wants_int8(config, platform, torch_dtype, getattr(ckpt, "is_quantized", False)) else 0
+    platform.prepare_model(model, torch_dtype, kernel, int8_rows)
     model.eval()
-    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path)
+    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path, num_parameters, weight_bytes)
 
 
-def _wants_int8(config: EngineConfig, platform: Platform, dtype: torch.dtype, path: Path) -> bool:
+def _wants_int8(config: EngineConfig, platform: Platform, dtype: torch.dtype, quantized: bool) -> bool:
     usable = platform.int8_weight_gemm and dtype == torch.bfloat16
     if config.int8_small_batch == "on" and not usable:
         raise ModelLoadError(f"int8_small_batch='on' needs dtype bfloat16 on a platform with an int8 weight GEMM "
                              f"(cpu); got dtype {dtype} on {platform.name}")
-    return usable and (config.int8_small_batch == "on" or (config.int8_small_batch == "auto" and path.suffix == ".gguf"))
+    return usable and (config.int8_small_batch == "on" or (config.int8_small_batch == "auto" and quantized))

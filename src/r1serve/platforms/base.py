@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from r1serve.layers.attention import AttentionImpl
 
@@ -21,6 +22,10 @@ class Platform:
     preferred_half: torch.dtype
     # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
     int8_weight_gemm: bool = False
+    # Rewrites a loaded model for this platform's kernels: (model, dtype, kernel, int8_max_rows).
+    prepare_model: Callable[[nn.Module, torch.dtype, str, int], None] = lambda *args: None
+    alloc_zeros: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] = \
+        lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
@@ -33,6 +38,10 @@ class Platform:
             supported = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
             raise ValueError(f"dtype {dtype} is not supported on {self.name}; use one of {supported}")
         return dtype
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero-filled tensor for the KV cache (the CPU platform maps its pages lazily)."""
+        return self.alloc_zeros(shape, dtype, self.device)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -1,15 +1,34 @@
 """The CPU platform: runs the whole engine; bfloat16 where the CPU has native support."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import cpu_attention
 from r1serve.kernels.paged_attention import paged_attention_reference
+from r1serve.layers.cpu_linear import use_cpu_linears
 from r1serve.platforms.base import Platform
 
 
 def _attention(kernel: str):
     return paged_attention_reference if kernel == "reference" else cpu_attention
+
+
+def _prepare_model(model: nn.Module, dtype: torch.dtype, kernel: str, int8_max_rows: int) -> None:
+    # The plain-torch twins run untouched under --kernel reference, and float32 keeps F.linear
+    # so results stay comparable with the reference implementation at tight tolerances.
+    if kernel != "reference" and dtype == torch.bfloat16:
+        use_cpu_linears(model, int8_max_rows)
+
+
+def _lazy_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # numpy's zeros come from calloc, whose large allocations are fresh zero pages the OS maps
+    # on first write: a 1 GiB KV cache costs resident memory only as far as it is used.
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _has_native_bf16() -> bool:
@@ -32,4 +51,6 @@ def cpu_platform() -> Platform:
         dist_backend="gloo",
         preferred_half=torch.bfloat16 if _has_native_bf16() else torch.float32,
         int8_weight_gemm=True,
+        prepare_model=_prepare_model,
+        alloc_zeros=_lazy_zeros,
     )

@@ -1,0 +1,259 @@
+"""`r1serve` commands through cli.main() on a tiny random Llama directory."""
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+
+import pytest
+import torch
+
+from r1serve import LLM, SamplingParams
+from r1serve.cli import main
+from r1serve.models.catalog import CATALOG
+
+from tiny_models import make_checkpoint
+
+KV_GIB = 0.001  # ~130 blocks of 16 tokens for the tiny model: enough, and no 1 GiB of zeros
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # --threads 1 below sets torch's thread count for the whole process; put it back after.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(model=str(tiny), dtype="float32", kv_cache_memory_gib=KV_GIB)
+
+
+def run(capsys, *argv, cache_dir=None) -> tuple[int, str, str]:
+    args = ["--cache-dir", str(cache_dir)] if cache_dir else []
+    rc = main([*args, *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def engine_args(tiny) -> list[str]:
+    return [str(tiny), "--dtype", "float32", "--kv-cache-memory", str(KV_GIB), "--threads", "1"]
+
+
+def greedy(max_tokens, **kw) -> SamplingParams:
+    # What the CLI builds from --temperature 0 --max-tokens N.
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+def test_generate_prints_the_completion(capsys, tiny, llm):
+    rc, out, err = run(capsys, "generate", *engine_args(tiny), "--prompt", "Hello, my name is",
+                       "--max-tokens", "8", "--temperature", "0")
+    expected = llm.generate("Hello, my name is", greedy(8))[0].outputs[0]
+    assert rc == 0 and "error" not in err
+    assert expected.text and out == expected.text + "\n"
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template(capsys, tiny, llm):
+    rc, out, _ = run(capsys, "generate", *engine_args(tiny), "--prompt", "What is 2+2?", "--chat",
+                     "--max-tokens", "8", "--temperature", "0")
+    chat = llm.chat([{"role": "user", "content": "What is 2+2?"}], greedy(8))[0].outputs[0].text
+    plain = llm.generate("What is 2+2?", greedy(8))[0].outputs[0].text
+    assert rc == 0 and out == chat + "\n" and chat != plain
+
+
+def test_generate_seeded_sampling_is_reproducible(capsys, tiny, llm):
+    argv = ["generate", *engine_args(tiny), "--prompt", "The quick brown", "--max-tokens", "10",
+            "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "11"]
+    rc1, out1, _ = run(capsys, *argv)
+    rc2, out2, _ = run(capsys, *argv)
+    sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=11, max_tokens=10)
+    assert rc1 == rc2 == 0 and out1 == out2 == llm.generate("The quick brown", sp)[0].outputs[0].text + "\n"
+
+
+@pytest.mark.parametrize("stop_len", [1, 3, 6])
+def test_generate_stop_string_is_not_printed(capsys, tiny, llm, stop_len):
+    prompt = "Paged attention"
+    full = llm.generate(prompt, greedy(24, ignore_eos=True))[0].outputs[0].text
+    start = next(i for i in range(2, len(full)) if "\ufffd" not in full[i:i + stop_len] and len(full[i:i + stop_len]) == stop_len)
+    stop = full[start:start + stop_len]
+    rc, out, _ = run(capsys, "generate", *engine_args(tiny), "--prompt", prompt, "--max-tokens", "24",
+                     "--temperature", "0", "--stop", stop, "--stop", "\x01never")
+    # The streamed pieces add up to the final text: nothing shown was taken back.
+    assert rc == 0 and out == full[:full.find(stop)] + "\n"
+
+
+def test_generate_with_a_long_unmatched_stop_string_prints_everything_once(capsys, tiny, llm):
+    # While running, a tail as long as the stop string is held back; what shows must only grow.
+    prompt, stop = "Paged attention", "<this stop string never appears>"
+    full = llm.generate(prompt, greedy(24, ignore_eos=True))[0].outputs[0].text
+    assert len(full) > len(stop)
+    rc, out, _ = run(capsys, "generate", *engine_args(tiny), "--prompt", prompt, "--max-tokens", "24",
+                     "--temperature", "0", "--stop", stop)
+    assert rc == 0 and out == full + "\n"
+
+
+def test_bad_sampling_flag_is_an_error_before_loading(capsys, tiny, monkeypatch):
+    import r1serve.llm
+
+    monkeypatch.setattr(r1serve.llm, "LLM", lambda *a, **k: pytest.fail("model loaded before the flags were checked"))
+    rc, out, err = run(capsys, "generate", *engine_args(tiny), "--prompt", "x", "--temperature", "-1")
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and "temperature=-1.0" in err and ">= 0" in err
+
+
+def test_bad_choice_is_an_argparse_error(capsys, tiny):
+    with pytest.raises(SystemExit) as ei:
+        main(["generate", str(tiny), "--prompt", "x", "--dtype", "float64"])
+    assert ei.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+# ---- info ------------------------------------------------------------------------------------------
+
+def test_info_prints_model_facts_as_json(capsys, tiny):
+    from safetensors import safe_open
+
+    rc, out, _ = run(capsys, "info", *engine_args(tiny))
+    assert rc == 0
+    info = json.loads(out)
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    kv_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32
+    assert info == {
+        "architecture": "LlamaForCausalLM",
+        "parameters": n_params,
+        "dtype": "float32",
+        "weight_bytes": 4 * n_params,
+        "kv_bytes_per_token": kv_per_token,
+        "kv_blocks": int(KV_GIB * 2**30 // (kv_per_token * 16)),
+        "max_model_len": 512,
+        "platform": info["platform"],
+    }
+    assert info["platform"] in ("cpu", "cuda")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_info_honours_max_model_len(capsys, tiny):
+    rc, out, _ = run(capsys, "info", *engine_args(tiny), "--max-model-len", "100")
+    assert rc == 0 and json.loads(out)["max_model_len"] == 100
+
+
+# ---- pull ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["pull", "--list"], ["pull"]])
+def test_pull_list_shows_the_catalog(capsys, tmp_path, argv):
+    rc, out, _ = run(capsys, *argv, cache_dir=tmp_path)
+    lines = out.splitlines()
+    assert rc == 0 and len(lines) == len(CATALOG)
+    for line, (name, entry) in zip(lines, CATALOG.items()):
+        assert line.split()[0] == name and entry.description in line
+    assert not any(tmp_path.iterdir()), "listing must not download anything"
+
+
+def test_pull_unknown_name(capsys, tmp_path):
+    rc, out, err = run(capsys, "pull", "llama-9000", cache_dir=tmp_path)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and "'llama-9000'" in err and "smollm2-135m" in err
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["generate", "no-such-model", "--prompt", "x"], ["info", "no-such-model"],
+                                     ["chat", "no-such-model"]])
+def test_unknown_model_exit_code_2(capsys, tmp_path, command):
+    rc, out, err = run(capsys, *command, cache_dir=tmp_path)
+    assert rc == 2 and out == ""
+    first = err.strip().splitlines()[0]
+    assert first.startswith("error: ") and "'no-such-model'" in first and "smollm2-135m" in first
+
+
+def test_corrupt_model_file_exit_code_2(capsys, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    rc, _, err = run(capsys, "info", str(bad))
+    assert rc == 2 and err.startswith("error: ") and str(bad) in err
+
+
+def test_too_long_prompt_exit_code_2(capsys, tiny):
+    rc, out, err = run(capsys, "generate", *engine_args(tiny), "--max-model-len", "8",
+                       "--prompt", "The quick brown fox jumps over the lazy dog.")
+    assert rc == 2 and out == "" and "max_model_len is 8" in err
+
+
+# ---- chat ------------------------------------------------------------------------------------------
+
+def feed_input(monkeypatch, lines):
+    """Replace input() with these lines, then EOF; returns the prompts input() was called with."""
+    it = iter(lines)
+    calls = []
+
+    def fake_input(prompt=""):
+        calls.append(prompt)
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    return calls
+
+
+def chat_args(tiny, *extra):
+    return ["chat", *engine_args(tiny), "--temperature", "0", "--max-tokens", "6", *extra]
+
+
+def chat_reply(llm, history) -> str:
+    return llm.chat(history, greedy(6))[0].outputs[0].text
+
+
+def test_chat_prints_replies_keeps_history_and_exits(capsys, monkeypatch, tiny, llm):
+    calls = feed_input(monkeypatch, ["Hi", "", "   ", "Tell me more", "/exit", "never read"])
+    rc, out, err = run(capsys, *chat_args(tiny))
+    assert rc == 0 and "error" not in err and "/exit" in err  # the banner says how to leave
+    assert calls == [">>> "] * 5, "it must stop reading at /exit"
+    h = [{"role": "user", "content": "Hi"}]
+    r1 = chat_reply(llm, h)
+    h += [{"role": "assistant", "content": r1}, {"role": "user", "content": "Tell me more"}]
+    r2 = chat_reply(llm, h)
+    assert r1 and out == r1 + "\n" + r2 + "\n"
+    assert r2 != chat_reply(llm, [{"role": "user", "content": "Tell me more"}]), "the history should matter here"
+
+
+def test_chat_reset_and_system_prompt(capsys, monkeypatch, tiny, llm):
+    feed_input(monkeypatch, ["Hi", "/reset", "Tell me more", "/quit"])
+    rc, out, _ = run(capsys, *chat_args(tiny, "--system", "You are terse."))
+    sys_msg = {"role": "system", "content": "You are terse."}
+    r1 = chat_reply(llm, [sys_msg, {"role": "user", "content": "Hi"}])
+    r2 = chat_reply(llm, [sys_msg, {"role": "user", "content": "Tell me more"}])  # /reset keeps the system prompt
+    assert rc == 0 and out == r1 + "\n" + r2 + "\n"
+
+
+def test_chat_ends_on_eof(capsys, monkeypatch, tiny, llm):
+    calls = feed_input(monkeypatch, ["Hi"])
+    rc, out, _ = run(capsys, *chat_args(tiny))
+    assert rc == 0 and len(calls) == 2 and out == chat_reply(llm, [{"role": "user", "content": "Hi"}]) + "\n"
+
+
+def test_chat_via_stdin(capsys, monkeypatch, tiny, llm):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/exit\nHello\n"))
+    rc, out, _ = run(capsys, *chat_args(tiny))
+    reply = chat_reply(llm, [{"role": "user", "content": "Hi"}])
+    # input() writes its prompt to stdout when stdin is not a terminal; nothing is read after /exit.
+    assert rc == 0 and out == ">>> " + reply + "\n>>> "
+    assert sys.stdin.read() == "Hello\n"
