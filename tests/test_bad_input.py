@@ -181,6 +181,10 @@ def test_bad_engine_options(tiny, opts, names):
     (dict(stop=["ok", ""]), ["stop=", "non-empty"]),
     (dict(seed="42"), ["seed='42'", "integer"]),
     (dict(stop_token_ids=[5, -1]), ["stop_token_ids=(5, -1)", ">= 0"]),
+    (dict(n=2.5), ["n=2.5", "integer"]),
+    (dict(max_tokens=10.0), ["max_tokens=10.0", "integer"]),
+    (dict(top_k="5"), ["top_k='5'", "integer"]),
+    (dict(logprobs=True), ["logprobs=True", "integer"]),
     (dict(stop_token_ids=["</s>"]), ["stop_token_ids=('</s>',)", "integers"]),
 ])
 def test_bad_sampling_params(kw, names):
@@ -265,9 +269,7 @@ def test_stream_with_a_bad_prompt(llm, baseline):
 @pytest.mark.parametrize("n", [1, 3])
 def test_breaking_out_of_stream_aborts_and_frees_all_blocks(llm, baseline, n):
     long = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=200, ignore_eos=True)
-    seen = 0
-    for out in llm.stream({"prompt_token_ids": list(range(1, 30))}, long):
-        seen += 1
+    for seen, out in enumerate(llm.stream({"prompt_token_ids": list(range(1, 30))}, long), start=1):
         assert not out.finished
         assert llm.engine.kv.pool.num_free < llm.engine.num_kv_blocks  # it really holds blocks
         if seen == 3:

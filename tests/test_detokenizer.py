@@ -153,7 +153,7 @@ def test_earliest_stop_string_wins(tok, prompt):
 
 def test_stop_string_in_the_prompt_does_not_stop(tok):
     prompt = encode(tok, "This is the end")
-    _, d, steps = stop_case(tok, prompt, "end", text=" of it, friend.")
+    _, d, _ = stop_case(tok, prompt, "end", text=" of it, friend.")
     # "friend" holds "end": that one counts, the prompt's does not.
     assert d.stop_hit == "end" and d.text == " of it, fri"
     _, d, _ = stop_case(tok, prompt, "end", text=" of it all.")

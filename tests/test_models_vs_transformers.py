@@ -16,7 +16,7 @@ CASES = {
                                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
-    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen2-untied-sharded": ("qwen2", dict(tie_word_embeddings=False, shard_size="100KB")),
 }
 
 
@@ -24,6 +24,8 @@ CASES = {
 def checkpoint(request, tmp_path_factory):
     arch, overrides = CASES[request.param]
     path = make_checkpoint(tmp_path_factory.mktemp(request.param), arch, **overrides)
+    if "shard_size" in overrides:
+        assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -29,8 +29,9 @@ def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def make_checkpoint(path: Path, arch: str, **overrides) -> Path:
-    """Save a tiny random model of `arch` ("llama" or "qwen2") with a tokenizer into `path`."""
+def make_checkpoint(path: Path, arch: str, shard_size: str | None = None, **overrides) -> Path:
+    """Save a tiny random model of `arch` ("llama" or "qwen2") with a tokenizer into `path`
+    (split into several safetensors files with an index when shard_size is given)."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -50,6 +51,6 @@ def make_checkpoint(path: Path, arch: str, **overrides) -> Path:
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     write_tokenizer(path)
     return path

@@ -81,7 +81,7 @@ def cmd_pull(args) -> None:
 
     if args.list or not args.name:
         for name, entry in CATALOG.items():
-            print(f"{name:34s} {entry.description if hasattr(entry, 'description') else ''}")
+            print(f"{name:34s} {entry.description}")
         return
     path = pull(args.name, cache_dir_from(args))
     print(f"{args.name} is ready at {path}")

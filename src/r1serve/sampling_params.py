@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from r1serve.errors import InvalidRequestError
 
 
+_GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
+
+
+def _is_int(value: object) -> bool:
+    # Counts must be integers: a float n or max_tokens would pass a range check, then fail deep
+    # in the engine (range(), list slicing) with a TypeError instead of this message.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{name}={value!r} is invalid: {allowed}.")
@@ -49,18 +58,20 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 means greedy)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 1, or 0 / -1 to disable")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 1, or 0 / -1 to disable")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0 (1 disables it)")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be >= 1 (or None: up to the context length)")
-        _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens,
+               "must be an integer >= 1 (or None: up to the context length)")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be an integer >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "must be >= 0")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs", self.logprobs,
+               "must be an integer >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "stop strings must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "token ids must be integers >= 0")
@@ -68,7 +79,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: a temperature this small is greedy anyway, and dividing logits by a denormal
+        # one gives inf - inf = NaN in the softmax, which would sample token 0.
+        return self.temperature < _GREEDY_BELOW
 
     @property
     def max_stop_len(self) -> int:

@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one model step at a time, RequestOutputs out."""
 from __future__ import annotations
 
+import numbers
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -99,7 +100,7 @@ class LLMEngine:
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -107,7 +108,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
+            return None, _token_list(prompt)
         raise InvalidRequestError(f"prompt of type {type(prompt).__name__} is not supported; "
                                   "give a string, a list of token ids or {'prompt_token_ids': [...]}")
 
@@ -115,7 +116,7 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         vocab = self.loaded.arch.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
@@ -161,7 +162,10 @@ class LLMEngine:
         if stop is None and child.finished:
             stop = detok.flush()
         if stop is not None:
-            self.scheduler.finish(rid, "stop", stop)
+            if child.finished:  # the last allowed token completed a stop string: it ends by "stop"
+                child.finish("stop", stop)
+            else:
+                self.scheduler.finish(rid, "stop", stop)
 
     def _finish_parent(self, parent: ParentRequest) -> RequestOutput:
         out = self._output(parent)
@@ -193,3 +197,8 @@ class LLMEngine:
             "prefix_cache_hits": self.kv.stats.hits,
             "prefix_cache_evictions": self.kv.pool.num_evictions,
         }
+
+
+def _token_list(ids) -> list[int]:
+    # numpy and torch integers are accepted as ids; anything else is left for validation to name.
+    return [int(t) if isinstance(t, numbers.Integral) else t for t in ids]

@@ -83,8 +83,10 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         ranks = torch.arange(logits.shape[1], device=dev)[None, :]
         drop = ranks >= top_k[:, None]
         sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        # Keep the smallest set whose mass reaches top_p (the first token always stays).
-        drop |= (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+        # Keep the smallest set whose mass reaches top_p (the first token always stays). Rows
+        # with top_p = 1 are left alone: float cumsums reach 1.0 early over a large vocabulary
+        # and would cut their tail, only because another request in the batch wanted top-p.
+        drop |= ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]) & (top_p[:, None] < 1)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     if (min_p > 0).any():
