@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from r1serve.kernels.cpu_decode_attention import decode_attention
+from r1serve.kernels.cpu_decode_attention import cpu_attention
 from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
 from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
 from r1serve.layers.cpu_linear import CpuLinear
@@ -62,7 +62,17 @@ def test_reference_attention_matches_dense_oracle(seq_lens, query_lens):
 def test_decode_attention_matches_twin(seq_lens, dtype, tol):
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
-    torch.testing.assert_close(decode_attention(q, kc, vc, meta, 0.125).float(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(cpu_attention(q, kc, vc, meta, 0.125).float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("seq_lens,query_lens", [
+    ([5, 17, 1, 33], [5, 17, 1, 33]),  # prefills of several lengths
+    ([20, 9, 40, 3], [1, 9, 1, 2]),  # decodes mixed with prefill chunks after a cached prefix
+])
+def test_cpu_attention_mixed_batches_match_twin(seq_lens, query_lens):
+    q, kc, vc, meta = random_paged_batch(seq_lens, query_lens)
+    torch.testing.assert_close(cpu_attention(q, kc, vc, meta, 0.2), paged_attention_reference(q, kc, vc, meta, 0.2),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_write_kv_lands_in_the_right_slots():

@@ -32,6 +32,7 @@ class EngineConfig:
     int8_small_batch: str = "auto"  # "auto" | "on" | "off"
     int8_max_rows: int = 4
     num_threads: int | None = None
+    seed: int = 0  # seeds the per-request generators of requests that bring no seed of their own
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")

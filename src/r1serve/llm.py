@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -15,6 +16,9 @@ from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 
 
+ENGINE_OPTIONS = frozenset(f.name for f in fields(EngineConfig)) - {"model", "cache_dir", "dtype"}
+
+
 class LLM:
     """Load a model (catalog name, .gguf file or HF directory) and generate from it.
 
@@ -25,6 +29,9 @@ class LLM:
     def __init__(self, model: str, dtype: str = "auto", *, cache_dir: str | Path | None = None,
                  **engine_options) -> None:
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        unknown = sorted(set(engine_options) - ENGINE_OPTIONS)
+        if unknown:
+            raise InvalidRequestError(f"unknown engine option(s) {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
         config = EngineConfig(model=model, cache_dir=cache_dir, dtype=dtype, **engine_options)
         self.engine = LLMEngine(config, resolve_model(model, cache_dir))
         self._ids = itertools.count()

@@ -58,7 +58,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         self._parents: dict[str, ParentRequest] = {}
         self._child_parent: dict[str, ParentRequest] = {}
-        self._seeds = random.Random(0)  # seeds for requests that bring none: reproducible runs
+        self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
 
     @property
     def kv_bytes_per_token(self) -> int:
