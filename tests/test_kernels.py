@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from r1serve.kernels.cpu_decode_attention import cpu_attention
+from r1serve.kernels.cpu_decode_attention import cpu_attention, decode_attention
+from r1serve.kernels.cpu_paged_decode import load_extension, paged_decode_attention
 from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
 from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
 from r1serve.layers.cpu_linear import CpuLinear
@@ -19,10 +20,11 @@ def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=
     v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, dtype=torch.float32).to(dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered across the pool
     tables, slots = [], []
+    width = max(-(-s // bs) for s in seq_lens)
     for s, q in zip(seq_lens, query_lens):
         n = -(-s // bs)
         table, perm = perm[:n], perm[n:]
-        tables.append(table + [0] * (16 - n))
+        tables.append(table + [0] * (width - n))
         slots += [table[p // bs] * bs + p % bs for p in range(s - q, s)]
     meta = AttentionMetadata.build(list(query_lens), list(seq_lens), torch.tensor(slots), torch.tensor(tables), bs)
     q = torch.randn(sum(query_lens), H, D, generator=g).to(dtype)
@@ -125,3 +127,23 @@ def test_cpu_linear_switches_on_row_count():
     assert layer.weight is None  # the packed copy replaced it
     unpacked = CpuLinear(dense, int8_max_rows=0, pack=False)
     assert torch.equal(unpacked(big), dense(big)) and unpacked.weight is dense.weight
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3])
+def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
+    """The fallback used where the C++ kernel cannot be compiled."""
+    q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype)
+    expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
+    got = decode_attention(q, kc, vc, meta.key_slots, meta.attn_mask[:, :, :1, :], 0.125).float()
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(load_extension() is None, reason="no C++ compiler: the CPU decode kernel is not built")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3, [200, 5]])
+def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
+    q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype, num_blocks=96)
+    expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
+    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)

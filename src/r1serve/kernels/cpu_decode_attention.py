@@ -1,7 +1,9 @@
 """Attention on the CPU over the paged cache, without padding sequences to a common length.
 
-Decode (one query token per sequence): the query heads of each KV group are folded into the
-matmul's M dimension, so K and V are read once per group instead of being repeated for GQA:
+Decode (one query token per sequence) runs the hand-written kernel of cpu_paged_decode.py,
+which reads the paged cache in place. Without a compiler, `decode_attention` is the torch
+path: the query heads of each KV group are folded into the matmul's M dimension, so K and
+V are read once per group instead of being repeated for GQA:
 
     q (B, Hkv, G, D) @ K^T (B, Hkv, D, L) -> scores (B, Hkv, G, L) -> softmax -> @ V
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r1serve.kernels.cpu_paged_decode import load_extension, paged_decode_attention
 from r1serve.layers.attention_metadata import AttentionMetadata
 
 
@@ -23,7 +26,7 @@ def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # q: (N, H, D) -> (N, H, D)
     if meta.is_decode_only:
-        return decode_attention(q, k_cache, v_cache, meta.key_slots, meta.attn_mask[:, :, :1, :], scale)
+        return _decode(q, k_cache, v_cache, meta, list(range(meta.num_seqs)), scale)
     out = torch.empty_like(q)
     starts = [0]
     for n in meta.query_lens:
@@ -31,14 +34,22 @@ def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     decodes = [b for b, n in enumerate(meta.query_lens) if n == 1]
     if decodes:
         rows = torch.tensor([starts[b] for b in decodes], device=q.device)
-        L = max(meta.seq_lens[b] for b in decodes)  # the longest decode sets the key length
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.key_slots[decodes, :L],
-                                     meta.attn_mask[decodes, :, :1, :L], scale)
+        out[rows] = _decode(q[rows], k_cache, v_cache, meta, decodes, scale)
     for b, (n, s) in enumerate(zip(meta.query_lens, meta.seq_lens)):
         if n > 1:
             out[starts[b]:starts[b + 1]] = prefill_attention(q[starts[b]:starts[b + 1]], k_cache, v_cache,
                                                              meta.key_slots[b, :s], meta.attn_mask[b, :, :n, :s], scale)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            seqs: list[int], scale: float) -> torch.Tensor:
+    # q: (len(seqs), H, D), one query token for each of the sequences `seqs`
+    if load_extension() is not None:  # the hand-written kernel reads the paged cache in place
+        return paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables[seqs].contiguous(),
+                                      meta.seq_lens_tensor[seqs], scale)
+    L = max(meta.seq_lens[b] for b in seqs)  # the longest sequence sets the key length
+    return decode_attention(q, k_cache, v_cache, meta.key_slots[seqs, :L], meta.attn_mask[seqs, :, :1, :L], scale)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ class AttentionMetadata:
     token_pos_in_query: torch.Tensor  # (N,) index of each token within its sequence's query
     key_slots: torch.Tensor  # (B, max_seq_len) cache slot of every context position
     attn_mask: torch.Tensor  # (B, 1, max_query_len, max_seq_len) bool, True = may attend
+    seq_lens_tensor: torch.Tensor  # (B,) int64, seq_lens on the device
 
     @property
     def num_seqs(self) -> int:
@@ -47,4 +48,4 @@ class AttentionMetadata:
         mask = pos[None, None, :] <= q_abs[:, :, None]  # (B, Tq, Lk)
         mask &= pos[None, None, :] < s_lens[:, None, None]
         return cls(query_lens, seq_lens, slot_mapping, block_tables, block_size,
-                   token_seq, token_pos, key_slots, mask[:, None])
+                   token_seq, token_pos, key_slots, mask[:, None], s_lens)
