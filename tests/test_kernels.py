@@ -6,12 +6,17 @@ import torch
 from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import cpu_attention, decode_attention
-from r1serve.kernels.cpu_paged_decode import load_extension, paged_decode_attention
+from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.kernels.cpu_paged_decode import paged_decode_attention
+from r1serve.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
 from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
 from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
 from r1serve.layers.cpu_linear import CpuLinear
 from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
 from r1serve.layers.attention_metadata import AttentionMetadata
+
+
+needs_cpp = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler: the CPU kernels are not built")
 
 
 def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=64, dtype=torch.float32, seed=0):
@@ -139,7 +144,7 @@ def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(load_extension() is None, reason="no C++ compiler: the CPU decode kernel is not built")
+@needs_cpp
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3, [200, 5]])
 def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
@@ -147,3 +152,21 @@ def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
     got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("with_x", [True, False])
+def test_add_rms_norm_matches_twin(dtype, rows, with_x):
+    torch.manual_seed(0)
+    res = torch.randn(rows, 200).to(dtype)
+    x = torch.randn(rows, 200).to(dtype) if with_x else None
+    w = (torch.rand(200) + 0.5).to(dtype)
+    got, got_h = add_rms_norm(x, res, w, 1e-5)
+    expected, expected_h = add_rms_norm_reference(x, res, w, 1e-5)
+    assert torch.equal(got_h, expected_h)  # the residual stream is exact
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    if with_x:
+        assert not torch.equal(got_h, res)  # the caller's residual is not overwritten

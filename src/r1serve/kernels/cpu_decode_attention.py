@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from r1serve.kernels.cpu_paged_decode import load_extension, paged_decode_attention
+from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.kernels.cpu_paged_decode import paged_decode_attention
 from r1serve.layers.attention_metadata import AttentionMetadata
 
 
@@ -45,7 +46,7 @@ def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             seqs: list[int], scale: float) -> torch.Tensor:
     # q: (len(seqs), H, D), one query token for each of the sequences `seqs`
-    if load_extension() is not None:  # the hand-written kernel reads the paged cache in place
+    if cpu_kernels() is not None:  # the hand-written kernel reads the paged cache in place
         return paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables[seqs].contiguous(),
                                       meta.seq_lens_tensor[seqs], scale)
     L = max(meta.seq_lens[b] for b in seqs)  # the longest sequence sets the key length

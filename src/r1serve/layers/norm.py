@@ -1,9 +1,15 @@
 """RMSNorm, with the residual add fused in as the decoder layers use it."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from r1serve.kernels.rms_norm import add_rms_norm_reference
+
+# (x or None, residual, weight, eps) -> (normed, new residual); a platform may swap in a fused kernel.
+AddRMSNormImpl = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -11,14 +17,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.impl: AddRMSNormImpl = add_rms_norm_reference
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        # Normalise in float32, as the reference implementation does, then cast back.
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        if residual is None:
+            return self.impl(None, x, self.weight, self.eps)[0]
+        return self.impl(x, residual, self.weight, self.eps)

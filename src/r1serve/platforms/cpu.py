@@ -9,7 +9,10 @@ from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import cpu_attention
 from r1serve.kernels.paged_attention import paged_attention_reference
+from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.layers.cpu_linear import use_cpu_linears
+from r1serve.layers.norm import RMSNorm
 from r1serve.platforms.base import Platform
 
 
@@ -18,9 +21,15 @@ def _attention(kernel: str):
 
 
 def _prepare_model(model: nn.Module, dtype: torch.dtype, kernel: str, int8_max_rows: int) -> None:
-    # The plain-torch twins run untouched under --kernel reference, and float32 keeps F.linear
+    # The plain-torch twins run untouched under --kernel reference; float32 keeps F.linear
     # so results stay comparable with the reference implementation at tight tolerances.
-    if kernel != "reference" and dtype == torch.bfloat16:
+    if kernel == "reference":
+        return
+    if cpu_kernels() is not None:
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.impl = add_rms_norm
+    if dtype == torch.bfloat16:
         use_cpu_linears(model, int8_max_rows)
 
 

@@ -10,7 +10,7 @@
 //
 // Two passes per task: scores = q.K for all L positions (kept in a float buffer), then
 // softmax and the weighted sum of V. Accumulation is in float32.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -67,8 +67,8 @@ static void decode_task(const T* q, const T* k_cache, const T* v_cache, const in
 }
 
 template <typename T>
-static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                   const torch::Tensor& block_tables, const torch::Tensor& seq_lens, torch::Tensor& out, double scale) {
+static void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor& out, double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), max_blocks = block_tables.size(1);
   const int64_t max_len = seq_lens.max().item<int64_t>();
@@ -86,19 +86,15 @@ static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   });
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
-  auto out = torch::empty_like(q);
-  if (q.scalar_type() == torch::kBFloat16) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                     at::Tensor block_tables, at::Tensor seq_lens, double scale) {
+  auto out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
     decode<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
-  } else if (q.scalar_type() == torch::kFloat) {
+  } else if (q.scalar_type() == at::kFloat) {
     decode<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ", q.scalar_type());
   }
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
 }
