@@ -67,3 +67,17 @@ def test_chat_prompt_is_the_models_template(llm, smollm2_gguf):
         expected = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
         assert llm.chat_prompt(conv)["prompt_token_ids"] == list(expected)
+
+
+def test_fast_cpu_path_agrees_with_float32(smollm2_gguf, llm):
+    """dtype auto on the CPU: packed bf16 GEMMs, int8 weights for small batches, the C++
+    kernels. Not bit-exact with float32, but the same answer and the same first tokens."""
+    fast = LLM(str(smollm2_gguf))  # dtype auto
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    single = fast.chat(conv, sp)[0].outputs[0]
+    batched = fast.chat([conv] * 6, sp)[0].outputs[0]  # 6 rows: past the int8 threshold
+    exact = llm.chat(conv, sp)[0].outputs[0]
+    for out in (single, batched):
+        assert "Paris" in out.text
+        assert out.token_ids[:6] == exact.token_ids[:6]
