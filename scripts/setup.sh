@@ -25,4 +25,7 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 "$VPY" -m pip install -q -e ".${extras}"
 
+# Build the hand-written CPU kernels now (about a minute, once) rather than on first use.
+"$VPY" -c "from r1serve.kernels.cpu_extension import cpu_kernels; cpu_kernels()"
+
 .venv/bin/r1serve pull smollm2-135m

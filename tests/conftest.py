@@ -22,3 +22,33 @@ def smollm2_gguf() -> Path:
         pytest.skip(f"needs the SmolLM2-135M-Instruct GGUF: {where}; run `r1serve pull smollm2-135m` "
                     "or set R1SERVE_TEST_GGUF to the .gguf file")
     return path
+
+
+# ---- tiny random checkpoints ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: one thread avoids OpenMP threads fighting over
+    two busy cores (~50x faster there). Restored so later modules run as configured."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama checkpoint in HF format (see tiny_models.py)."""
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    from r1serve import LLM
+
+    return LLM(model=str(tiny), dtype="float32", num_kv_blocks=64, block_size=8)

@@ -8,35 +8,19 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from r1serve import LLM, SamplingParams
 from r1serve.errors import InvalidRequestError, ModelLoadError, R1ServeError
 from r1serve.models.catalog import CATALOG
 
-from tiny_models import VOCAB, make_checkpoint
+from tiny_models import VOCAB
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOOD = {"prompt_token_ids": [5, 17, 42, 99, 3, 250, 7]}
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are per-op overhead: one thread avoids OpenMP contention on busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny):
-    return LLM(model=str(tiny), dtype="float32", num_kv_blocks=64, block_size=8)
 
 
 @pytest.fixture(scope="module")

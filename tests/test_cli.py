@@ -6,29 +6,17 @@ import json
 import sys
 
 import pytest
-import torch
 
 from r1serve import LLM, SamplingParams
 from r1serve.cli import main
 from r1serve.models.catalog import CATALOG
 
-from tiny_models import make_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KV_GIB = 0.001  # ~130 blocks of 16 tokens for the tiny model: enough, and no 1 GiB of zeros
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # --threads 1 below sets torch's thread count for the whole process; put it back after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1serve import LLM, SamplingParams
+from r1serve import SamplingParams
 from r1serve.engine.request import Request
 from r1serve.engine.sampler import Sampler, _filtered_probs
 from r1serve.outputs import CompletionOutput
 
-from tiny_models import make_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- unit level: Sampler on hand-made logits -----------------------------------------------------
 
@@ -273,24 +274,6 @@ PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7]
 FFFD = "\ufffd"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model is all per-op overhead: one thread is ~50x faster than OpenMP threads
-    # fighting over two busy cores. Restored so later modules run as configured.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny):
-    return LLM(model=str(tiny), dtype="float32", num_kv_blocks=64, block_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.models.loader import LoadedModel, load_model
-from r1serve.outputs import CompletionOutput, Logprob, RequestOutput
+from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.platforms import get_platform
 from r1serve.sampling_params import SamplingParams
 

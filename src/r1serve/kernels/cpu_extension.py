@@ -1,7 +1,7 @@
 """The hand-written CPU kernels (csrc/*.cpp), compiled on first use.
 
 torch's cpp_extension builds them with the machine's compiler into the torch extensions
-cache (about a minute, once per source change). Where no compiler is available every
+cache (about a minute, once per source change; scripts/setup.sh does it ahead of time). Where no compiler is available every
 caller keeps its plain-torch path, and this says so once.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import cpu_attention
-from r1serve.kernels.paged_attention import paged_attention_reference
 from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.kernels.paged_attention import paged_attention_reference
 from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.layers.cpu_linear import use_cpu_linears
 from r1serve.layers.norm import RMSNorm
