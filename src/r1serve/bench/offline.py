@@ -1,7 +1,10 @@
 """Offline throughput: r1serve against transformers `generate()` on the same prompts, same run.
 
 Each (system, concurrency) cell runs in its own process so its peak memory is its own.
-Within a cell: one warm-up, then `--repeats` timed runs; the median is reported.
+Within a cell: one warm-up, then `--repeats` timed runs. On a shared machine the load of
+other tenants drifts over minutes, so the cells are run in `--rounds` interleaved rounds
+(r1serve, transformers, r1serve, ...): each round gives a paired ratio measured under the
+same conditions, and the table reports medians over rounds.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--concurrency", default="1,32", help="comma-separated numbers of concurrent sequences")
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all cells")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--systems", default="r1serve,transformers")
     p.add_argument("--out", default="results/bench_offline.json")
@@ -39,12 +43,15 @@ def main(args) -> None:
         system, conc = args.worker.split(":")
         print(json.dumps(run_cell(args, system, int(conc))))
         return
-    rows = []
-    for conc in [int(c) for c in args.concurrency.split(",")]:
-        for system in args.systems.split(","):
-            rows.append(spawn_cell(args, system, conc))
-            print(f"  {system:12s} concurrency {conc:3d}: {rows[-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
-    report(rows, args)
+    rounds: list[list[dict]] = []
+    for i in range(args.rounds):
+        rounds.append([])
+        for conc in [int(c) for c in args.concurrency.split(",")]:
+            for system in args.systems.split(","):
+                rounds[-1].append(spawn_cell(args, system, conc))
+                print(f"  round {i + 1}: {system:12s} concurrency {conc:3d}: "
+                      f"{rounds[-1][-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
+    report(rounds, args)
 
 
 def spawn_cell(args, system: str, conc: int) -> dict:
@@ -129,15 +136,41 @@ class TransformersRunner:
         return time.perf_counter() - t0
 
 
-def report(rows: list[dict], args) -> None:
-    by = {(r["system"], r["concurrency"]): r for r in rows}
-    print(f"\n{'concurrency':>11} {'system':>13} {'dtype':>9} {'tok/s':>8} {'ttft ms':>8} {'peak MiB':>9} {'vs transformers':>16}")
+def report(rounds: list[list[dict]], args) -> None:
+    cells = [(r["system"], r["concurrency"]) for r in rounds[0]]
+    rows = [summarize([rnd[i] for rnd in rounds]) for i in range(len(cells))]
+    print(f"\n{'concurrency':>11} {'system':>13} {'dtype':>9} {'tok/s':>8} {'ttft ms':>8} {'peak MiB':>9} "
+          f"{'vs transformers':>16} {'per round':>20}")
     for r in rows:
-        peer = by.get(("transformers", r["concurrency"]))
-        ratio = f"{r['output_tok_s'] / peer['output_tok_s']:.2f}x" if peer and r is not peer else ""
+        ratios = paired_ratios(rounds, r["system"], r["concurrency"])
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else ""
+        spread = " ".join(f"{x:.2f}" for x in ratios)
         print(f"{r['concurrency']:>11} {r['system']:>13} {r['dtype']:>9} {r['output_tok_s']:8.1f} "
-              f"{r['ttft_s'] * 1000:8.1f} {r['peak_rss_mib']:9.0f} {ratio:>16}")
+              f"{r['ttft_s'] * 1000:8.1f} {r['peak_rss_mib']:9.0f} {ratio:>16} {spread:>20}")
+        if ratios:
+            r["ratio_vs_transformers"], r["ratios_per_round"] = statistics.median(ratios), ratios
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
+                               "rows": rows, "rounds": rounds}, indent=2))
     print(f"\nwrote {out}")
+
+
+def summarize(cells: list[dict]) -> dict:
+    """One cell over all rounds: medians of the per-round figures."""
+    out = dict(cells[0])
+    for key in ("output_tok_s", "ttft_s", "peak_rss_mib", "median_s"):
+        out[key] = statistics.median(c[key] for c in cells)
+    out["times_s"] = [t for c in cells for t in c["times_s"]]
+    return out
+
+
+def paired_ratios(rounds: list[list[dict]], system: str, conc: int) -> list[float]:
+    if system == "transformers":
+        return []
+    ratios = []
+    for rnd in rounds:
+        by = {(c["system"], c["concurrency"]): c for c in rnd}
+        if ("transformers", conc) in by:
+            ratios.append(by[(system, conc)]["output_tok_s"] / by[("transformers", conc)]["output_tok_s"])
+    return ratios

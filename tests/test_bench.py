@@ -1,0 +1,34 @@
+"""The offline benchmark's bookkeeping, and one real r1serve cell on a tiny model."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from r1serve.bench.offline import add_args, paired_ratios, run_cell, summarize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cell(system, conc, tok_s):
+    return {"system": system, "concurrency": conc, "output_tok_s": tok_s, "ttft_s": 0.1, "peak_rss_mib": 10.0,
+            "median_s": 1.0, "times_s": [1.0], "dtype": "bfloat16", "output_len": 8}
+
+
+def test_ratios_are_paired_within_each_round():
+    rounds = [[cell("r1serve", 1, 40.0), cell("transformers", 1, 20.0)],
+              [cell("r1serve", 1, 20.0), cell("transformers", 1, 5.0)]]  # a round where the machine was busier
+    assert paired_ratios(rounds, "r1serve", 1) == [2.0, 4.0]
+    assert paired_ratios(rounds, "transformers", 1) == []
+    merged = summarize([rounds[0][0], rounds[1][0]])
+    assert merged["output_tok_s"] == 30.0 and merged["times_s"] == [1.0, 1.0]
+
+
+def test_r1serve_cell_generates_every_token(tiny, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--dtype", "float32"])
+    args.cache_dir = str(tmp_path)
+    row = run_cell(args, "r1serve", 3)
+    assert row["concurrency"] == 3 and row["output_len"] == 8
+    assert row["output_tok_s"] > 0 and len(row["times_s"]) == args.repeats
