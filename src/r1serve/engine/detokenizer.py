@@ -30,9 +30,7 @@ class IncrementalDetokenizer:
         """Append new tokens; returns the stop string if one was completed (text then ends before it)."""
         self.ids.extend(token_ids)
         self.num_output_tokens += len(token_ids)
-        skip = self.params.skip_special_tokens
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=skip)
+        prefix, full = self._decode_window()
         if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
             return None  # an incomplete character (or nothing visible yet): wait for more tokens
         before = len(self.text)
@@ -44,13 +42,17 @@ class IncrementalDetokenizer:
         """At the end of a request, emit what is still pending, partial characters included."""
         if self.read_offset >= len(self.ids) or self.stop_hit is not None:
             return None
-        skip = self.params.skip_special_tokens
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=skip)
+        prefix, full = self._decode_window()
         before = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._check_stop(before)
+
+    def _decode_window(self) -> tuple[str, str]:
+        """The window's text without and with the tokens not yet emitted."""
+        skip = self.params.skip_special_tokens
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
+        return prefix, self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=skip)
 
     def _check_stop(self, before: int) -> str | None:
         # min_tokens holds back every stop, stop strings included (as vLLM's stop checker does).

@@ -3,6 +3,7 @@ flattened batch and in the paged KV cache. Written once per step by the model ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -15,11 +16,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) int64 cache slot (block_id * block_size + offset) per new token
     block_tables: torch.Tensor  # (B, max_blocks) int64, padded with 0
     block_size: int
-    # Derived once per step, shared by all layers (see build()).
-    token_seq: torch.Tensor  # (N,) which sequence each token belongs to
-    token_pos_in_query: torch.Tensor  # (N,) index of each token within its sequence's query
-    key_slots: torch.Tensor  # (B, max_seq_len) cache slot of every context position
-    attn_mask: torch.Tensor  # (B, 1, max_query_len, max_seq_len) bool, True = may attend
     seq_lens_tensor: torch.Tensor  # (B,) int64, seq_lens on the device
 
     @property
@@ -33,19 +29,39 @@ class AttentionMetadata:
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], slot_mapping: torch.Tensor,
               block_tables: torch.Tensor, block_size: int) -> "AttentionMetadata":
-        device = slot_mapping.device
-        B, Tq, Lk = len(query_lens), max(query_lens), max(seq_lens)
-        q_lens = torch.tensor(query_lens, device=device)
-        s_lens = torch.tensor(seq_lens, device=device)
-        token_seq = torch.repeat_interleave(torch.arange(B, device=device), q_lens)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        token_pos = torch.arange(int(q_lens.sum()), device=device) - starts[token_seq]
-        pos = torch.arange(Lk, device=device)
-        key_slots = block_tables[:, pos // block_size] * block_size + pos % block_size  # (B, Lk)
+        s_lens = torch.tensor(seq_lens, device=slot_mapping.device)
+        return cls(query_lens, seq_lens, slot_mapping, block_tables, block_size, s_lens)
+
+    # Derived on first use, then shared by all layers of the step. The hand-written decode
+    # kernel reads block tables directly and never needs these.
+
+    @cached_property
+    def token_seq(self) -> torch.Tensor:
+        # (N,) which sequence each token belongs to
+        q_lens = torch.tensor(self.query_lens, device=self.slot_mapping.device)
+        return torch.repeat_interleave(torch.arange(self.num_seqs, device=q_lens.device), q_lens)
+
+    @cached_property
+    def token_pos_in_query(self) -> torch.Tensor:
+        # (N,) index of each token within its sequence's query
+        starts = torch.tensor([0] + self.query_lens[:-1], device=self.slot_mapping.device).cumsum(0)
+        return torch.arange(len(self.slot_mapping), device=starts.device) - starts[self.token_seq]
+
+    @cached_property
+    def key_slots(self) -> torch.Tensor:
+        # (B, max_seq_len) cache slot of every context position
+        pos = torch.arange(max(self.seq_lens), device=self.block_tables.device)
+        return self.block_tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:
+        # (B, 1, max_query_len, max_seq_len) bool, True = may attend.
         # Query i of sequence b sits at absolute position (seq_len - query_len + i) and
         # sees every key at or before it: causal within the chunk, full over the prefix.
-        q_abs = (s_lens - q_lens)[:, None] + torch.arange(Tq, device=device)[None, :]  # (B, Tq)
+        device = self.seq_lens_tensor.device
+        q_lens = torch.tensor(self.query_lens, device=device)
+        pos = torch.arange(max(self.seq_lens), device=device)
+        q_abs = (self.seq_lens_tensor - q_lens)[:, None] + torch.arange(max(self.query_lens), device=device)[None, :]
         mask = pos[None, None, :] <= q_abs[:, :, None]  # (B, Tq, Lk)
-        mask &= pos[None, None, :] < s_lens[:, None, None]
-        return cls(query_lens, seq_lens, slot_mapping, block_tables, block_size,
-                   token_seq, token_pos, key_slots, mask[:, None], s_lens)
+        mask &= pos[None, None, :] < self.seq_lens_tensor[:, None, None]
+        return mask[:, None]
