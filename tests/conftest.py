@@ -52,3 +52,19 @@ def llm(tiny):
     from r1serve import LLM
 
     return LLM(model=str(tiny), dtype="float32", num_kv_blocks=64, block_size=8)
+
+
+# ---- a real server process -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_gguf, tmp_path_factory):
+    """`r1serve serve` on SmolLM2 (served as "smollm2") with the R1 reasoning parser on, so the
+    reasoning split runs end to end (it answers in content unless a prompt opens <think>)."""
+    from server_process import ServerProcess
+
+    server = ServerProcess([str(smollm2_gguf), "--served-model-name", "smollm2", "--reasoning-parser", "deepseek_r1",
+                            "--threads", "2", "--max-body-bytes", str(2**20)],
+                           tmp_path_factory.mktemp("server") / "server.log")
+    yield server
+    server.stop()

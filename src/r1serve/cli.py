@@ -1,4 +1,4 @@
-"""`r1serve pull | generate | chat | info | bench`."""
+"""`r1serve pull | generate | chat | serve | info | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +17,9 @@ def cache_dir_from(args) -> Path:
     return Path(args.cache_dir or os.environ.get("R1SERVE_CACHE_DIR") or default_cache_dir())
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
+def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("model", nargs="+" if many else None,
+                   help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -44,14 +45,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def engine_options(args) -> dict:
+    return dict(device=args.device, max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
+                int8_small_batch=args.int8_small_batch)
+
+
 def build_llm(args):
     from r1serve.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, cache_dir=cache_dir_from(args), device=args.device,
-               max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
-               int8_small_batch=args.int8_small_batch)
+    return LLM(args.model, dtype=args.dtype, cache_dir=cache_dir_from(args), **engine_options(args))
 
 
 def sampling_from(args):
@@ -133,6 +137,28 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_serve(args) -> None:
+    from r1serve.config import EngineConfig
+    from r1serve.models.catalog import resolve_model
+    from r1serve.server.app import ServerConfig
+    from r1serve.server.launch import serve
+    from r1serve.server.served_model import ModelSpec
+
+    if args.served_model_name and len(args.served_model_name) != len(args.model):
+        raise R1ServeError(f"--served-model-name was given {len(args.served_model_name)} time(s) for "
+                           f"{len(args.model)} model(s); give one name per model or none")
+    names = args.served_model_name or args.model
+    cache_dir = cache_dir_from(args)
+    specs = tuple(ModelSpec(name, resolve_model(model, cache_dir),
+                            EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)),
+                            args.reasoning_parser)
+                  for name, model in zip(names, args.model))
+    config = ServerConfig(specs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+    code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level)
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_bench(args) -> None:
     from r1serve.bench.offline import main as bench_offline
 
@@ -161,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI- and DeepSeek-compatible HTTP server")
+    add_engine_args(p, many=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="the name clients send as `model` (default: the model argument); once per model")
+    p.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "none"],
+                   help="split <think>...</think> into reasoning_content (auto: on for models with a </think> token)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="model size, KV bytes per token, context that fits")
     add_engine_args(p)

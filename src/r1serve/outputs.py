@@ -23,6 +23,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
     logprobs: SampleLogprobs | None = None
+    num_reasoning_tokens: int = 0  # tokens spent thinking (counted when SamplingParams.reasoning is set)
 
     @property
     def finished(self) -> bool:
@@ -38,3 +39,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # set when the engine failed this request (it is then finished, reason "abort")

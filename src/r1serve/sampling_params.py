@@ -7,6 +7,23 @@ from r1serve.errors import InvalidRequestError
 
 
 _GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
+@dataclass(frozen=True)
+class ReasoningSpec:
+    """How a reasoning model marks its thinking, in token ids, so the engine can count and cap it.
+
+    The output is in reasoning from its start when `open_at_start` (the prompt ended in the
+    start marker, as R1's templates do) or when the output begins with `start_ids`; it is in
+    reasoning until `end_ids` appear. With `max_tokens`, the engine ends thinking after that
+    many reasoning tokens by emitting `end_ids` itself.
+    """
+
+    start_ids: tuple[int, ...]
+    end_ids: tuple[int, ...]
+    open_at_start: bool = False
+    max_tokens: int | None = None
 
 
 def _is_int(value: object) -> bool:
@@ -45,6 +62,10 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # "cumulative": each output holds everything so far; "delta": only what is new since the
+    # last output (servers streaming to clients); "final_only": one output when it finishes.
+    output_kind: str = "cumulative"
+    reasoning: ReasoningSpec | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +97,11 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "token ids must be integers >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+        _check(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
+        r = self.reasoning
+        _check(r is None or bool(r.end_ids), "reasoning", r, "end_ids must not be empty")
+        _check(r is None or r.max_tokens is None or (_is_int(r.max_tokens) and r.max_tokens >= 0),
+               "max_reasoning_tokens", r and r.max_tokens, "must be an integer >= 0")
 
     @property
     def greedy(self) -> bool:

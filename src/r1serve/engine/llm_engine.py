@@ -32,6 +32,8 @@ class ParentRequest:
     children: list[Request]
     detoks: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.monotonic)
+    sent: list[list[int]] = field(default_factory=list)  # per child: [chars, tokens] handed out (delta outputs)
+    error: str | None = None  # why the request failed inside the engine, if it did
 
     @property
     def finished(self) -> bool:
@@ -92,6 +94,7 @@ class LLMEngine:
             child = Request(child_id, ids, replace(params, n=1), self.eos_token_ids, self.max_model_len, gen)
             parent.children.append(child)
             parent.detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
+            parent.sent.append([0, 0])
         self._parents[request_id] = parent
         for child in parent.children:
             self._child_parent[child.request_id] = parent
@@ -132,6 +135,13 @@ class LLMEngine:
                 self.scheduler.finish(child.request_id, "abort")
         return self._finish_parent(parent)
 
+    def abort_all(self) -> list[str]:
+        """Abort every request (after a failed step); returns their ids."""
+        ids = list(self._parents)
+        for rid in ids:
+            self.abort_request(rid)
+        return ids
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
@@ -144,18 +154,25 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests waiting; the KV cache is too small")
             return []
         result, ids = self.runner.execute(sched)
-        sampled = dict(zip(ids, result.token_ids))
-        self.scheduler.update(sched, sampled)
+        self.scheduler.update(sched, dict(zip(ids, result.token_ids)))
         touched: dict[str, ParentRequest] = {}
-        for rid, token, lp in zip(ids, result.token_ids, result.logprobs):
-            parent = self._child_parent[rid]
-            self._on_token(parent, rid, token, lp)
+        for rid, lp in zip(ids, result.logprobs):
+            parent = self._child_parent.get(rid)
+            if parent is None:  # failed earlier in this step (another child of the same parent)
+                continue
             touched[parent.request_id] = parent
-        return [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
+            try:
+                self._on_token(parent, rid, lp)
+            except Exception as exc:  # one request's failure (detokenizing, stop checks) ends it alone
+                parent.error = f"{type(exc).__name__}: {exc}"
+                self.abort_request(parent.request_id)
+        outs = [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
+        return [o for o in outs if o is not None]
 
-    def _on_token(self, parent: ParentRequest, rid: str, token: int, lp) -> None:
+    def _on_token(self, parent: ParentRequest, rid: str, lp) -> None:
         idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)
         child, detok = parent.children[idx], parent.detoks[idx]
+        token = child.token_ids[-1]  # the sampled token, or the one the engine forced in its place
         if lp is not None:
             child.logprobs.append({t: replace(v, decoded_token=self.tokenizer.decode([t])) for t, v in lp.items()})
         stop = detok.add_tokens([token])
@@ -174,15 +191,30 @@ class LLMEngine:
             self._child_parent.pop(child.request_id, None)
         return out
 
-    def _output(self, parent: ParentRequest) -> RequestOutput:
-        outs = [CompletionOutput(i, d.visible_text(c.finished), c.output_token_ids, c.finish_reason,
-                                 c.stop_reason, list(c.logprobs) if c.logprobs is not None else None)
+    def _output(self, parent: ParentRequest) -> RequestOutput | None:
+        kind = parent.children[0].params.output_kind
+        if kind == "final_only" and not parent.finished:
+            return None
+        outs = [self._completion(i, c, d, parent.sent[i] if kind == "delta" else None)
                 for i, (c, d) in enumerate(zip(parent.children, parent.detoks))]
         first = parent.children[0]
         metrics = {"arrival_time": parent.arrival_time, "first_token_time": first.first_token_time,
+                   "first_scheduled_time": first.first_scheduled_time,
                    "num_preemptions": sum(c.num_preemptions for c in parent.children)}
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
-                             parent.finished, max(first.num_cached_tokens, 0), metrics)
+                             parent.finished, max(first.num_cached_tokens, 0), metrics, parent.error)
+
+    def _completion(self, index: int, child: Request, detok: IncrementalDetokenizer,
+                    sent: list[int] | None) -> CompletionOutput:
+        """One choice's output; with `sent` ([chars, tokens] already handed out), only what is new."""
+        text, token_ids = detok.visible_text(child.finished), child.output_token_ids
+        logprobs = child.logprobs
+        if sent is not None:
+            text, token_ids, logprobs = text[sent[0]:], token_ids[sent[1]:], logprobs and logprobs[sent[1]:]
+            sent[0] += len(text)
+            sent[1] += len(token_ids)
+        return CompletionOutput(index, text, token_ids, child.finish_reason, child.stop_reason,
+                                list(logprobs) if logprobs is not None else None, child.num_reasoning_tokens)
 
     # ---- introspection ------------------------------------------------------------------
 

@@ -11,6 +11,13 @@ from r1serve.outputs import SampleLogprobs
 from r1serve.sampling_params import SamplingParams
 
 
+class ReasoningState(enum.Enum):
+    UNKNOWN = "unknown"  # the output may still open with the start marker
+    OPEN = "open"
+    CLOSED = "closed"
+    NONE = "none"  # the output began with something else: no reasoning
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -36,11 +43,20 @@ class Request:
     stop_reason: int | str | None = None
     logprobs: SampleLogprobs | None = None
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    num_reasoning_tokens: int = 0  # output tokens up to and including the end-of-thinking marker
+    reasoning_state: ReasoningState = ReasoningState.NONE
+    # Tokens the engine emits in place of the sampled ones (the end-of-thinking marker when
+    # the reasoning budget is spent). Substituted before the token is fed back to the model.
+    forced_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.reasoning is not None:
+            spec = self.params.reasoning
+            self.reasoning_state = ReasoningState.OPEN if spec.open_at_start else ReasoningState.UNKNOWN
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,11 +78,41 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int) -> int:
+        """Append the sampled token (or a forced one in its place); returns the token appended."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+        if self._reasoning_budget_spent():
+            self.forced_token_ids = list(self.params.reasoning.end_ids)
+        if self.forced_token_ids:
+            token_id = self.forced_token_ids.pop(0)
         self.token_ids.append(token_id)
+        if self.params.reasoning is not None:
+            self._track_reasoning()
         self.check_token_stop(token_id)
+        return token_id
+
+    def _track_reasoning(self) -> None:
+        spec = self.params.reasoning
+        out = self.token_ids[len(self.prompt_token_ids):]
+        if self.reasoning_state is ReasoningState.UNKNOWN:
+            head = tuple(out[:len(spec.start_ids)])
+            if head != spec.start_ids[:len(head)]:
+                self.reasoning_state, self.num_reasoning_tokens = ReasoningState.NONE, 0
+                return
+            if len(head) == len(spec.start_ids):
+                self.reasoning_state = ReasoningState.OPEN
+        if self.reasoning_state in (ReasoningState.NONE, ReasoningState.CLOSED):
+            return
+        self.num_reasoning_tokens += 1
+        if tuple(out[-len(spec.end_ids):]) == spec.end_ids:
+            self.reasoning_state = ReasoningState.CLOSED
+            self.forced_token_ids.clear()
+
+    def _reasoning_budget_spent(self) -> bool:
+        spec = self.params.reasoning
+        return (spec is not None and spec.max_tokens is not None and not self.forced_token_ids
+                and self.reasoning_state is ReasoningState.OPEN and self.num_reasoning_tokens >= spec.max_tokens)
 
     def check_token_stop(self, token_id: int) -> None:
         """Stops decided by token ids; stop strings are decided by the detokenizer."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: OpenAI- and DeepSeek-compatible API over the engine's public interface."""

@@ -1,0 +1,191 @@
+"""The HTTP app: routes translate requests to engine calls; nothing here touches tensors.
+
+The server listens at once; models load in the background. Until every model is loaded
+/health answers 503 ("loading") and generation routes 503 with Retry-After, so a load
+balancer or a script can wait on /health.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from r1serve.engine.async_engine import EngineDeadError, load_engine
+from r1serve.errors import InvalidRequestError
+from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
+from r1serve.server.metrics import ServerMetrics
+from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest, now)
+from r1serve.server.served_model import ModelSpec, ServedModel, uses_reasoning
+from r1serve.server.serving_chat import conversation, create_chat_completion
+from r1serve.server.serving_completion import create_completion
+
+log = logging.getLogger("r1serve.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: tuple[ModelSpec, ...]
+    max_waiting: int = 256  # requests queued beyond the running batch before 429
+    max_body_bytes: int = 16 * 2**20
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        if not names or len(set(names)) != len(names):
+            raise InvalidRequestError(f"serve at least one model, each under its own name (got {names})")
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: ServerMetrics
+    on_fatal: Callable[[], None]
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    load_error: str | None = None
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return len(self.models) == len(self.config.models) and self.load_error is None
+
+    async def load_all(self) -> None:
+        for spec in self.config.models:
+            try:
+                engine = await load_engine(spec.engine, spec.path)
+            except Exception as exc:
+                log.error("could not load %s: %s", spec.name, exc)
+                self.load_error = f"{spec.name}: {exc}"
+                self.on_fatal()
+                return
+            self.models[spec.name] = ServedModel(spec.name, engine, uses_reasoning(spec, engine), self.metrics,
+                                                 now(), str(spec.path))
+            log.info("serving %s (reasoning parser: %s)", spec.name,
+                     "deepseek_r1" if self.models[spec.name].reasoning else "none")
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(m.engine.shutdown() for m in self.models.values()))
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names, ready to take it (or the APIError saying why not)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", headers=self._retry())
+        known = [m.name for m in self.config.models]
+        name = name or known[0]
+        if name not in known:
+            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(known)}",
+                           param="model", code="model_not_found")
+        served = self.models.get(name)
+        if served is None:
+            raise APIError(503, f"the model `{name}` is still loading", headers=self._retry())
+        if not served.engine.is_alive:
+            raise APIError(503, f"the engine for `{name}` has stopped; restart the server")
+        return served
+
+    def admit(self, served: ServedModel) -> None:
+        if served.engine.num_waiting >= self.config.max_waiting:
+            raise APIError(429, f"the server is busy ({served.engine.num_waiting} requests waiting); retry shortly",
+                           code="queue_full", headers=self._retry())
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    def snapshots(self) -> dict:
+        return {name: m.engine.snapshot for name, m in self.models.items()}
+
+
+def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None) -> FastAPI:
+    state = ServerState(config, None, on_fatal)  # type: ignore[arg-type]
+    state.metrics = ServerMetrics(state.snapshots)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        loading = asyncio.create_task(state.load_all())
+        yield
+        loading.cancel()
+        await state.shutdown()
+
+    app = FastAPI(title="r1serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.r1serve = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    install_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.load_error:
+            return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
+                 "max_model_len": m.engine.max_model_len} for m in state.models.values()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        known = [m.name for m in state.config.models]
+        if name not in state.models:
+            status = 503 if name in known else 404
+            raise APIError(status, f"The model `{name}` does not exist" if status == 404 else "still loading",
+                           param="model", code="model_not_found" if status == 404 else None)
+        m = state.models[name]
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
+                "max_model_len": m.engine.max_model_len}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        served = state.model(req.model)
+        state.admit(served)
+        return await _engine_call(create_chat_completion(served, req, raw))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        served = state.model(req.model)
+        state.admit(served)
+        return await _engine_call(create_completion(served, req, raw))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        served = state.model(req.model)
+        tok = served.engine.tokenizer
+        if req.messages is not None:
+            text = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=req.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": served.engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        served = state.model(req.model)
+        vocab = served.engine.vocab_size
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": served.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _engine_call(work):
+    try:
+        return await work
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc)) from exc

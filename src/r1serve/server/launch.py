@@ -1,0 +1,43 @@
+"""Run the app under uvicorn, with a graceful drain on SIGTERM / Ctrl-C.
+
+On the first signal the server stops accepting connections and answers 503 to new requests
+on open ones; running requests finish (up to `grace_s`), then the engines stop.
+"""
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from r1serve.server.app import ServerConfig, build_app
+
+log = logging.getLogger("r1serve.server")
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.app_state = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.app_state is not None and not self.app_state.draining:
+            log.info("draining: no new requests; running ones get up to %ss to finish",
+                     self.config.timeout_graceful_shutdown)
+            self.app_state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log_level: str = "info") -> int:
+    """Blocks until the server stops; returns the process exit code."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    holder: dict = {}
+    app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None))
+    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
+                        access_log=False)
+    server = _DrainingServer(uv)
+    server.app_state = app.state.r1serve
+    holder["server"] = server
+    names = ", ".join(m.name for m in config.models)
+    log.info("r1serve on http://%s:%d/v1 (models: %s; loading in the background, see /health)", host, port, names)
+    server.run()
+    return 1 if app.state.r1serve.load_error else 0

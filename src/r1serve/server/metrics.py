@@ -1,0 +1,122 @@
+"""Prometheus metrics, named as vLLM names its own (prefix `r1serve:`), plus reasoning ones.
+
+Engine state (running, waiting, KV usage, prefix-cache counters) is read from the engine's
+snapshot at scrape time; per-request figures are observed as requests finish. Each app has
+its own registry: two servers in one process (tests) never share counters.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from r1serve.engine.async_engine import EngineSnapshot
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshots: Callable[[], dict[str, EngineSnapshot]]) -> None:
+        self.snapshots = snapshots
+
+    def collect(self) -> Iterable:
+        gauges = {
+            "num_requests_running": ("Requests in model steps now.", lambda s: s.num_requests_running),
+            "num_requests_waiting": ("Requests waiting to be scheduled.", lambda s: s.num_requests_waiting),
+            "kv_cache_usage_perc": ("Fraction of KV cache blocks in use (1 = full).", lambda s: s.kv_cache_usage),
+        }
+        counters = {
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
+            "prefix_cache_hits": ("Prompt tokens served from the prefix cache.", lambda s: s.prefix_cache_hits),
+        }
+        snaps = self.snapshots()
+        for name, (doc, get) in gauges.items():
+            family = GaugeMetricFamily(f"r1serve:{name}", doc, labels=["model_name"])
+            for model, snap in snaps.items():
+                family.add_metric([model], get(snap))
+            yield family
+        for name, (doc, get) in counters.items():
+            family = CounterMetricFamily(f"r1serve:{name}", doc, labels=["model_name"])
+            for model, snap in snaps.items():
+                family.add_metric([model], get(snap))
+            yield family
+
+
+class ServerMetrics:
+    def __init__(self, snapshots: Callable[[], dict[str, EngineSnapshot]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(snapshots))
+        r, m = self.registry, ["model_name"]
+        self.prompt_tokens = Counter("r1serve:prompt_tokens", "Prompt tokens processed.", m, registry=r)
+        self.generation_tokens = Counter("r1serve:generation_tokens", "Tokens generated.", m, registry=r)
+        self.reasoning_tokens = Counter("r1serve:reasoning_tokens", "Generated tokens spent thinking.", m, registry=r)
+        self.answer_tokens = Counter("r1serve:answer_tokens", "Generated tokens of the answer.", m, registry=r)
+        self.request_success = Counter("r1serve:request_success", "Finished requests by finish reason.",
+                                       m + ["finished_reason"], registry=r)
+        self.ttft = Histogram("r1serve:time_to_first_token_seconds", "Time to first token.", m,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfat = Histogram("r1serve:time_to_first_answer_token_seconds",
+                               "Time to the first answer token (after any reasoning).", m,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("r1serve:inter_token_latency_seconds", "Time between streamed tokens.", m,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("r1serve:e2e_request_latency_seconds", "Request latency, arrival to finish.", m,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("r1serve:request_queue_time_seconds", "Time waiting before the first step.",
+                                    m, buckets=LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Per-request timings and token counts, reported to ServerMetrics when it ends."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.first_answer: float | None = None
+        self.last_token: float | None = None
+        self.queued_until: float | None = None
+
+    def on_tokens(self, engine_metrics: dict, streamed: bool) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            # The engine's own clock (same process, monotonic): right for non-streamed requests too.
+            self.first_token = engine_metrics.get("first_token_time") or now
+            self.queued_until = engine_metrics.get("first_scheduled_time")
+        elif streamed and self.last_token is not None:
+            self.metrics.itl.labels(self.model).observe(now - self.last_token)
+        self.last_token = now
+
+    def on_answer(self) -> None:
+        if self.first_answer is None:
+            self.first_answer = time.monotonic()
+
+    def answer_is_first_token(self) -> None:
+        """No reasoning: the answer starts with the first token (non-streamed requests)."""
+        if self.first_answer is None:
+            self.first_answer = self.first_token
+
+    def finish(self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int,
+               finish_reasons: Iterable[str | None]) -> None:
+        m, model = self.metrics, self.model
+        m.prompt_tokens.labels(model).inc(prompt_tokens)
+        m.generation_tokens.labels(model).inc(completion_tokens)
+        m.reasoning_tokens.labels(model).inc(reasoning_tokens)
+        m.answer_tokens.labels(model).inc(completion_tokens - reasoning_tokens)
+        for reason in finish_reasons:
+            m.request_success.labels(model, reason or "abort").inc()
+        if self.first_token is not None:
+            m.ttft.labels(model).observe(max(0.0, self.first_token - self.arrival))
+        if self.first_answer is not None:
+            m.ttfat.labels(model).observe(self.first_answer - self.arrival)
+        if self.queued_until is not None:
+            m.queue_time.labels(model).observe(max(0.0, self.queued_until - self.arrival))
+        m.e2e.labels(model).observe(time.monotonic() - self.arrival)

@@ -1,0 +1,198 @@
+"""POST /v1/chat/completions: messages -> prompt -> engine -> OpenAI/DeepSeek chat response."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from r1serve.engine.async_engine import RequestStream
+from r1serve.sampling_params import ReasoningSpec
+from r1serve.server.errors import APIError
+from r1serve.server.generation import (SSE_DONE, PromptInput, chat_logprobs, check_context, engine_failed,
+                                       merged, sampling_params, sse, start_requests, until_disconnect)
+from r1serve.server.metrics import RequestTimer
+from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, now, usage_body
+from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
+from r1serve.server.served_model import ServedModel
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as templates expect them. Earlier assistant turns lose their reasoning (as the
+    DeepSeek API requires: thinking is not fed back), whether sent as reasoning_content or
+    left inline in the content."""
+    conv = []
+    for m in messages:
+        content = m.text()
+        if m.role == "assistant" and END in content:
+            content = content.split(END)[-1].lstrip("\n")
+        role = "system" if m.role == "developer" else m.role
+        conv.append({"role": role, "content": content} | ({"name": m.name} if m.name else {}))
+    return conv
+
+
+def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> PromptInput:
+    tok = model.engine.tokenizer
+    conv = conversation(req.messages)
+    text = tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt,
+                                   **(req.chat_template_kwargs or {}))
+    if req.continue_final_message:
+        # The reply continues the last (assistant) message: cut what the template wrote after it.
+        final = conv[-1]["content"]
+        at = text.rfind(final) if final else -1
+        if at < 0:
+            raise APIError(400, "continue_final_message: the chat template does not reproduce the final "
+                                "message's content, so it cannot be continued", param="messages")
+        text = text[:at + len(final)]
+    # The template writes BOS where the model wants it: no second one from the encoder.
+    return PromptInput(text, tok.encode(text, add_special_tokens=False))
+
+
+def reasoning_spec(model: ServedModel, req: ChatCompletionRequest, prompt: PromptInput) -> ReasoningSpec | None:
+    if not model.reasoning:
+        if req.max_reasoning_tokens is not None:
+            raise APIError(400, f"max_reasoning_tokens needs a reasoning model; {model.name} is served without "
+                                "a reasoning parser (start the server with --reasoning-parser deepseek_r1)",
+                           param="max_reasoning_tokens")
+        return None
+    tok = model.engine.tokenizer
+    return ReasoningSpec(tuple(tok.encode(START, add_special_tokens=False)),
+                         tuple(tok.encode(END, add_special_tokens=False)),
+                         open_at_start=prompt.text.rstrip().endswith(START), max_tokens=req.max_reasoning_tokens)
+
+
+async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest, raw: HTTPRequest):
+    engine = model.engine
+    prompt = chat_prompt(model, req)
+    max_tokens = check_context(len(prompt.token_ids), req.completion_limit, engine.max_model_len, "messages")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    spec = reasoning_spec(model, req, prompt)
+    params = sampling_params(req, max_tokens, k, spec)
+    request_id = new_id("chatcmpl")
+    timer = RequestTimer(model.metrics, model.name)
+    (stream,) = await start_requests(engine, [request_id], [prompt], params)
+    chat = _Chat(model, req, request_id, prompt, spec, timer)
+    if req.stream:
+        return StreamingResponse(chat.events(stream), media_type="text/event-stream")
+    return JSONResponse(await until_disconnect(raw, chat.full(stream)))
+
+
+class _Chat:
+    def __init__(self, model: ServedModel, req: ChatCompletionRequest, request_id: str, prompt: PromptInput,
+                 spec: ReasoningSpec | None, timer: RequestTimer) -> None:
+        self.model, self.req, self.id, self.prompt, self.spec, self.timer = model, req, request_id, prompt, spec, timer
+        self.created = now()
+        self.splitters = [ReasoningSplitter(spec.open_at_start) for _ in range(req.n)] if spec else None
+        self.completion_tokens = [0] * req.n
+        self.reasoning_tokens = [0] * req.n
+        self.finish_reasons: list[str | None] = [None] * req.n
+        self.cached = 0
+        self.reported = False  # metrics recorded
+
+    # ---- non-streaming ------------------------------------------------------------------------
+
+    async def full(self, stream: RequestStream) -> dict:
+        final = None
+        async for _, out in merged([stream]):
+            self.timer.on_tokens(out.metrics, streamed=False)
+            final = out
+        engine_failed(final)
+        choices = [self._choice(c) for c in final.outputs]
+        self._finish(final.num_cached_tokens)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model.name,
+                "choices": choices, "usage": self._usage(), "system_fingerprint": self.model.fingerprint}
+
+    def _choice(self, c) -> dict:
+        i = c.index
+        self._count(c)
+        message = {"role": "assistant", "content": c.text}
+        if self.spec is not None:
+            parts = split_reasoning(c.text, self.spec.open_at_start)
+            message = {"role": "assistant", "content": parts.content, "reasoning_content": parts.reasoning or None}
+        else:
+            self.timer.answer_is_first_token()
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
+                                                 self.model.engine.tokenizer)}
+        self.finish_reasons[i] = c.finish_reason
+        return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    # ---- streaming -----------------------------------------------------------------------------
+
+    async def events(self, stream: RequestStream) -> AsyncIterator[str]:
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        try:
+            for i in range(self.req.n):
+                yield self._chunk(i, {"role": "assistant", "content": ""})
+            async for _, out in merged([stream]):
+                engine_failed(out)
+                self.cached = out.num_cached_tokens
+                if any(c.token_ids for c in out.outputs):
+                    self.timer.on_tokens(out.metrics, streamed=True)
+                for c in out.outputs:
+                    for event in self._choice_events(c):
+                        yield event
+            self._finish(self.cached)
+            if include_usage:
+                yield sse(self._envelope([]) | {"usage": self._usage()})
+        except APIError as exc:
+            yield sse(exc.body())
+        finally:
+            if not self.reported:  # the client left (or the request failed): still counted
+                self.finish_reasons = [r or "abort" for r in self.finish_reasons]
+                self._finish()
+        yield SSE_DONE
+
+    def _choice_events(self, c) -> list[str]:
+        i = c.index
+        self._count(c, delta=True)
+        delta = Delta(content=c.text)
+        if self.splitters is not None:
+            delta = self.splitters[i].feed(c.text)
+            if c.finished:
+                tail = self.splitters[i].flush()
+                delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content)
+        body: dict = {}
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning
+        if delta.content:
+            body["content"] = delta.content
+            self.timer.on_answer()
+        logprobs = None
+        if c.logprobs:
+            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
+                                                 self.model.engine.tokenizer)}
+        if c.finished:
+            self.finish_reasons[i] = c.finish_reason
+        if not body and logprobs is None and not c.finished:
+            return []
+        return [self._chunk(i, body, logprobs, c.finish_reason)]
+
+    def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+        return sse(self._envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model.name, "system_fingerprint": self.model.fingerprint, "choices": choices}
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            body["usage"] = None
+        return body
+
+    # ---- accounting ------------------------------------------------------------------------------
+
+    def _count(self, c, delta: bool = False) -> None:
+        i = c.index
+        self.completion_tokens[i] = self.completion_tokens[i] + len(c.token_ids) if delta else len(c.token_ids)
+        # The engine counts thinking in tokens (0 when the output did not open with <think>).
+        self.reasoning_tokens[i] = c.num_reasoning_tokens
+
+    def _usage(self) -> dict:
+        return usage_body(len(self.prompt.token_ids), sum(self.completion_tokens), self.cached,
+                          sum(self.reasoning_tokens))
+
+    def _finish(self, cached: int | None = None) -> None:
+        self.cached = self.cached if cached is None else cached
+        self.reported = True
+        self.timer.finish(len(self.prompt.token_ids), sum(self.completion_tokens), sum(self.reasoning_tokens),
+                          self.finish_reasons)

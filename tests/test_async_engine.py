@@ -1,0 +1,168 @@
+"""The engine as the server drives it: delta outputs, per-request failures, and the asyncio
+wrapper (a thread for the model, a queue per request) on a real tiny model."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from r1serve import SamplingParams
+from r1serve.engine.async_engine import AsyncEngine, EngineDeadError
+from r1serve.errors import InvalidRequestError
+
+from test_bad_input import assert_idle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [{"prompt_token_ids": [5, 17, 42, 99, 3, 250, 7][: 3 + i]} for i in range(5)]
+SAMPLED = SamplingParams(temperature=0.8, top_k=50, seed=7, max_tokens=14, ignore_eos=True, logprobs=2, n=2)
+
+
+def joined(deltas):
+    """Concatenate delta outputs per choice: (text, token_ids, logprobs, finish_reason)."""
+    acc: dict[int, list] = {}
+    for out in deltas:
+        for c in out.outputs:
+            a = acc.setdefault(c.index, ["", [], [], None])
+            a[0] += c.text
+            a[1] += c.token_ids
+            a[2] += c.logprobs or []
+            a[3] = c.finish_reason
+    return [tuple(acc[i]) for i in sorted(acc)]
+
+
+@pytest.mark.parametrize("stop", [(), ("o", "lazy")])
+def test_delta_outputs_add_up_to_the_cumulative_one(llm, stop):
+    params = replace(SAMPLED, stop=stop)
+    (full,) = llm.generate([PROMPTS[4]], params)
+    deltas = list(llm.stream(PROMPTS[4], replace(params, output_kind="delta")))
+    assert deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+    assert joined(deltas) == [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in full.outputs]
+    assert_idle(llm)
+
+
+def test_final_only_gives_one_output(llm):
+    (full,) = llm.generate([PROMPTS[2]], SAMPLED)
+    outs = list(llm.stream(PROMPTS[2], replace(SAMPLED, output_kind="final_only")))
+    assert len(outs) == 1 and outs[0].finished
+    assert [c.token_ids for c in outs[0].outputs] == [c.token_ids for c in full.outputs]
+
+
+def test_a_failing_request_fails_alone(llm):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    (expected,) = llm.generate([PROMPTS[1]], params)
+    engine = llm.engine
+    engine.add_request("bad", PROMPTS[0], params)
+    engine.add_request("good", PROMPTS[1], params)
+
+    def explode(_ids):
+        raise UnicodeError("detokenizer broke")
+
+    engine._parents["bad"].detoks[0].add_tokens = explode
+    outs: dict = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    bad, good = outs["bad"][-1], outs["good"][-1]
+    assert bad.finished and "detokenizer broke" in bad.error and bad.outputs[0].finish_reason == "abort"
+    assert good.error is None and good.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert_idle(llm)
+
+
+# ---- AsyncEngine -------------------------------------------------------------------------------
+
+
+def run_async(llm, body):
+    async def main():
+        engine = AsyncEngine(llm.engine).start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def collect(engine, rid, prompt, params):
+    return [out async for out in engine.generate(rid, prompt, params)]
+
+
+def test_concurrent_requests_match_the_offline_api(llm):
+    expected = llm.generate(PROMPTS, SAMPLED)
+
+    async def body(engine):
+        delta = replace(SAMPLED, output_kind="delta")
+        return await asyncio.gather(*(collect(engine, f"r{i}", p, delta) for i, p in enumerate(PROMPTS)))
+
+    results = run_async(llm, body)
+    for want, got in zip(expected, results):
+        assert joined(got) == [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in want.outputs]
+    assert_idle(llm)
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(llm):
+    async def body(engine):
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind="delta")
+        stream = await engine.add_request("long", PROMPTS[3], params)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        stream.abort()
+        for _ in range(100):  # the abort is applied before the next step
+            await asyncio.sleep(0.01)
+            if engine.snapshot.num_requests_running == 0:
+                break
+        return seen, engine.snapshot
+
+    seen, snap = run_async(llm, body)
+    assert seen == 3 and snap.num_requests_running == 0 and snap.kv_cache_usage == 0
+    assert_idle(llm)
+
+
+def test_rejected_request_raises_and_leaves_nothing(llm):
+    async def body(engine):
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+            await engine.add_request("bad", {"prompt_token_ids": [10**9]}, SamplingParams())
+        # The same id is free again, and the engine still serves.
+        return await collect(engine, "bad", PROMPTS[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+
+    outs = run_async(llm, body)
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+    assert_idle(llm)
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatch):
+    runner = llm.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device fell over")
+        return real(sched)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def body(engine):
+        with pytest.raises(RuntimeError, match="device fell over"):
+            await collect(engine, "doomed", PROMPTS[0], params)
+        return await collect(engine, "after", PROMPTS[0], params)
+
+    outs = run_async(llm, body)
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
+    assert_idle(llm)
+
+
+def test_requests_after_shutdown_are_refused(llm):
+    async def main():
+        engine = AsyncEngine(llm.engine).start()
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", PROMPTS[0], SamplingParams())
+
+    asyncio.run(main())

@@ -1,0 +1,186 @@
+"""A real `r1serve serve` process on SmolLM2, driven by the official openai SDK."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def post(server, path: str, body: dict) -> dict:
+    r = httpx.post(server.base + path, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_server):
+    return openai.OpenAI(base_url=f"{smollm2_server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_list(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].object == "model" and models[0].owned_by == "r1serve"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_greedy(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert choice.finish_reason == "stop"
+    u = r.usage
+    assert u.prompt_tokens > 10 and 0 < u.completion_tokens <= 20
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.completion_tokens_details.reasoning_tokens == 0
+    extra = u.model_extra  # DeepSeek's fields
+    assert extra["prompt_cache_hit_tokens"] + extra["prompt_cache_miss_tokens"] == u.prompt_tokens
+    assert extra["prompt_cache_hit_tokens"] == u.prompt_tokens_details.cached_tokens
+
+
+def test_chat_stream_matches_non_stream(client):
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_max_tokens_and_length(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_stop_string(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    text = r.choices[0].text
+    assert " 5, 6," in text and " 7" not in text and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"], stream=True) if c.choices)
+    assert streamed == text
+
+
+def test_n_and_seed(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Write a word."}], max_tokens=8,
+              temperature=1.0, seed=1234, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert 2 <= a.usage.completion_tokens <= 16  # both choices counted
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert [streamed[0], streamed[1]] == [c.message.content for c in a.choices]
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the top token
+        assert t.logprob <= 0 and bytes(t.bytes).decode() == t.token
+
+
+def test_completions_prompts_and_token_ids(client, smollm2_server):
+    tokens = post(smollm2_server, "/tokenize", {"model": MODEL, "prompt": "The sky is"})["tokens"]
+    r = client.completions.create(model=MODEL, prompt=["The sky is", "The sky is"], max_tokens=6, temperature=0,
+                                  logprobs=2, echo=False)
+    assert [c.index for c in r.choices] == [0, 1]
+    by_ids = client.completions.create(model=MODEL, prompt=tokens, max_tokens=6, temperature=0)
+    assert r.choices[0].text == r.choices[1].text == by_ids.choices[0].text  # the same prompt, as text and as ids
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert r.usage.prompt_tokens == 2 * len(tokens)
+    echo = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6, temperature=0, echo=True)
+    assert echo.choices[0].text == "The sky is" + r.choices[0].text
+
+
+def test_detokenize_roundtrip(client, smollm2_server):
+    tokens = post(smollm2_server, "/tokenize", {"model": MODEL, "prompt": "Paris, France"})
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] > 0
+    text = post(smollm2_server, "/detokenize", {"model": MODEL, "tokens": tokens["tokens"]})["prompt"]
+    assert text.endswith("Paris, France")
+
+
+def test_multi_turn_drops_earlier_reasoning(client, smollm2_server):
+    with_thinking = [*QUESTION, {"role": "assistant", "content": "<think>\nsecret plan\n</think>\n\nParis.",
+                                 "reasoning_content": "secret plan"}, {"role": "user", "content": "And Spain?"}]
+    without = [*QUESTION, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}]
+    a = post(smollm2_server, "/tokenize", {"model": MODEL, "messages": with_thinking})
+    b = post(smollm2_server, "/tokenize", {"model": MODEL, "messages": without})
+    assert a["tokens"] == b["tokens"]
+
+
+REASONING_PROMPT = [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "<think>\n"}]
+REASONING = dict(model=MODEL, messages=REASONING_PROMPT, max_tokens=40, temperature=0,
+                 extra_body={"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True,
+                             "max_reasoning_tokens": 10})
+
+
+def test_reasoning_end_to_end(client, smollm2_server):
+    end_tokens = post(smollm2_server, "/tokenize",
+                      {"model": MODEL, "prompt": "</think>", "add_special_tokens": False})["count"]
+    r = client.chat.completions.create(**REASONING)
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] and msg.content
+    assert "<think>" not in msg.content and "</think>" not in msg.content + msg.model_extra["reasoning_content"]
+    assert r.usage.completion_tokens_details.reasoning_tokens == 10 + end_tokens
+
+    reasoning = content = ""
+    chunks = list(client.chat.completions.create(**REASONING, stream=True, stream_options={"include_usage": True}))
+    for c in chunks:
+        if c.choices:
+            reasoning += c.choices[0].delta.model_extra.get("reasoning_content") or ""
+            content += c.choices[0].delta.content or ""
+    assert (reasoning, content) == (msg.model_extra["reasoning_content"], msg.content)
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 10 + end_tokens
+    assert smollm2_server.metric("r1serve:reasoning_tokens_total") >= 2 * (10 + end_tokens)
+
+
+def test_reasoning_budget_needs_a_reasoning_request_field_valid(client):
+    with pytest.raises(openai.BadRequestError, match="max_reasoning_tokens"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"max_reasoning_tokens": -1})
+
+
+def test_errors_are_typed(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=QUESTION)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=-1)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**7)
+    assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, top_logprobs=2)
+
+
+def test_metrics_exposed(client, smollm2_server):
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+    for name in ["r1serve:num_requests_running", "r1serve:num_requests_waiting", "r1serve:kv_cache_usage_perc",
+                 "r1serve:prefix_cache_queries_total", "r1serve:prefix_cache_hits_total",
+                 "r1serve:prompt_tokens_total", "r1serve:generation_tokens_total", "r1serve:answer_tokens_total",
+                 "r1serve:time_to_first_token_seconds_count", "r1serve:e2e_request_latency_seconds_count",
+                 "r1serve:request_queue_time_seconds_count", "r1serve:time_to_first_answer_token_seconds_count",
+                 "r1serve:inter_token_latency_seconds_count"]:
+        smollm2_server.metric(name)
+    assert smollm2_server.metric("r1serve:prefix_cache_hits_total") > 0  # QUESTION was asked before
