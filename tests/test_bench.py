@@ -32,3 +32,17 @@ def test_r1serve_cell_generates_every_token(tiny, tmp_path):
     row = run_cell(args, "r1serve", 3)
     assert row["concurrency"] == 3 and row["output_len"] == 8
     assert row["output_tok_s"] > 0 and len(row["times_s"]) == args.repeats
+
+
+def test_http_cell_counts_tokens_from_the_servers_usage(tiny, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--dtype", "float32"])
+    args.cache_dir = str(tmp_path)
+    row = run_cell(args, "http", 3)  # asserts every one of the 3 x 8 tokens came back
+    assert row["system"] == "http" and row["output_tok_s"] > 0 and row["peak_rss_mib"] > 0
+
+
+def test_ratios_against_another_baseline():
+    rounds = [[cell("r1serve", 32, 400.0), cell("http", 32, 380.0)]]
+    assert paired_ratios(rounds, "http", 32, baseline="r1serve") == [0.95]

@@ -33,7 +33,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all cells")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--systems", default="r1serve,transformers")
+    p.add_argument("--systems", default="r1serve,transformers",
+                   help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients)")
+    p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")
     p.add_argument("--out", default="results/bench_offline.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
@@ -67,7 +69,9 @@ def spawn_cell(args, system: str, conc: int) -> dict:
 
 
 def run_cell(args, system: str, conc: int) -> dict:
-    runner = R1ServeRunner(args) if system == "r1serve" else TransformersRunner(args)
+    from r1serve.bench.server_runner import HttpRunner
+
+    runner = {"r1serve": R1ServeRunner, "transformers": TransformersRunner, "http": HttpRunner}[system](args)
     ps = prompts(conc)
     runner.generate(ps[:1], 4)  # warm-up: first-call allocations and kernel selection
     ttfts, times = [], []
@@ -78,9 +82,10 @@ def run_cell(args, system: str, conc: int) -> dict:
         times.append(time.perf_counter() - t0)
         assert n_out == conc * args.output_len, f"{system} produced {n_out} tokens, expected {conc * args.output_len}"
     med = statistics.median(times)
+    peak = runner.close() if hasattr(runner, "close") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"system": system, "concurrency": conc, "output_len": args.output_len, "dtype": runner.dtype,
             "output_tok_s": conc * args.output_len / med, "median_s": med, "times_s": times,
-            "ttft_s": statistics.median(ttfts), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "ttft_s": statistics.median(ttfts), "peak_rss_mib": peak}
 
 
 class R1ServeRunner:
@@ -139,16 +144,17 @@ class TransformersRunner:
 def report(rounds: list[list[dict]], args) -> None:
     cells = [(r["system"], r["concurrency"]) for r in rounds[0]]
     rows = [summarize([rnd[i] for rnd in rounds]) for i in range(len(cells))]
+    base = args.baseline
     print(f"\n{'concurrency':>11} {'system':>13} {'dtype':>9} {'tok/s':>8} {'ttft ms':>8} {'peak MiB':>9} "
-          f"{'vs transformers':>16} {'per round':>20}")
+          f"{'vs ' + base:>16} {'per round':>20}")
     for r in rows:
-        ratios = paired_ratios(rounds, r["system"], r["concurrency"])
+        ratios = paired_ratios(rounds, r["system"], r["concurrency"], base)
         ratio = f"{statistics.median(ratios):.2f}x" if ratios else ""
         spread = " ".join(f"{x:.2f}" for x in ratios)
         print(f"{r['concurrency']:>11} {r['system']:>13} {r['dtype']:>9} {r['output_tok_s']:8.1f} "
               f"{r['ttft_s'] * 1000:8.1f} {r['peak_rss_mib']:9.0f} {ratio:>16} {spread:>20}")
         if ratios:
-            r["ratio_vs_transformers"], r["ratios_per_round"] = statistics.median(ratios), ratios
+            r[f"ratio_vs_{base}"], r["ratios_per_round"] = statistics.median(ratios), ratios
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -165,12 +171,12 @@ def summarize(cells: list[dict]) -> dict:
     return out
 
 
-def paired_ratios(rounds: list[list[dict]], system: str, conc: int) -> list[float]:
-    if system == "transformers":
+def paired_ratios(rounds: list[list[dict]], system: str, conc: int, baseline: str = "transformers") -> list[float]:
+    if system == baseline:
         return []
     ratios = []
     for rnd in rounds:
         by = {(c["system"], c["concurrency"]): c for c in rnd}
-        if ("transformers", conc) in by:
-            ratios.append(by[(system, conc)]["output_tok_s"] / by[("transformers", conc)]["output_tok_s"])
+        if (baseline, conc) in by:
+            ratios.append(by[(system, conc)]["output_tok_s"] / by[(baseline, conc)]["output_tok_s"])
     return ratios

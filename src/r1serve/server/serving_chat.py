@@ -1,19 +1,17 @@
 """POST /v1/chat/completions: messages -> prompt -> engine -> OpenAI/DeepSeek chat response."""
 from __future__ import annotations
 
-from typing import AsyncIterator
-
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from r1serve.engine.async_engine import RequestStream
+from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
 from r1serve.server.errors import APIError
-from r1serve.server.generation import (SSE_DONE, PromptInput, chat_logprobs, check_context, engine_failed,
-                                       merged, sampling_params, sse, start_requests, until_disconnect)
-from r1serve.server.metrics import RequestTimer
-from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, now, usage_body
+from r1serve.server.generation import (PromptInput, chat_logprobs, check_context, sampling_params, sse,
+                                       start_requests, until_disconnect)
+from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, usage_body
 from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
+from r1serve.server.response_job import ResponseJob
 from r1serve.server.served_model import ServedModel
 
 
@@ -68,42 +66,31 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     k = (req.top_logprobs or 0) if req.logprobs else None
     spec = reasoning_spec(model, req, prompt)
     params = sampling_params(req, max_tokens, k, spec)
-    request_id = new_id("chatcmpl")
-    timer = RequestTimer(model.metrics, model.name)
-    (stream,) = await start_requests(engine, [request_id], [prompt], params)
-    chat = _Chat(model, req, request_id, prompt, spec, timer)
+    chat = _Chat(model, req, new_id("chatcmpl"), prompt, spec)
+    streams = await start_requests(engine, [chat.id], [prompt], params)
     if req.stream:
-        return StreamingResponse(chat.events(stream), media_type="text/event-stream")
-    return JSONResponse(await until_disconnect(raw, chat.full(stream)))
+        return StreamingResponse(chat.events(streams), media_type="text/event-stream")
+    return JSONResponse(await until_disconnect(raw, chat.full(streams)))
 
 
-class _Chat:
+class _Chat(ResponseJob):
+    object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
+
     def __init__(self, model: ServedModel, req: ChatCompletionRequest, request_id: str, prompt: PromptInput,
-                 spec: ReasoningSpec | None, timer: RequestTimer) -> None:
-        self.model, self.req, self.id, self.prompt, self.spec, self.timer = model, req, request_id, prompt, spec, timer
-        self.created = now()
+                 spec: ReasoningSpec | None) -> None:
+        super().__init__(model, req, request_id, req.n)
+        self.prompt, self.spec = prompt, spec
         self.splitters = [ReasoningSplitter(spec.open_at_start) for _ in range(req.n)] if spec else None
         self.completion_tokens = [0] * req.n
         self.reasoning_tokens = [0] * req.n
-        self.finish_reasons: list[str | None] = [None] * req.n
         self.cached = 0
-        self.reported = False  # metrics recorded
 
-    # ---- non-streaming ------------------------------------------------------------------------
+    def choices(self, finals: list[RequestOutput]) -> list[dict]:
+        (final,) = finals
+        self.cached = final.num_cached_tokens
+        return [self._choice(c) for c in final.outputs]
 
-    async def full(self, stream: RequestStream) -> dict:
-        final = None
-        async for _, out in merged([stream]):
-            self.timer.on_tokens(out.metrics, streamed=False)
-            final = out
-        engine_failed(final)
-        choices = [self._choice(c) for c in final.outputs]
-        self._finish(final.num_cached_tokens)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model.name,
-                "choices": choices, "usage": self._usage(), "system_fingerprint": self.model.fingerprint}
-
-    def _choice(self, c) -> dict:
-        i = c.index
+    def _choice(self, c: CompletionOutput) -> dict:
         self._count(c)
         message = {"role": "assistant", "content": c.text}
         if self.spec is not None:
@@ -111,40 +98,23 @@ class _Chat:
             message = {"role": "assistant", "content": parts.content, "reasoning_content": parts.reasoning or None}
         else:
             self.timer.answer_is_first_token()
-        logprobs = None
-        if c.logprobs is not None:
-            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
-                                                 self.model.engine.tokenizer)}
-        self.finish_reasons[i] = c.finish_reason
-        return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        self.finish_reasons[c.index] = c.finish_reason
+        return {"index": c.index, "message": message, "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
 
-    # ---- streaming -----------------------------------------------------------------------------
+    def _logprobs(self, c: CompletionOutput) -> dict | None:
+        if not c.logprobs:
+            return None
+        return {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
+                                         self.model.engine.tokenizer)}
 
-    async def events(self, stream: RequestStream) -> AsyncIterator[str]:
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-        try:
-            for i in range(self.req.n):
-                yield self._chunk(i, {"role": "assistant", "content": ""})
-            async for _, out in merged([stream]):
-                engine_failed(out)
-                self.cached = out.num_cached_tokens
-                if any(c.token_ids for c in out.outputs):
-                    self.timer.on_tokens(out.metrics, streamed=True)
-                for c in out.outputs:
-                    for event in self._choice_events(c):
-                        yield event
-            self._finish(self.cached)
-            if include_usage:
-                yield sse(self._envelope([]) | {"usage": self._usage()})
-        except APIError as exc:
-            yield sse(exc.body())
-        finally:
-            if not self.reported:  # the client left (or the request failed): still counted
-                self.finish_reasons = [r or "abort" for r in self.finish_reasons]
-                self._finish()
-        yield SSE_DONE
+    def first_events(self) -> list[str]:
+        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.req.n)]
 
-    def _choice_events(self, c) -> list[str]:
+    def on_output(self, index: int, out: RequestOutput) -> list[str]:
+        self.cached = out.num_cached_tokens
+        return [event for c in out.outputs for event in self._choice_events(c)]
+
+    def _choice_events(self, c: CompletionOutput) -> list[str]:
         i = c.index
         self._count(c, delta=True)
         delta = Delta(content=c.text)
@@ -159,10 +129,7 @@ class _Chat:
         if delta.content:
             body["content"] = delta.content
             self.timer.on_answer()
-        logprobs = None
-        if c.logprobs:
-            logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
-                                                 self.model.engine.tokenizer)}
+        logprobs = self._logprobs(c)
         if c.finished:
             self.finish_reasons[i] = c.finish_reason
         if not body and logprobs is None and not c.finished:
@@ -170,29 +137,17 @@ class _Chat:
         return [self._chunk(i, body, logprobs, c.finish_reason)]
 
     def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
-        return sse(self._envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
+        return sse(self.envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
 
-    def _envelope(self, choices: list[dict]) -> dict:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model.name, "system_fingerprint": self.model.fingerprint, "choices": choices}
-        if self.req.stream_options and self.req.stream_options.include_usage:
-            body["usage"] = None
-        return body
-
-    # ---- accounting ------------------------------------------------------------------------------
-
-    def _count(self, c, delta: bool = False) -> None:
+    def _count(self, c: CompletionOutput, delta: bool = False) -> None:
         i = c.index
         self.completion_tokens[i] = self.completion_tokens[i] + len(c.token_ids) if delta else len(c.token_ids)
         # The engine counts thinking in tokens (0 when the output did not open with <think>).
         self.reasoning_tokens[i] = c.num_reasoning_tokens
 
-    def _usage(self) -> dict:
+    def usage(self) -> dict:
         return usage_body(len(self.prompt.token_ids), sum(self.completion_tokens), self.cached,
                           sum(self.reasoning_tokens))
 
-    def _finish(self, cached: int | None = None) -> None:
-        self.cached = self.cached if cached is None else cached
-        self.reported = True
-        self.timer.finish(len(self.prompt.token_ids), sum(self.completion_tokens), sum(self.reasoning_tokens),
-                          self.finish_reasons)
+    def counts(self) -> tuple[int, int, int]:
+        return len(self.prompt.token_ids), sum(self.completion_tokens), sum(self.reasoning_tokens)
