@@ -7,26 +7,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 384
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def write_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ["The quick brown fox jumps over the lazy dog.", "Hello, my name is r1serve.",
-              "Paged attention keeps the KV cache in blocks.", "def f(x):\n    return x * 2\n"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
+from r1serve.bench.random_checkpoint import CHAT_TEMPLATE, DEEPSEEK_V3_TINY, VOCAB, write_deepseek_v3, write_tokenizer  # noqa: F401
 
 
 def make_checkpoint(path: Path, arch: str, shard_size: str | None = None, **overrides) -> Path:
@@ -54,3 +35,36 @@ def make_checkpoint(path: Path, arch: str, shard_size: str | None = None, **over
     model.save_pretrained(path, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {}))
     write_tokenizer(path)
     return path
+
+
+def make_deepseek_v3(path: Path, *, q_lora_rank: int | None = 32, n_group: int = 2, topk_group: int = 1,
+                     first_k_dense_replace: int = 1, yarn: bool = True, mtp: bool = True) -> Path:
+    """A tiny DeepseekV3ForCausalLM with R1's tensor names (see r1serve.bench.random_checkpoint)."""
+    sizes = dict(DEEPSEEK_V3_TINY, q_lora_rank=q_lora_rank, n_group=n_group, topk_group=topk_group,
+                 first_k_dense_replace=first_k_dense_replace)
+    return write_deepseek_v3(path, sizes, yarn=yarn, mtp=mtp)
+
+
+def to_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (32, 32)) -> Path:
+    """R1's FP8 format: every linear weight of attention and MLPs as float8 e4m3 with per-block
+    weight_scale_inv; embeddings, norms, the router and lm_head stay as they are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from r1serve.layers.fp8_block import quantize_fp8_block
+
+    shutil.copytree(src, dst)
+    weights = load_file(src / "model.safetensors")
+    out = {}
+    for name, w in weights.items():
+        if name.endswith("_proj.weight") and ".layers." in name:
+            out[name], out[name + "_scale_inv"] = quantize_fp8_block(w, block)
+        else:
+            out[name] = w
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

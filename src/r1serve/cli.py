@@ -127,14 +127,28 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
-    llm = build_llm(args)
-    e = llm.engine
-    a = e.loaded.arch
-    info = {"architecture": a.architecture, "parameters": e.loaded.num_parameters,
-            "dtype": str(e.loaded.dtype).removeprefix("torch."), "weight_bytes": e.loaded.weight_bytes,
-            "kv_bytes_per_token": e.kv_bytes_per_token, "kv_blocks": e.num_kv_blocks,
-            "max_model_len": e.max_model_len, "platform": e.platform.name}
+    path = Path(args.model).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        print(json.dumps(_config_only_info(path, args), indent=2))
+        return
+    e = build_llm(args).engine
+    info = e.numbers().as_dict() | {"kv_blocks": e.num_kv_blocks, "max_model_len": e.max_model_len,
+                                    "platform": e.platform.name}
     print(json.dumps(info, indent=2))
+
+
+def _config_only_info(path: Path, args) -> dict:
+    """Planning numbers from a config.json alone, no weights needed (R1 before downloading it)."""
+    import torch
+
+    from r1serve.models.planning import numbers_from_config
+
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise R1ServeError(f"{path} is not valid JSON: {e}") from None
+    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+    return numbers_from_config(config, dtype, int(args.kv_cache_memory_gib * 2**30)).as_dict()
 
 
 def cmd_serve(args) -> None:
@@ -160,6 +174,11 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench_command == "random-model":
+        from r1serve.bench.random_checkpoint import main as random_model
+
+        random_model(args)
+        return
     from r1serve.bench.offline import main as bench_offline
 
     bench_offline(args)
@@ -203,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", help="model size, KV bytes per token, context that fits")
+    p = sub.add_parser("info", help="parameters (total, active), weight and KV bytes, context that fits; "
+                                    "a config.json alone is enough")
     add_engine_args(p)
     p.set_defaults(func=cmd_info)
 
@@ -212,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from r1serve.bench.offline import add_args as add_offline_args
 
     add_offline_args(bench.add_parser("offline", help="r1serve vs transformers generate(), same prompts, same run"))
+    rm = bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks")
+    rm.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
+    rm.add_argument("out", help="directory to write")
     p.set_defaults(func=cmd_bench)
     return parser
 

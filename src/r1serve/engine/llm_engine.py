@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one model step at a time, RequestOutputs out."""
 from __future__ import annotations
 
+import logging
 import numbers
 import random
 import time
@@ -16,11 +17,13 @@ from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.models.loader import LoadedModel, load_model
+from r1serve.models.planning import ModelNumbers, numbers_for
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.platforms import get_platform
 from r1serve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
+log = logging.getLogger("r1serve.engine")
 
 
 @dataclass
@@ -49,23 +52,33 @@ class LLMEngine:
         self.loaded: LoadedModel = load_model(model_path, self.platform, config)
         self.tokenizer = self.loaded.tokenizer
         arch = self.loaded.arch
+        self.kv_spec = self.loaded.model.kv_cache_spec()  # per-head K/V, or MLA's one latent per token
         self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
         self.max_model_len = self._max_model_len()
-        shape = (2, self.num_kv_blocks, config.block_size, arch.num_kv_heads, arch.head_dim)
+        shape = self.kv_spec.layer_shape(self.num_kv_blocks, config.block_size)
         kv_caches = [self.platform.zeros(shape, self.loaded.dtype) for _ in range(arch.num_layers)]
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
+        n = self.numbers()
+        log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token, "
+                 "KV cache for %d tokens", arch.architecture, n.parameters, n.active_parameters,
+                 n.weight_bytes / 2**30, n.kv_bytes_per_token, n.max_tokens_in_kv_cache)
         self._parents: dict[str, ParentRequest] = {}
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
 
+    def numbers(self) -> ModelNumbers:
+        """Parameters, active parameters, weight and KV bytes, and the context the cache holds."""
+        lm = self.loaded
+        return numbers_for(lm.model, lm.arch, lm.dtype, self.num_kv_blocks * self.kv_bytes_per_block,
+                           lm.num_parameters, lm.weight_bytes)
+
     @property
     def kv_bytes_per_token(self) -> int:
-        a = self.loaded.arch
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.loaded.dtype.itemsize
+        return self.kv_spec.bytes_per_token(self.loaded.dtype)
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from r1serve.errors import ModelLoadError
+from r1serve.layers.fp8_block import dequantize_fp8_block
 
 
 class HFCheckpoint:
@@ -16,6 +17,7 @@ class HFCheckpoint:
         self.path = path
         self.hf_config = hf_config
         self.shards = shards
+        self.fp8_block = _fp8_block_size(hf_config.get("quantization_config"))
 
     @classmethod
     def open(cls, path: str | Path) -> "HFCheckpoint":
@@ -35,17 +37,52 @@ class HFCheckpoint:
         for shard in self.shards:
             try:
                 with safe_open(str(shard), framework="pt") as f:
+                    names = set(f.keys())
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        if name.endswith("_scale_inv"):
+                            continue  # read with its weight
+                        tensor = f.get_tensor(name)
+                        if tensor.dtype == torch.float8_e4m3fn:
+                            tensor = self._dequantized(name, tensor, f if f"{name}_scale_inv" in names else None)
+                        yield name, tensor
             except Exception as e:  # safetensors raises several types for a damaged file
                 if isinstance(e, ModelLoadError):
                     raise
                 raise ModelLoadError(f"cannot read {shard}: {e}; the file may be truncated or corrupt") from None
 
+    def _dequantized(self, name: str, weight: torch.Tensor, f) -> torch.Tensor:
+        if self.fp8_block is None:
+            raise ModelLoadError(f"{name!r} is stored in FP8 but config.json has no fp8 quantization_config")
+        scale_name = f"{name}_scale_inv"
+        scale = f.get_tensor(scale_name) if f is not None else self._tensor_elsewhere(scale_name)
+        try:
+            return dequantize_fp8_block(weight, scale, self.fp8_block)
+        except ValueError as e:
+            raise ModelLoadError(f"{name!r}: {e}") from None
+
+    def _tensor_elsewhere(self, name: str) -> torch.Tensor:
+        # A scale may sit in another shard than its weight: open just that tensor there.
+        for shard in self.shards:
+            with safe_open(str(shard), framework="pt") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        raise ModelLoadError(f"the checkpoint has no {name!r} for its FP8 weight")
+
     def tokenizer(self):
         from r1serve.tokenizer import Tokenizer
 
         return Tokenizer.from_dir(self.path)
+
+
+def _fp8_block_size(q: dict | None) -> tuple[int, int] | None:
+    """R1's quantization_config: fp8, e4m3, 128x128 weight blocks. Anything else is refused."""
+    if not q:
+        return None
+    method, fmt, block = q.get("quant_method"), q.get("fmt", "e4m3"), q.get("weight_block_size")
+    if method != "fp8" or fmt != "e4m3" or not (isinstance(block, list) and len(block) == 2):
+        raise ModelLoadError(f"quantization_config {q} is not supported; r1serve reads fp8 e4m3 with "
+                             "weight_block_size [b0, b1] (DeepSeek-V3/R1's format)")
+    return int(block[0]), int(block[1])
 
 
 def _find_shards(path: Path) -> list[Path]:

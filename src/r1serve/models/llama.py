@@ -14,6 +14,7 @@ from torch import nn
 from r1serve.errors import ModelLoadError
 from r1serve.layers.attention import AttentionImpl, PagedAttention
 from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, apply_rotary
 from r1serve.models.arch_config import ArchConfig
@@ -106,6 +107,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (B, vocab)
 
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec.key_value(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -119,6 +123,10 @@ class LlamaForCausalLM(nn.Module):
                 self._copy(params[target], tensor, slice_idx, name)
             loaded.add(name)
         self._check_complete(loaded)
+
+    def param_name(self, checkpoint_name: str) -> str:
+        """The parameter a checkpoint tensor is loaded into (q, k and v share qkv_proj's)."""
+        return self._fused_target(checkpoint_name)[0]
 
     def _fused_target(self, name: str) -> tuple[str, int | None]:
         for part, (fused, idx) in self.FUSED.items():

@@ -4,12 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from r1serve.errors import ModelLoadError
+from r1serve.models.deepseek_v3 import DeepseekV3ForCausalLM
 from r1serve.models.llama import LlamaForCausalLM
 from r1serve.models.qwen2 import Qwen2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as Backend
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.tokenizer.chat_template import ChatTemplate
 from r1serve.tokenizer.gguf_tokenizer import read_gguf_tokenizer
+from r1serve.tokenizer.r1_chat_format import builtin_template_for
 
 
 class Tokenizer:
@@ -40,6 +41,8 @@ class Tokenizer:
         named = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
         # What transformers passes to templates as special_tokens_map: the named tokens that exist.
         self._template_tokens = {key: token for key, token in named.items() if token is not None}
+        if chat_template is None:  # R1's own format for R1 checkpoints that ship no template
+            chat_template = builtin_template_for(lambda token: backend.token_to_id(token) is not None)
         self.chat_template = chat_template
         self._chat_template = ChatTemplate(chat_template) if chat_template is not None else None
         self.bos_token_id = self._id_of(bos_token)

@@ -1,0 +1,89 @@
+"""Random-weight checkpoints in HF format (with R1's tensor names), built with transformers:
+the models benchmarks and tests run when the real weights are too big for the machine.
+
+    r1serve bench random-model deepseek-v3 DIR      # the DeepSeek-V3 benchmark entry's model
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# Small enough for a 2-core CPU, big enough that MLA, routing and the expert GEMMs dominate.
+DEEPSEEK_V3_BENCH = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=6,
+                         num_attention_heads=8, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
+                         n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=192, kv_lora_rank=128,
+                         qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+DEEPSEEK_V3_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+
+R1_SPECIAL = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False) -> None:
+    """A byte-level BPE trained on a few sentences: any text encodes. With a ChatML template,
+    or (r1_format) with R1's special tokens and no template, as R1 checkpoints without one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = R1_SPECIAL if r1_format else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Hello, my name is r1serve.",
+              "Paged attention keeps the KV cache in blocks.", "def f(x):\n    return x * 2\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": None, "eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}
+    if r1_format:
+        config = {"bos_token": R1_SPECIAL[1], "eos_token": R1_SPECIAL[0]}
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool = True, seed: int = 0,
+                      r1_tokenizer: bool = False) -> Path:
+    """A random DeepseekV3ForCausalLM saved as R1 saves it (per-expert tensors, a non-zero
+    e_score_correction_bias, YaRN rope, and one multi-token-prediction layer after the last)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0} if yarn else None
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, num_key_value_heads=sizes["num_attention_heads"], max_position_embeddings=1024,
+        rope_parameters=rope, routed_scaling_factor=2.5, norm_topk_prob=True, bos_token_id=None, eos_token_id=0,
+        tie_word_embeddings=False, **sizes)
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate.weight" in name or "experts" in name:
+                p.normal_(0, 0.3)  # the default 0.02 makes every expert nearly the same
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, r1_format=r1_tokenizer)
+    if mtp:
+        layer, hidden = sizes["num_hidden_layers"], sizes["hidden_size"]
+        weights = load_file(path / "model.safetensors")
+        weights[f"model.layers.{layer}.eh_proj.weight"] = torch.zeros(hidden, 2 * hidden)
+        weights[f"model.layers.{layer}.enorm.weight"] = torch.ones(hidden)
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def main(args) -> None:
+    sizes = {"deepseek-v3": DEEPSEEK_V3_BENCH, "deepseek-v3-tiny": DEEPSEEK_V3_TINY}[args.kind]
+    path = write_deepseek_v3(Path(args.out), sizes)
+    print(f"wrote a random {args.kind} checkpoint to {path}")

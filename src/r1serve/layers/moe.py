@@ -1,0 +1,113 @@
+"""DeepSeekMoE: a router picks top-k routed experts per token, shared experts see every token.
+
+Routing as DeepSeek-V3 trains it (noaux_tc): sigmoid scores; a per-expert bias
+(e_score_correction_bias) shifts which experts are *chosen* but not the weights they get;
+choice is limited to the topk_group best of n_group expert groups (a group scores the sum
+of its two best experts); the chosen scores are normalised (norm_topk_prob) and scaled by
+routed_scaling_factor. Older DeepSeek-V2 checkpoints use softmax scores and plain top-k
+("greedy").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1serve.errors import ModelLoadError
+from r1serve.kernels.fused_moe import fused_moe_reference
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+
+    def __post_init__(self) -> None:
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ModelLoadError(f"MoE scoring_func {self.scoring_func!r} is not supported; use sigmoid or softmax")
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            raise ModelLoadError(f"MoE topk_method {self.topk_method!r} is not supported; "
+                                 "use noaux_tc, greedy or group_limited_greedy")
+        if self.n_routed_experts % self.n_group:
+            raise ModelLoadError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up fused
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoERouter(nn.Module):
+    def __init__(self, c: MoEConfig) -> None:
+        super().__init__()
+        self.c = c
+        # float32 whatever the model dtype, as the checkpoint and the reference keep them.
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def init_buffers(self) -> None:
+        # The loader casts the whole model to its dtype; routing stays in float32 (a bf16 bias
+        # of ~1e-3 against scores near 0.5 would change which experts are chosen).
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=torch.float32, device=device))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(self.c.n_routed_experts, dtype=torch.float32,
+                                                                device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (N, hidden) -> weights (N, K) float32, expert ids (N, K)
+        c = self.c
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float() if c.topk_method == "noaux_tc" else scores
+        if c.topk_method != "greedy" and c.n_group > 1:
+            choice = self._limit_groups(choice)
+        ids = torch.topk(choice, k=c.num_experts_per_tok, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, ids
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        c, N = self.c, choice.shape[0]
+        grouped = choice.view(N, c.n_group, -1)  # (N, G, E/G)
+        if c.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, G): the two best experts of each group
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.topk(group_scores, k=c.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+        return grouped.masked_fill(~mask[..., None], float("-inf")).view(N, -1)
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, c: MoEConfig) -> None:
+        super().__init__()
+        self.c = c
+        E, I, Hd = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size
+        self.gate = MoERouter(c)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # experts.{e}.gate_proj / up_proj
+        self.w2 = nn.Parameter(torch.empty(E, Hd, I))  # experts.{e}.down_proj
+        self.shared_experts = DenseMLP(Hd, I * c.n_shared_experts) if c.n_shared_experts else None
+        self.experts_impl = fused_moe_reference  # a platform may swap in a fused kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts_impl(x, self.w13, self.w2, weights, ids)
+        return out if self.shared_experts is None else out + self.shared_experts(x)

@@ -1,0 +1,210 @@
+"""DeepSeek-V3 / R1: multi-head latent attention + DeepSeekMoE, over a flattened paged batch.
+
+Layer i is dense (a plain MLP) for i < first_k_dense_replace, MoE after (every
+moe_layer_freq-th layer). Checkpoint names are R1's own: per-expert
+`mlp.experts.{e}.gate_proj/up_proj/down_proj` are stacked here into w13 / w2, and the
+multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is skipped until
+speculative decoding uses it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from r1serve.errors import ModelLoadError
+from r1serve.layers.attention import AttentionImpl
+from r1serve.layers.kv_cache_spec import KVCacheSpec
+from r1serve.layers.mla import MLAAttention, MLAConfig
+from r1serve.layers.moe import DeepseekMoE, DenseMLP, MoEConfig
+from r1serve.layers.norm import RMSNorm
+from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
+from r1serve.models.arch_config import ArchConfig
+
+log = logging.getLogger("r1serve.models")
+
+
+@dataclass(frozen=True)
+class DeepseekV3Config:
+    arch: ArchConfig
+    mla: MLAConfig
+    moe: MoEConfig
+    first_k_dense_replace: int
+    moe_layer_freq: int
+    num_nextn_predict_layers: int
+
+    @classmethod
+    def from_arch(cls, arch: ArchConfig) -> DeepseekV3Config:
+        raw = arch.raw
+        try:
+            qk_head_dim = raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]
+            mla = MLAConfig(arch.hidden_size, arch.num_heads, raw.get("q_lora_rank"), raw["kv_lora_rank"],
+                            raw["qk_nope_head_dim"], raw["qk_rope_head_dim"], raw["v_head_dim"], arch.rms_norm_eps,
+                            _softmax_scale(qk_head_dim, arch.rope_scaling), bool(raw.get("attention_bias", False)))
+            moe = MoEConfig(arch.hidden_size, raw["moe_intermediate_size"], raw["n_routed_experts"],
+                            raw.get("n_shared_experts") or 0, raw["num_experts_per_tok"], raw.get("n_group") or 1,
+                            raw.get("topk_group") or 1, bool(raw.get("norm_topk_prob", False)),
+                            float(raw.get("routed_scaling_factor", 1.0)), raw.get("scoring_func", "sigmoid"),
+                            raw.get("topk_method", "noaux_tc"))
+        except KeyError as e:
+            raise ModelLoadError(f"a deepseek_v3 config.json needs {e.args[0]!r}") from None
+        return cls(arch, mla, moe, raw.get("first_k_dense_replace", 0), raw.get("moe_layer_freq", 1),
+                   raw.get("num_nextn_predict_layers", 0))
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    def active_parameters(self, total: int) -> int:
+        """Parameters one token uses: all but the routed experts it is not sent to."""
+        m = self.moe
+        per_expert = 3 * m.hidden_size * m.moe_intermediate_size
+        moe_layers = sum(self.is_moe_layer(i) for i in range(self.arch.num_layers))
+        return total - moe_layers * (m.n_routed_experts - m.num_experts_per_tok) * per_expert
+
+
+def _softmax_scale(qk_head_dim: int, scaling: dict | None) -> float:
+    # YaRN lengthens the context by stretching positions; the logits are sharpened back by
+    # mscale^2 (DeepSeek-V2, appendix; mscale_all_dim applies to the whole head).
+    scale = qk_head_dim ** -0.5
+    if scaling and scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+    return scale
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, c: DeepseekV3Config, i: int) -> None:
+        super().__init__()
+        a = c.arch
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = MLAAttention(c.mla)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = DeepseekMoE(c.moe) if c.is_moe_layer(i) else DenseMLP(a.hidden_size, a.intermediate_size)
+
+    def forward(self, rope, x, residual, kv_cache, meta):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, c: DeepseekV3Config) -> None:
+        super().__init__()
+        a = c.arch
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.rotary = RotaryEmbedding(c.mla.qk_rope_head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        x, residual = self.embed_tokens(input_ids), None  # (N, hidden)
+        rope = self.rotary(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(rope, x, residual, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, arch: ArchConfig, attn_impl: AttentionImpl | None = None) -> None:
+        super().__init__()
+        self.cfg = arch
+        self.config = DeepseekV3Config.from_arch(arch)
+        self.model = DeepseekV3Model(self.config)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (B, vocab)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec.latent(self.cfg.num_layers, self.config.mla.latent_dim)
+
+    def active_parameters(self, total: int) -> int:
+        return self.config.active_parameters(total)
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded, skipped = set(), 0
+        for name, tensor in weights:
+            if self._is_mtp(name):
+                skipped += 1
+                continue
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                continue
+            target = self._place(name, params)
+            if target.shape != tensor.shape:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(name)
+        if skipped:
+            log.info("skipped %d multi-token-prediction tensors (used later by speculative decoding)", skipped)
+        self._check_complete(loaded)
+        for layer in self.model.layers:
+            layer.self_attn.absorb_weights()
+
+    def _is_mtp(self, name: str) -> bool:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return m is not None and int(m.group(1)) >= self.cfg.num_layers
+
+    def param_name(self, checkpoint_name: str) -> str:
+        """The parameter a checkpoint tensor is loaded into."""
+        m = _EXPERT.search(checkpoint_name)
+        if m:
+            stacked = "w2" if m.group(2) == "down_proj" else "w13"
+            return checkpoint_name[:m.start()] + f".mlp.{stacked}"
+        for part, (fused, _) in _FUSED.items():
+            if f".{part}." in checkpoint_name:
+                return checkpoint_name.replace(f".{part}.", f".{fused}.")
+        return checkpoint_name
+
+    def _place(self, name: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The slice of a parameter a checkpoint tensor fills."""
+        target = self.param_name(name)
+        if target not in params:
+            raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+        param = params[target]
+        m = _EXPERT.search(name)
+        if m:
+            expert = param[int(m.group(1))]  # (2I, hidden) or (hidden, I)
+            return expert if m.group(2) == "down_proj" else expert.chunk(2, dim=0)[m.group(2) == "up_proj"]
+        for part, (_, idx) in _FUSED.items():
+            if f".{part}." in name:
+                return param.chunk(2, dim=0)[idx]
+        return param
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        c = self.config
+        expected = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not self.cfg.tie_word_embeddings:
+            expected.add("lm_head.weight")
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}"
+            expected |= {f"{p}.self_attn.kv_a_proj_with_mqa.weight", f"{p}.self_attn.kv_b_proj.weight",
+                         f"{p}.self_attn.o_proj.weight"}
+            if c.is_moe_layer(i):
+                expected |= {f"{p}.mlp.gate.weight"}
+                expected |= {f"{p}.mlp.experts.{e}.{w}.weight" for e in range(c.moe.n_routed_experts)
+                             for w in ("gate_proj", "up_proj", "down_proj")}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
