@@ -115,13 +115,17 @@ def test_info_prints_model_facts_as_json(capsys, tiny):
     with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
         n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     kv_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32
+    blocks = int(KV_GIB * 2**30 // (kv_per_token * 16))
     assert info == {
         "architecture": "LlamaForCausalLM",
         "parameters": n_params,
+        "active_parameters": n_params,  # dense: every parameter works on every token
         "dtype": "float32",
         "weight_bytes": 4 * n_params,
         "kv_bytes_per_token": kv_per_token,
-        "kv_blocks": int(KV_GIB * 2**30 // (kv_per_token * 16)),
+        "kv_cache_bytes": blocks * 16 * kv_per_token,
+        "max_tokens_in_kv_cache": blocks * 16,
+        "kv_blocks": blocks,
         "max_model_len": 512,
         "platform": info["platform"],
     }

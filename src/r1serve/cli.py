@@ -1,4 +1,4 @@
-"""`r1serve pull | generate | chat | serve | info | bench`."""
+"""`r1serve pull | generate | chat | serve | keys | usage | info | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,11 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--int8-small-batch", default="auto", choices=["auto", "on", "off"],
                    help="int8 weight copies for small decode batches on the CPU (auto: on for GGUF models)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, help="key and usage database: sqlite:///FILE (default: r1serve.db in the "
+                                             "data directory) or postgresql+psycopg://USER:PASS@HOST/DB")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -167,10 +172,79 @@ def cmd_serve(args) -> None:
                             EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)),
                             args.reasoning_parser)
                   for name, model in zip(names, args.model))
-    config = ServerConfig(specs, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+    config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
+                          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
     code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level)
     if code:
         raise SystemExit(code)
+
+
+def db_url_from(args) -> str:
+    """--db, or a SQLite file in the data directory."""
+    if args.db:
+        return args.db
+    path = cache_dir_from(args) / "r1serve.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _access(args):
+    from r1serve.server.access import Access
+
+    return Access(db_url_from(args))
+
+
+def _limit(value: str | None) -> int | None:
+    # "none" removes a limit on update; a number sets it.
+    if value is None or value.lower() in ("none", "unlimited"):
+        return None
+    if not value.isdigit():
+        raise R1ServeError(f"{value!r} is not a limit; give a whole number >= 0, or 'none'")
+    return int(value)
+
+
+def cmd_keys(args) -> None:
+    access = _access(args)
+    if args.keys_command == "create":
+        info, secret = access.keys.create(args.name, _limit(args.quota_tokens), _limit(args.rpm), _limit(args.tpm),
+                                          args.admin)
+        if args.json:
+            print(json.dumps(info.public() | {"key": secret}))
+        else:
+            print(f"created {info.id} ({info.name}). The secret is shown only now; keep it safe:\n{secret}")
+        return
+    if args.keys_command == "list":
+        keys = [k.public() for k in access.keys.list(args.all)]
+        if args.json:
+            print(json.dumps(keys, indent=2))
+            return
+        print(f"{'id':18} {'name':16} {'admin':5} {'quota':>12} {'used':>12} {'rpm':>6} {'tpm':>9} revoked")
+        for k in keys:
+            print(f"{k['id']:18} {k['name'][:16]:16} {str(k['is_admin']):5} {str(k['quota_tokens']):>12} "
+                  f"{k['used_tokens']:>12} {str(k['rpm']):>6} {str(k['tpm']):>9} {k['revoked']}")
+        return
+    if args.keys_command == "revoke":
+        print(json.dumps(access.keys.revoke(args.key_id).public()))
+        return
+    limits = {name: _limit(getattr(args, name)) for name in ("quota_tokens", "rpm", "tpm")
+              if getattr(args, name) is not None}
+    print(json.dumps(access.keys.update(args.key_id, **limits).public()))
+
+
+def cmd_usage(args) -> None:
+    import datetime as dt
+
+    access = _access(args)
+    since = dt.date.fromisoformat(args.since) if args.since else None
+    by = {"day": ("day",), "model": ("model",), "key": ("key",)}[args.by]
+    rows = access.ledger.summary(args.key, since, None, by)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{args.by:24} {'requests':>9} {'prompt':>10} {'cached':>9} {'completion':>11} {'reasoning':>10} {'charged':>10}")
+    for r in rows:
+        print(f"{str(r[args.by]):24} {r['requests']:>9} {r['prompt_tokens']:>10} {r['cached_tokens']:>9} "
+              f"{r['completion_tokens']:>11} {r['reasoning_tokens']:>10} {r['charged_tokens']:>10}")
 
 
 def cmd_bench(args) -> None:
@@ -220,7 +294,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_db_arg(p)
+    p.add_argument("--cached-token-weight", type=float, default=0.25,
+                   help="what one prefix-cache-hit prompt token counts against a quota (default 0.25)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="API keys: create, list, revoke, update")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="a new key; its secret is printed once")
+    k.add_argument("--name", required=True)
+    k.add_argument("--quota-tokens", default=None, help="token allowance (default: unlimited)")
+    k.add_argument("--rpm", default=None, help="requests per minute (default: unlimited)")
+    k.add_argument("--tpm", default=None, help="tokens per minute (default: unlimited)")
+    k.add_argument("--admin", action="store_true", help="may manage keys and see everyone's usage over HTTP")
+    k.add_argument("--json", action="store_true", help='print {"id": ..., "key": "sk-..."} for scripts')
+    k = keys.add_parser("list")
+    k.add_argument("--all", action="store_true", help="include revoked keys")
+    k.add_argument("--json", action="store_true")
+    k = keys.add_parser("revoke")
+    k.add_argument("key_id")
+    k = keys.add_parser("update", help="change limits; 'none' removes one")
+    k.add_argument("key_id")
+    k.add_argument("--quota-tokens", default=None)
+    k.add_argument("--rpm", default=None)
+    k.add_argument("--tpm", default=None)
+    for k in keys.choices.values():
+        add_db_arg(k)
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("usage", help="the usage ledger, summed by day, model or key")
+    p.add_argument("--key", default=None, help="one key's usage")
+    p.add_argument("--since", default=None, help="YYYY-MM-DD")
+    p.add_argument("--by", default="day", choices=["day", "model", "key"])
+    p.add_argument("--json", action="store_true")
+    add_db_arg(p)
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("info", help="parameters (total, active), weight and KV bytes, context that fits; "
                                     "a config.json alone is enough")

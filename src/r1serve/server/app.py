@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
+from r1serve.server.access import Access, Principal
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
+from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
@@ -32,6 +36,8 @@ log = logging.getLogger("r1serve.server")
 @dataclass(frozen=True)
 class ServerConfig:
     models: tuple[ModelSpec, ...]
+    db_url: str  # the key and usage database (sqlite:///FILE or postgresql+psycopg://…)
+    cached_token_weight: float = 0.25  # what a prefix-cache hit costs against a quota, per token
     max_waiting: int = 256  # requests queued beyond the running batch before 429
     max_body_bytes: int = 16 * 2**20
     retry_after_s: int = 1
@@ -46,6 +52,7 @@ class ServerConfig:
 class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
+    access: Access
     on_fatal: Callable[[], None]
     models: dict[str, ServedModel] = field(default_factory=dict)
     load_error: str | None = None
@@ -71,6 +78,7 @@ class ServerState:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(m.engine.shutdown() for m in self.models.values()))
+        await self.access.drain()
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names, ready to take it (or the APIError saying why not)."""
@@ -101,7 +109,11 @@ class ServerState:
 
 
 def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None) -> FastAPI:
-    state = ServerState(config, None, on_fatal)  # type: ignore[arg-type]
+    access = Access(config.db_url, config.cached_token_weight)
+    if access.is_open:
+        log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. "
+                    "Create one with `r1serve keys create --name NAME` to require keys.")
+    state = ServerState(config, None, access, on_fatal)  # type: ignore[arg-type]
     state.metrics = ServerMetrics(state.snapshots)
 
     @asynccontextmanager
@@ -116,10 +128,17 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     install_error_handlers(app)
     _add_routes(app, state)
+    add_platform_routes(app, state.access)
+    # The playground and usage dashboard: plain files, no build step.
+    app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
     return app
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui/")
+
     @app.get("/health")
     async def health():
         if state.load_error:
@@ -130,13 +149,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(state.access.principal)])
     async def list_models():
         data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
                  "max_model_len": m.engine.max_model_len} for m in state.models.values()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(state.access.principal)])
     async def get_model(name: str):
         known = [m.name for m in state.config.models]
         if name not in state.models:
@@ -147,19 +166,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
                 "max_model_len": m.engine.max_model_len}
 
+    caller = Depends(state.access.principal)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    async def chat_completions(req: ChatCompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
-        return await _engine_call(create_chat_completion(served, req, raw))
+        return await _engine_call(create_chat_completion(served, req, raw, state.access, principal))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request):
+    async def completions(req: CompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
-        return await _engine_call(create_completion(served, req, raw))
+        return await _engine_call(create_completion(served, req, raw, state.access, principal))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", dependencies=[Depends(state.access.principal)])
     async def tokenize(req: TokenizeRequest):
         served = state.model(req.model)
         tok = served.engine.tokenizer
@@ -170,7 +191,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": served.engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", dependencies=[Depends(state.access.principal)])
     async def detokenize(req: DetokenizeRequest):
         served = state.model(req.model)
         vocab = served.engine.vocab_size

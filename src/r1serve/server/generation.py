@@ -68,8 +68,9 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
 
 
 async def start_requests(engine: AsyncEngine, ids: list[str], prompts: list[PromptInput],
-                         params: SamplingParams) -> list[RequestStream]:
-    """Add every request or none (a rejected one aborts those already added)."""
+                         params: SamplingParams, meter) -> list[RequestStream]:
+    """Add every request or none (a rejected one aborts those already added and drops the
+    meter's quota hold: a request that never ran costs nothing)."""
     streams: list[RequestStream] = []
     try:
         for rid, prompt in zip(ids, prompts):
@@ -77,6 +78,7 @@ async def start_requests(engine: AsyncEngine, ids: list[str], prompts: list[Prom
     except BaseException:
         for s in streams:
             s.abort()
+        await meter.release()
         raise
     return streams
 

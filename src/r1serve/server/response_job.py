@@ -1,15 +1,18 @@
 """One API request from engine outputs to the client: the part chat and completions share.
 
 A job turns the RequestOutputs of its engine requests into either one JSON body or a
-stream of SSE chunks, and reports its tokens and timings to the metrics exactly once,
-whether it finished, failed, or the client left.
+stream of SSE chunks, and reports its tokens and timings exactly once, whether it
+finished, failed, or the client left: to the metrics, and to the usage ledger before the
+response ends (so a crash after the client has its answer loses no row).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from r1serve.engine.async_engine import RequestStream
 from r1serve.outputs import RequestOutput
+from r1serve.server.access import Meter
 from r1serve.server.errors import APIError
 from r1serve.server.generation import SSE_DONE, engine_failed, merged, sse
 from r1serve.server.metrics import RequestTimer
@@ -21,8 +24,9 @@ class ResponseJob:
     object_name = ""  # "chat.completion" / "text_completion"
     chunk_object_name = ""
 
-    def __init__(self, model: ServedModel, req: SamplingFields, request_id: str, num_choices: int) -> None:
-        self.model, self.req, self.id = model, req, request_id
+    def __init__(self, model: ServedModel, req: SamplingFields, request_id: str, num_choices: int,
+                 meter: Meter) -> None:
+        self.model, self.req, self.id, self.meter = model, req, request_id, meter
         self.created = now()
         self.timer = RequestTimer(model.metrics, model.name)
         self.finish_reasons: list[str | None] = [None] * num_choices
@@ -43,22 +47,30 @@ class ResponseJob:
     def usage(self) -> dict:
         raise NotImplementedError
 
-    def counts(self) -> tuple[int, int, int]:
-        """(prompt, completion, reasoning) tokens so far."""
+    def counts(self) -> tuple[int, int, int, int]:
+        """(prompt, cached, completion, reasoning) tokens so far."""
         raise NotImplementedError
 
     # The shared part.
 
     async def full(self, streams: list[RequestStream]) -> dict:
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merged(streams):
-            self.timer.on_tokens(out.metrics, streamed=False)
-            finals[i] = out
+        try:
+            async for i, out in merged(streams):
+                self.timer.on_tokens(out.metrics, streamed=False)
+                finals[i] = out
+        except asyncio.CancelledError:  # the client left before the answer was ready
+            self.meter.access.in_background(self.report("aborted"))
+            raise
         ordered = [finals[i] for i in range(len(streams))]
-        for out in ordered:
-            engine_failed(out)
+        try:
+            for out in ordered:
+                engine_failed(out)
+        except APIError:
+            await self.report("error")
+            raise
         choices = self.choices(ordered)
-        self.report()
+        await self.report("ok")
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model.name,
                 "choices": choices, "usage": self.usage(), "system_fingerprint": self.model.fingerprint}
 
@@ -72,15 +84,16 @@ class ResponseJob:
                     self.timer.on_tokens(out.metrics, streamed=True)
                 for event in self.on_output(i, out):
                     yield event
-            self.report()
+            await self.report("ok")
             if self.include_usage:
                 yield sse(self.envelope([]) | {"usage": self.usage()})
         except APIError as exc:
+            await self.report("error")
             yield sse(exc.body())
         finally:
-            if not self.reported:  # the client left (or the request failed): still counted, as aborted
+            if not self.reported:  # the client left: still counted, as aborted
                 self.finish_reasons = [r or "abort" for r in self.finish_reasons]
-                self.report()
+                self.meter.access.in_background(self.report("aborted"))
         yield SSE_DONE
 
     @property
@@ -94,6 +107,10 @@ class ResponseJob:
             body["usage"] = None  # as OpenAI: every chunk has the key, only the last a value
         return body
 
-    def report(self) -> None:
+    async def report(self, status: str) -> None:
+        if self.reported:
+            return
         self.reported = True
-        self.timer.finish(*self.counts(), self.finish_reasons)
+        prompt, cached, completion, reasoning = self.counts()
+        self.timer.finish(prompt, completion, reasoning, self.finish_reasons)
+        await self.meter.settle(prompt, cached, completion, reasoning, status)

@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
+from r1serve.server.access import Access, Meter, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.generation import (PromptInput, chat_logprobs, check_context, sampling_params, sse,
                                        start_requests, until_disconnect)
@@ -59,15 +60,19 @@ def reasoning_spec(model: ServedModel, req: ChatCompletionRequest, prompt: Promp
                          open_at_start=prompt.text.rstrip().endswith(START), max_tokens=req.max_reasoning_tokens)
 
 
-async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest, raw: HTTPRequest):
+async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest, raw: HTTPRequest,
+                                 access: Access, principal: Principal):
     engine = model.engine
     prompt = chat_prompt(model, req)
     max_tokens = check_context(len(prompt.token_ids), req.completion_limit, engine.max_model_len, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else None
     spec = reasoning_spec(model, req, prompt)
     params = sampling_params(req, max_tokens, k, spec)
-    chat = _Chat(model, req, new_id("chatcmpl"), prompt, spec)
-    streams = await start_requests(engine, [chat.id], [prompt], params)
+    request_id = new_id("chatcmpl")
+    meter = access.meter(principal, model.name, request_id)
+    await meter.admit(len(prompt.token_ids) + req.n * max_tokens)  # the worst case, held against the quota
+    chat = _Chat(model, req, request_id, prompt, spec, meter)
+    streams = await start_requests(engine, [chat.id], [prompt], params, meter)
     if req.stream:
         return StreamingResponse(chat.events(streams), media_type="text/event-stream")
     return JSONResponse(await until_disconnect(raw, chat.full(streams)))
@@ -77,8 +82,8 @@ class _Chat(ResponseJob):
     object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: ServedModel, req: ChatCompletionRequest, request_id: str, prompt: PromptInput,
-                 spec: ReasoningSpec | None) -> None:
-        super().__init__(model, req, request_id, req.n)
+                 spec: ReasoningSpec | None, meter: Meter) -> None:
+        super().__init__(model, req, request_id, req.n, meter)
         self.prompt, self.spec = prompt, spec
         self.splitters = [ReasoningSplitter(spec.open_at_start) for _ in range(req.n)] if spec else None
         self.completion_tokens = [0] * req.n
@@ -149,5 +154,5 @@ class _Chat(ResponseJob):
         return usage_body(len(self.prompt.token_ids), sum(self.completion_tokens), self.cached,
                           sum(self.reasoning_tokens))
 
-    def counts(self) -> tuple[int, int, int]:
-        return len(self.prompt.token_ids), sum(self.completion_tokens), sum(self.reasoning_tokens)
+    def counts(self) -> tuple[int, int, int, int]:
+        return len(self.prompt.token_ids), self.cached, sum(self.completion_tokens), sum(self.reasoning_tokens)

@@ -9,6 +9,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
+from r1serve.server.access import Access, Meter, Principal
 from r1serve.server.generation import (PromptInput, check_context, completion_logprobs, sampling_params, sse,
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import CompletionRequest, new_id, usage_body
@@ -22,14 +23,18 @@ def completion_prompts(model: ServedModel, req: CompletionRequest) -> list[Promp
             for p in req.prompts()]
 
 
-async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTTPRequest):
+async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTTPRequest, access: Access,
+                            principal: Principal):
     engine = model.engine
     prompts = completion_prompts(model, req)
     max_tokens = min(check_context(len(p.token_ids), req.max_tokens, engine.max_model_len, "prompt") for p in prompts)
     params = sampling_params(req, max_tokens, req.logprobs)
-    job = _Completion(model, req, new_id("cmpl"), prompts)
+    request_id = new_id("cmpl")
+    meter = access.meter(principal, model.name, request_id)
+    await meter.admit(sum(len(p.token_ids) + req.n * max_tokens for p in prompts))  # the worst case
+    job = _Completion(model, req, request_id, prompts, meter)
     ids = [job.id] if len(prompts) == 1 else [f"{job.id}-{i}" for i in range(len(prompts))]
-    streams = await start_requests(engine, ids, prompts, params)
+    streams = await start_requests(engine, ids, prompts, params, meter)
     if req.stream:
         return StreamingResponse(job.events(streams), media_type="text/event-stream")
     return JSONResponse(await until_disconnect(raw, job.full(streams)))
@@ -38,8 +43,9 @@ async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTT
 class _Completion(ResponseJob):
     object_name = chunk_object_name = "text_completion"
 
-    def __init__(self, model: ServedModel, req: CompletionRequest, request_id: str, prompts: list[PromptInput]) -> None:
-        super().__init__(model, req, request_id, len(prompts) * req.n)
+    def __init__(self, model: ServedModel, req: CompletionRequest, request_id: str, prompts: list[PromptInput],
+                 meter: Meter) -> None:
+        super().__init__(model, req, request_id, len(prompts) * req.n, meter)
         self.prompts = prompts
         slots = len(prompts) * req.n
         self.completion_tokens = [0] * slots
@@ -76,8 +82,8 @@ class _Completion(ResponseJob):
                 if c.text or c.token_ids or c.finished]
 
     def usage(self) -> dict:
-        prompt_tokens, completion_tokens, _ = self.counts()
-        return usage_body(prompt_tokens, completion_tokens, sum(self.cached), 0)
+        prompt_tokens, cached, completion_tokens, _ = self.counts()
+        return usage_body(prompt_tokens, completion_tokens, cached, 0)
 
-    def counts(self) -> tuple[int, int, int]:
-        return sum(len(p.token_ids) for p in self.prompts), sum(self.completion_tokens), 0
+    def counts(self) -> tuple[int, int, int, int]:
+        return sum(len(p.token_ids) for p in self.prompts), sum(self.cached), sum(self.completion_tokens), 0

@@ -1,0 +1,109 @@
+"""The usage ledger: one row per request, and the per-key quota counters beside it.
+
+A request reserves its worst case (prompt + n x max_tokens) before it runs, in one
+conditional UPDATE, so concurrent requests on a key, on one server or several sharing a
+PostgreSQL database, can never together be admitted past the quota. When it ends, one
+transaction writes its ledger row, charges what it really used and releases the
+reservation; the response is sent only after that commit.
+
+Charged tokens = uncached prompt tokens + cached prompt tokens x `cached_weight` (0.25 by
+default: a prefix-cache hit costs the server far less, as DeepSeek prices it) + completion
+tokens (reasoning included), rounded up.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import asdict, dataclass
+
+import sqlalchemy as sa
+
+from r1serve.server.db import api_keys, usage_ledger, utcnow
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    key_id: str | None
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    latency_ms: int
+    status: str  # "ok" | "aborted" | "error"
+
+
+USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens",
+                 "total_tokens", "charged_tokens")
+
+
+class Ledger:
+    def __init__(self, engine: sa.Engine, cached_weight: float = 0.25) -> None:
+        self.engine = engine
+        self.cached_weight = cached_weight
+
+    def charge(self, r: UsageRecord) -> int:
+        return math.ceil(r.prompt_tokens - r.cached_tokens + r.cached_tokens * self.cached_weight + r.completion_tokens)
+
+    def reserve(self, key_id: str, tokens: int) -> bool:
+        """Hold `tokens` of the key's quota if they fit next to what is used and held already."""
+        k = api_keys.c
+        fits = sa.or_(k.quota_tokens.is_(None), k.used_tokens + k.reserved_tokens + tokens <= k.quota_tokens)
+        with self.engine.begin() as conn:
+            done = conn.execute(api_keys.update().where(k.id == key_id, fits)
+                                .values(reserved_tokens=k.reserved_tokens + tokens))
+        return done.rowcount == 1
+
+    def release(self, key_id: str, tokens: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(api_keys.update().where(api_keys.c.id == key_id)
+                         .values(reserved_tokens=api_keys.c.reserved_tokens - tokens))
+
+    def settle(self, record: UsageRecord, reserved: int) -> int:
+        """Write the row, charge the key, release its reservation: one transaction. Returns the charge."""
+        charged = self.charge(record)
+        with self.engine.begin() as conn:
+            conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, created_at=utcnow()))
+            if record.key_id is not None:
+                k = api_keys.c
+                conn.execute(api_keys.update().where(k.id == record.key_id).values(
+                    used_tokens=k.used_tokens + charged, reserved_tokens=k.reserved_tokens - reserved))
+        return charged
+
+    def clear_reservations(self) -> None:
+        """At the start of a server that owns its database (SQLite): holds left by a crash go."""
+        with self.engine.begin() as conn:
+            conn.execute(api_keys.update().where(api_keys.c.reserved_tokens != 0).values(reserved_tokens=0))
+
+    def summary(self, key_id: str | None = None, since: dt.date | None = None, until: dt.date | None = None,
+                by: tuple[str, ...] = ("day", "model")) -> list[dict]:
+        """Usage summed per group (any of day, model, key), oldest first."""
+        u = usage_ledger.c
+        groups = {"day": self._day(u.created_at).label("day"), "model": u.model.label("model"),
+                  "key": u.key_id.label("key")}
+        cols = [groups[g] for g in by]
+        sums = [sa.func.count().label("requests")] + [sa.func.coalesce(sa.func.sum(getattr(u, c)), 0).label(c) for c in
+                                                      ("prompt_tokens", "cached_tokens", "completion_tokens",
+                                                       "reasoning_tokens", "charged_tokens")]
+        query = sa.select(*cols, *sums).group_by(*cols).order_by(*cols)
+        if key_id is not None:
+            query = query.where(u.key_id == key_id)
+        if since is not None:
+            query = query.where(u.created_at >= dt.datetime.combine(since, dt.time(), dt.timezone.utc))
+        if until is not None:
+            query = query.where(u.created_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time(),
+                                                                   dt.timezone.utc))
+        with self.engine.begin() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for r in rows:
+            r["day"] = str(r["day"]) if "day" in r else None
+            r["total_tokens"] = r["prompt_tokens"] + r["completion_tokens"]
+            for c in USAGE_COLUMNS:
+                r[c] = int(r[c])
+        return rows
+
+    def _day(self, column):
+        if self.engine.dialect.name == "postgresql":
+            return sa.func.date(sa.func.timezone("UTC", column))
+        return sa.func.date(column)  # SQLite stores the UTC time as text: date() takes its day

@@ -1,0 +1,103 @@
+"""Key management (admin keys only) and usage views.
+
+    GET    /v1/usage                  the caller's own usage (everything, on an open server)
+    POST   /v1/admin/keys             create a key; the secret is in this response only
+    GET    /v1/admin/keys             list keys
+    PATCH  /v1/admin/keys/{id}        change quota_tokens / rpm / tpm (null removes a limit)
+    DELETE /v1/admin/keys/{id}        revoke
+    GET    /v1/admin/usage            everyone's usage, by day / model / key
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from fastapi import Depends, FastAPI, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from r1serve.errors import InvalidRequestError
+from r1serve.server.access import Access, Principal
+from r1serve.server.errors import APIError
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    quota_tokens: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    admin: bool = False
+
+
+class KeyLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quota_tokens: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+
+
+def _date(value: str | None, name: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise APIError(400, f"{name}={value!r} is not a date; use YYYY-MM-DD", param=name) from None
+
+
+def _grouping(by: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in by.split(",") if g.strip())
+    if not groups or any(g not in ("day", "model", "key") for g in groups):
+        raise APIError(400, f"by={by!r}: group by any of day, model, key (comma-separated)", param="by")
+    return groups
+
+
+def add_platform_routes(app: FastAPI, access: Access) -> None:
+    async def admin(principal: Principal = Depends(access.principal)) -> Principal:
+        if principal.key is None:
+            raise APIError(403, "key management needs an admin key; this server has none yet: create one on the "
+                                "host with `r1serve keys create --name admin --admin`", code="admin_required")
+        if not principal.is_admin:
+            raise APIError(403, "this endpoint needs an admin key", code="admin_required")
+        return principal
+
+    @app.get("/v1/usage")
+    async def own_usage(since: str | None = None, until: str | None = None,
+                        principal: Principal = Depends(access.principal)):
+        start, end = _date(since, "since"), _date(until, "until")
+        key = await asyncio.to_thread(access.keys.get, principal.key_id) if principal.key else None
+        rows = await asyncio.to_thread(access.ledger.summary, principal.key_id, start, end, ("day", "model"))
+        return {"object": "usage", "key": None if key is None else key.public(), "data": rows}
+
+    @app.post("/v1/admin/keys", status_code=201, dependencies=[Depends(admin)])
+    async def create_key(body: NewKey):
+        info, secret = await asyncio.to_thread(access.keys.create, body.name, body.quota_tokens, body.rpm,
+                                               body.tpm, body.admin)
+        return info.public() | {"key": secret}
+
+    @app.get("/v1/admin/keys", dependencies=[Depends(admin)])
+    async def list_keys(include_revoked: bool = False):
+        keys = await asyncio.to_thread(access.keys.list, include_revoked)
+        return {"object": "list", "data": [k.public() for k in keys]}
+
+    @app.patch("/v1/admin/keys/{key_id}", dependencies=[Depends(admin)])
+    async def update_key(key_id: str, body: KeyLimits):
+        return (await _key_call(access.keys.update, key_id, **body.model_dump(exclude_unset=True))).public()
+
+    @app.delete("/v1/admin/keys/{key_id}", dependencies=[Depends(admin)])
+    async def revoke_key(key_id: str):
+        return (await _key_call(access.keys.revoke, key_id)).public()
+
+    @app.get("/v1/admin/usage", dependencies=[Depends(admin)])
+    async def all_usage(key_id: str | None = None, since: str | None = None, until: str | None = None,
+                        by: str = Query("day,model")):
+        rows = await asyncio.to_thread(access.ledger.summary, key_id, _date(since, "since"), _date(until, "until"),
+                                       _grouping(by))
+        return {"object": "usage", "data": rows}
+
+
+async def _key_call(fn, key_id: str, **kw):
+    try:
+        return await asyncio.to_thread(fn, key_id, **kw)
+    except InvalidRequestError as e:
+        raise APIError(404, str(e), param="key_id", code="key_not_found") from None

@@ -1,0 +1,231 @@
+"""The platform layer against real server processes: keys, quotas, rate limits, the ledger
+(SQLite, and PostgreSQL when one is available), driven through the CLI and the HTTP API."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from server_process import ServerProcess
+
+PROMPT = {"prompt": [5, 17, 42, 99, 3, 250, 7], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+WORST = len(PROMPT["prompt"]) + PROMPT["max_tokens"]  # what one request holds against a quota
+
+
+def cli(*args: str, db: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "r1serve.cli", *args, "--db", db], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def new_key(db: str, name: str, *flags: str) -> dict:
+    return json.loads(cli("keys", "create", "--name", name, "--json", *flags, db=db))
+
+
+def complete(server, key: str | None, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.base + "/v1/completions", json={"model": "tiny", **PROMPT, **kw}, headers=headers,
+                      timeout=120)
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture()
+def db(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'platform.db'}"
+
+
+def serve_tiny(tiny, tmp_path, db: str, name: str = "server") -> ServerProcess:
+    log = tmp_path / name / "server.log"
+    log.parent.mkdir(exist_ok=True)
+    return ServerProcess([str(tiny), "--served-model-name", "tiny", "--dtype", "float32", "--threads", "1",
+                          "--max-num-seqs", "8"], log, db=db)
+
+
+def test_key_lifecycle(tiny, tmp_path, db):
+    admin = new_key(db, "admin", "--admin")
+    alice = new_key(db, "alice", "--quota-tokens", "100000")
+    assert alice["key"].startswith("sk-") and len(alice["key"]) > 40 and alice["quota_tokens"] == 100000
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        assert complete(server, alice["key"]).status_code == 200
+        for bad in (None, "sk-wrong", alice["key"] + "x"):
+            r = complete(server, bad)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        # Admin endpoints refuse user keys.
+        r = httpx.get(server.base + "/v1/admin/keys", headers=bearer(alice["key"]), timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+        # The admin key manages keys over HTTP.
+        r = httpx.post(server.base + "/v1/admin/keys", json={"name": "bob", "rpm": 100}, headers=bearer(admin["key"]),
+                       timeout=30)
+        assert r.status_code == 201
+        bob = r.json()
+        assert complete(server, bob["key"]).status_code == 200
+        listed = httpx.get(server.base + "/v1/admin/keys", headers=bearer(admin["key"]), timeout=30).json()["data"]
+        assert {k["name"] for k in listed} == {"admin", "alice", "bob"} and all("key" not in k for k in listed)
+        r = httpx.patch(server.base + f"/v1/admin/keys/{bob['id']}", json={"quota_tokens": 5},
+                        headers=bearer(admin["key"]), timeout=30)
+        assert r.json()["quota_tokens"] == 5
+        assert httpx.delete(server.base + f"/v1/admin/keys/{bob['id']}", headers=bearer(admin["key"]),
+                            timeout=30).json()["revoked"]
+        assert complete(server, bob["key"]).status_code == 401
+        # Revoked from the CLI on the host: refused at the next request.
+        cli("keys", "revoke", alice["id"], db=db)
+        assert complete(server, alice["key"]).status_code == 401
+        usage = httpx.get(server.base + "/v1/admin/usage?by=key", headers=bearer(admin["key"]), timeout=30).json()
+        assert {r["key"]: r["requests"] for r in usage["data"]} == {alice["id"]: 1, bob["id"]: 1}
+    finally:
+        server.stop()
+    listed = cli("keys", "list", "--all", db=db)
+    assert "alice" in listed and alice["key"] not in listed
+    # Nothing on disk holds a secret, only hashes.
+    files = list(tmp_path.glob("platform.db*"))
+    raw = b"".join(f.read_bytes() for f in files)
+    for secret in (admin["key"], alice["key"], bob["key"]):
+        assert secret.encode() not in raw and secret[3:].encode() not in raw
+
+
+def test_open_server_needs_no_key_and_admin_routes_stay_closed(tiny, tmp_path, db):
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        assert complete(server, None).status_code == 200
+        assert complete(server, "sk-anything").status_code == 200  # SDKs always send some key
+        assert httpx.get(server.base + "/v1/admin/keys", timeout=30).status_code == 403
+        usage = httpx.get(server.base + "/v1/usage", timeout=30).json()
+        assert usage["key"] is None and usage["data"][0]["requests"] == 2
+        assert "OPEN" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_quota_holds_under_concurrency(tiny, tmp_path, db):
+    quota = 5 * WORST + WORST // 2  # room for about five requests
+    key = new_key(db, "q", "--quota-tokens", str(quota))
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        with cf.ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(lambda _: complete(server, key["key"]), range(20)))
+        ok = [r for r in results if r.status_code == 200]
+        refused = [r for r in results if r.status_code != 200]
+        assert 1 <= len(ok) <= 5 + 1 and len(ok) + len(refused) == 20
+        for r in refused:
+            assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_quota"
+        info = httpx.get(server.base + "/v1/usage", headers=bearer(key["key"]), timeout=30).json()
+        assert info["key"]["used_tokens"] <= quota
+        assert sum(row["requests"] for row in info["data"]) == len(ok)
+        # A request whose worst case is over what is left is refused before it runs.
+        r = complete(server, key["key"], max_tokens=quota)
+        assert r.status_code in (400, 402)
+    finally:
+        server.stop()
+
+
+def test_rate_limits_answer_429_and_recover(tiny, tmp_path, db):
+    key = new_key(db, "r", "--rpm", "2")
+    tpm_key = new_key(db, "t", "--tpm", str(2 * WORST))
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        codes = [complete(server, key["key"], max_tokens=2).status_code for _ in range(4)]
+        assert codes[:2] == [200, 200] and codes[2:] == [429, 429]
+        r = complete(server, key["key"], max_tokens=2)
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        retry = int(r.headers["retry-after"])
+        assert 1 <= retry <= 30
+        time.sleep(retry + 0.5)
+        assert complete(server, key["key"], max_tokens=2).status_code == 200
+        # Tokens per minute: two worst cases fit, a third waits.
+        assert [complete(server, tpm_key["key"]).status_code for _ in range(3)][-1] == 429
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'platform.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_ledger_survives_sigkill(tiny, tmp_path, any_db):
+    db = any_db
+    key = new_key(db, "durable")
+    server = serve_tiny(tiny, tmp_path, db)
+    ids = []
+    try:
+        for i in range(4):
+            r = complete(server, key["key"], stream=(i % 2 == 1))
+            assert r.status_code == 200
+            ids.append(r.text)
+    finally:
+        server.proc.send_signal(signal.SIGKILL)  # no shutdown hooks, no flush
+        server.proc.wait(30)
+        server.log.close()
+    engine = sa.create_engine(db)
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT status, completion_tokens FROM usage_ledger WHERE key_id = :k"),
+                            {"k": key["id"]}).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("ok", 20)] * 4
+    out = json.loads(cli("usage", "--key", key["id"], "--json", db=db))
+    assert out[0]["requests"] == 4 and out[0]["completion_tokens"] == 80
+
+
+def test_usage_cli_groupings(tiny, tmp_path, db):
+    key = new_key(db, "u")
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        for _ in range(2):  # the second reuses the first's cached prompt blocks
+            assert complete(server, key["key"], prompt=list(range(40, 80))).status_code == 200
+    finally:
+        server.stop()
+    by_model = json.loads(cli("usage", "--by", "model", "--json", db=db))
+    assert by_model[0]["model"] == "tiny" and by_model[0]["requests"] == 2
+    assert by_model[0]["cached_tokens"] > 0 and by_model[0]["charged_tokens"] < by_model[0]["total_tokens"]
+    assert "tiny" in cli("usage", "--by", "model", db=db)
+
+
+# ---- PostgreSQL: several servers, one ledger ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    url = os.environ.get("R1SERVE_TEST_PG_URL")
+    if not url:  # start the machine's own (installing Debian's package if need be)
+        script = Path(__file__).parents[1] / "scripts" / "start_postgres.sh"
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+        url = done.stdout.strip()
+        if done.returncode != 0 or not url:
+            pytest.skip(f"no PostgreSQL ({done.stderr.strip()[-300:]}); set R1SERVE_TEST_PG_URL to use one")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a clean schema for this run
+        conn.execute(sa.text("DROP TABLE IF EXISTS usage_ledger, api_keys, r1serve_schema CASCADE"))
+    engine.dispose()
+    return url
+
+
+def test_two_servers_share_one_postgres_ledger(tiny, tmp_path, pg_url):
+    quota = 6 * WORST
+    key = new_key(pg_url, "shared", "--quota-tokens", str(quota))
+    servers = [serve_tiny(tiny, tmp_path, pg_url, name=f"s{i}") for i in range(2)]
+    try:
+        with cf.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: complete(servers[i % 2], key["key"]), range(16)))
+        ok = sum(r.status_code == 200 for r in results)
+        assert 1 <= ok <= 6 and all(r.status_code in (200, 402) for r in results)
+        usage = httpx.get(servers[1].base + "/v1/usage", headers=bearer(key["key"]), timeout=30).json()
+        assert usage["key"]["used_tokens"] <= quota
+        assert sum(row["requests"] for row in usage["data"]) == ok
+    finally:
+        for s in servers:
+            s.stop()
