@@ -229,3 +229,17 @@ def test_two_servers_share_one_postgres_ledger(tiny, tmp_path, pg_url):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_several_models_in_one_server(tiny, tmp_path, db):
+    server = ServerProcess([str(tiny), str(tiny), "--served-model-name", "tiny", "--served-model-name", "tiny-b",
+                            "--dtype", "float32", "--threads", "1"], tmp_path / "server.log", db=db)
+    try:
+        assert [m["id"] for m in httpx.get(server.base + "/v1/models", timeout=30).json()["data"]] == ["tiny", "tiny-b"]
+        assert complete(server, None).status_code == 200
+        assert complete(server, None, model="tiny-b").status_code == 200
+        assert complete(server, None, model="tiny-c").status_code == 404
+        rows = httpx.get(server.base + "/v1/usage", timeout=30).json()["data"]
+        assert sorted(r["model"] for r in rows) == ["tiny", "tiny-b"]
+    finally:
+        server.stop()
