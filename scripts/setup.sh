@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up r1serve in ./.venv and fetch the default model (smollm2-135m).
 #   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --test   # plus what the tests need (pytest, transformers)
+#   bash scripts/setup.sh --test   # plus what the tests need (pytest, transformers, chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,16 @@ fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 "$VPY" -m pip install -q -e ".${extras}"
+
+# The web UI tests drive Debian's chromium (`playwright install` would download a browser).
+if [ -n "$extras" ] && [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        { apt-get update -qq && apt-get install -y -q chromium; } >/dev/null ||
+            echo "warning: apt-get could not install chromium; tests/test_web_ui.py will skip" >&2
+    else
+        echo "warning: no /usr/bin/chromium (install Debian's chromium as root); tests/test_web_ui.py will skip" >&2
+    fi
+fi
 
 # Build the hand-written CPU kernels now (about a minute, once) rather than on first use.
 "$VPY" -c "from r1serve.kernels.cpu_extension import cpu_kernels; cpu_kernels()"
