@@ -1,0 +1,149 @@
+"""`r1serve bench serve`: load any OpenAI-compatible endpoint and report what users feel.
+
+    r1serve bench serve --base-url http://127.0.0.1:8000/v1 --model smollm2-135m \\
+        --concurrency 1,8,32 --num-prompts 200 --input-len 256 --output-len 128 \\
+        [--dataset random|chat|FILE.jsonl] [--slo-ttft 2s --slo-tpot 100ms] [--out results/]
+
+Closed loop (`--concurrency N`: N clients, each sending its next request when the last one
+ends) or open loop (`--request-rate R`: Poisson arrivals at R requests/s, whatever the
+server's speed). Every request streams; its chunks are timed as they arrive.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from r1serve.bench.serve_client import RequestResult, RequestSpec, send
+from r1serve.bench.serve_dataset import load_requests
+from r1serve.bench.serve_report import LevelReport, summarize, table, write_outputs
+from r1serve.errors import InvalidRequestError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the model name the server knows")
+    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer (default: none)")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop levels, comma-separated")
+    p.add_argument("--request-rate", default=None, help="open-loop Poisson rates in requests/s, comma-separated "
+                                                          "(replaces --concurrency)")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests per level")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random dataset)")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    p.add_argument("--dataset", default="random", help="random, chat, or a .jsonl file")
+    p.add_argument("--tokenizer", default=None, help="for prompt lengths and for counting tokens when the server "
+                                                      "gives no usage: a catalog name, .gguf or HF directory")
+    p.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-len tokens (vLLM/r1serve)")
+    p.add_argument("--slo-ttft", default=None, help="e.g. 2s or 500ms: goodput counts requests within it")
+    p.add_argument("--slo-tpot", default=None, help="e.g. 100ms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--out", default=None, help="directory for bench_serve.json and bench_serve.png")
+
+
+def parse_duration(value: str | None, name: str) -> float | None:
+    """'2s', '100ms', '1.5' (seconds) -> seconds."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s)?\s*", value)
+    if not m:
+        raise InvalidRequestError(f"{name}={value!r}: give a duration like 2s or 100ms")
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+def _levels(text: str, kind: type, name: str) -> list:
+    try:
+        levels = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"{name}={text!r}: give comma-separated numbers") from None
+    if not levels or any(v <= 0 for v in levels):
+        raise InvalidRequestError(f"{name}={text!r}: every level must be > 0")
+    return levels
+
+
+def load_tokenizer(name: str | None, cache_dir: Path):
+    """Our own tokenizer for a catalog name, .gguf or HF directory; None when there is none."""
+    if name is None:
+        return None
+    from r1serve.models.catalog import resolve_model
+    from r1serve.tokenizer import Tokenizer
+
+    path = resolve_model(name, cache_dir)
+    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+
+
+async def run_level(base_url: str, headers: dict, specs: list[RequestSpec], args, concurrency: int | None,
+                    rate: float | None, count_tokens) -> tuple[list[RequestResult], float]:
+    limits = httpx.Limits(max_connections=(concurrency or len(specs)) + 4)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=args.timeout, limits=limits) as client:
+        bar = tqdm(total=len(specs), desc=f"{'c=' + str(concurrency) if concurrency else f'{rate}/s'}", leave=False,
+                   file=sys.stderr)
+        async def one(spec: RequestSpec) -> RequestResult:
+            result = await send(client, spec, args.model, args.ignore_eos, {}, count_tokens)
+            bar.update(1)
+            return result
+
+        start = time.perf_counter()
+        if concurrency:
+            results = await _closed_loop(specs, concurrency, one)
+        else:
+            results = await _open_loop(specs, rate, one, random.Random(args.seed))
+        duration = time.perf_counter() - start
+        bar.close()
+    return results, duration
+
+
+async def _closed_loop(specs, concurrency: int, one) -> list[RequestResult]:
+    queue = list(reversed(specs))
+    results: list[RequestResult] = []
+
+    async def client_loop():
+        while queue:
+            results.append(await one(queue.pop()))
+
+    await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(specs)))))
+    return results
+
+
+async def _open_loop(specs, rate: float, one, rng: random.Random) -> list[RequestResult]:
+    tasks = []
+    for spec in specs:
+        tasks.append(asyncio.create_task(one(spec)))
+        await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals: exponential gaps
+    return list(await asyncio.gather(*tasks))
+
+
+def main(args) -> list[LevelReport]:
+    from r1serve.cli import cache_dir_from
+
+    slo_ttft, slo_tpot = parse_duration(args.slo_ttft, "--slo-ttft"), parse_duration(args.slo_tpot, "--slo-tpot")
+    tokenizer = load_tokenizer(args.tokenizer, cache_dir_from(args))
+    specs = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, tokenizer, args.seed)
+    count = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else \
+        (lambda text: len(text.split()))  # no usage and no tokenizer: words, said in the report's flag
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = args.base_url.rstrip("/")
+    plan = ([(None, r) for r in _levels(args.request_rate, float, "--request-rate")] if args.request_rate
+            else [(c, None) for c in _levels(args.concurrency, int, "--concurrency")])
+    levels = []
+    for concurrency, rate in plan:
+        results, duration = asyncio.run(run_level(base, headers, specs, args, concurrency, rate, count))
+        load = f"concurrency {concurrency}" if concurrency else f"rate {rate:g}/s"
+        levels.append(summarize(load, results, duration, slo_ttft, slo_tpot))
+        print(f"  {load}: {levels[-1].completed} ok, {levels[-1].failed} failed, "
+              f"{levels[-1].output_tokens_per_s:.1f} output tok/s", file=sys.stderr)
+    print(table(levels))
+    if not all(lv.usage_from_server for lv in levels):
+        print("note: the server gave no usage for some requests; their tokens were counted by "
+              + ("the tokenizer" if tokenizer else "words (no --tokenizer given)"))
+    if args.out:
+        for path in write_outputs(Path(args.out), {k: v for k, v in vars(args).items() if k != "func"}, levels):
+            print(f"wrote {path}")
+    return levels

@@ -1,0 +1,70 @@
+"""`r1serve bench serve` against a real r1serve server: every figure present and consistent."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from r1serve.bench.serve_report import percentiles
+from r1serve.cli import main
+
+from server_process import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny, tmp_path_factory):
+    server = ServerProcess([str(tiny), "--served-model-name", "tiny", "--dtype", "float32", "--threads", "1"],
+                           tmp_path_factory.mktemp("bench") / "server.log")
+    yield server
+    server.stop()
+
+
+def run_bench(capsys, server, tmp_path, *extra):
+    rc = main(["bench", "serve", "--base-url", server.base + "/v1", "--model", "tiny", "--num-prompts", "12",
+               "--input-len", "24", "--output-len", "10", "--ignore-eos", "--out", str(tmp_path), *extra])
+    assert rc == 0
+    out = capsys.readouterr().out
+    return json.loads((tmp_path / "bench_serve.json").read_text())["levels"], out
+
+
+def test_closed_loop_levels(capsys, tiny_server, tiny, tmp_path):
+    usage_before = httpx.get(tiny_server.base + "/v1/usage", timeout=30).json()["data"]
+    levels, out = run_bench(capsys, tiny_server, tmp_path, "--concurrency", "1,4", "--tokenizer", str(tiny),
+                            "--slo-ttft", "30s", "--slo-tpot", "10s")
+    assert [lv["load"] for lv in levels] == ["concurrency 1", "concurrency 4"]
+    for lv in levels:
+        assert lv["completed"] == 12 and lv["failed"] == 0 and lv["usage_from_server"]
+        assert lv["output_tokens"] == 12 * 10  # --ignore-eos: exactly output-len each
+        assert lv["prompt_tokens"] >= 12 * 20
+        assert lv["output_tokens_per_s"] == pytest.approx(lv["output_tokens"] / lv["duration_s"])
+        assert lv["total_tokens_per_s"] > lv["output_tokens_per_s"]
+        assert lv["goodput"] == pytest.approx(lv["request_throughput"])  # generous SLOs: every request good
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            p = lv[metric]
+            assert 0 < p["median"] <= p["p90"] <= p["p99"], metric
+        assert lv["ttft_ms"]["median"] <= lv["e2e_ms"]["median"]
+    # Tokens the benchmark counted are the tokens the server billed.
+    usage_after = httpx.get(tiny_server.base + "/v1/usage", timeout=30).json()["data"]
+    billed = sum(r["completion_tokens"] for r in usage_after) - sum(r["completion_tokens"] for r in usage_before)
+    assert billed == sum(lv["output_tokens"] for lv in levels)
+    assert "concurrency 4" in out and (tmp_path / "bench_serve.png").is_file()
+
+
+def test_open_loop_and_a_tight_slo(capsys, tiny_server, tmp_path):
+    levels, _ = run_bench(capsys, tiny_server, tmp_path, "--request-rate", "20", "--dataset", "chat",
+                          "--slo-ttft", "0.001ms")
+    (lv,) = levels
+    assert lv["load"] == "rate 20/s" and lv["completed"] == 12 and lv["goodput"] == 0
+
+
+def test_failures_are_counted(capsys, tiny_server, tmp_path):
+    levels, _ = run_bench(capsys, tiny_server, tmp_path, "--concurrency", "2", "--output-len", "100000")
+    assert levels[0]["failed"] == 12 and levels[0]["completed"] == 0
+    assert "HTTP 400" in levels[0]["errors"][0] and "context length" in levels[0]["errors"][0]
+
+
+def test_percentiles_are_ordered():
+    p = percentiles([0.001 * i for i in range(1, 101)])
+    assert p["median"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
+    assert percentiles([])["median"] is None
