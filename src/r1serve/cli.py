@@ -248,6 +248,11 @@ def cmd_usage(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench_command == "serve":
+        from r1serve.bench.serve import main as bench_serve
+
+        bench_serve(args)
+        return
     if args.bench_command == "random-model":
         from r1serve.bench.random_checkpoint import main as random_model
 
@@ -340,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     from r1serve.bench.offline import add_args as add_offline_args
 
     add_offline_args(bench.add_parser("offline", help="r1serve vs transformers generate(), same prompts, same run"))
+    from r1serve.bench.serve import add_args as add_serve_bench_args
+
+    add_serve_bench_args(bench.add_parser("serve", help="load an OpenAI-compatible endpoint: throughput, TTFT, "
+                                                         "TPOT, ITL, goodput"))
     rm = bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks")
     rm.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
     rm.add_argument("out", help="directory to write")
