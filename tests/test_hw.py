@@ -1,0 +1,305 @@
+"""`r1serve hw`: the accelerator catalog, the roofline planner (checked against published
+R1 deployments), and the local measurement on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r1serve.bench.hw_catalog import load_catalog
+from r1serve.bench.hw_measure import MeasureConfig, measure, weight_bytes_read
+from r1serve.bench.hw_model import model_shape, shape_from_config
+from r1serve.bench.hw_planner import (Workload, decode_at, max_sequences, pct_of, plan, reference_plan,
+                                      smallest_fit)
+from r1serve.bench.hw_roofline import (Device, Layout, experts_touched, step_cost, weight_bytes_per_device,
+                                       weight_format)
+from r1serve.bench.hw_validation import PUBLISHED, TOLERANCE, predict
+from r1serve.cli import main
+from r1serve.errors import R1ServeError
+
+WORKLOAD = Workload(4096, 1024, 0.05)
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def r1():
+    return model_shape("deepseek-r1")
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+def device(catalog, r1, chip_id: str) -> Device:
+    chip = catalog.chip(chip_id)
+    return Device(chip, weight_format(r1, chip))
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- the model's numbers ------------------------------------------------------------------------
+
+def test_r1_sizes_come_out_of_the_real_config(r1):
+    assert r1.parameters == pytest.approx(671.0e9, rel=0.001)
+    assert r1.active_parameters - r1.embed_params == pytest.approx(36.6e9, rel=0.005)  # active without the embedding
+    assert r1.kv_bytes_per_token == 61 * (512 + 64) * 2 == 70_272
+    assert (r1.num_layers, r1.moe_layers, r1.n_experts, r1.top_k) == (61, 58, 256, 8)
+    assert r1.expert_params == pytest.approx(44e6, rel=0.01)
+    assert r1.parts_total() == pytest.approx(r1.parameters, rel=1e-5)  # norms are the rest
+    assert r1.checkpoint_format == "fp8"
+    # absorbed MLA decode: 2 x heads x (576 + 512) FLOP per context position per layer
+    assert r1.decode_flops_per_ctx == 2 * 128 * (576 + 512)
+
+
+def test_r1_weight_bytes_add_up_over_the_devices(catalog, r1):
+    d = device(catalog, r1, "h100")  # FP8: one byte per parameter, embedding and LM head in BF16
+    pure_tp = Layout(8, 8)
+    total = weight_bytes_per_device(r1, d, pure_tp) * 8
+    assert total == pytest.approx(r1.parts_total() + 2 * r1.embed_params, rel=1e-9)
+    # DP attention: every device holds attention, dense MLPs and shared experts; experts are split
+    replicated = (r1.num_layers * r1.attn_params + r1.dense_layers * r1.dense_mlp_params
+                  + r1.moe_layers * r1.shared_params + 2 * r1.embed_params * 2)
+    assert replicated == pytest.approx(19.0e9, rel=0.01)
+    ep = weight_bytes_per_device(r1, d, Layout(16, 1))
+    assert ep == pytest.approx(replicated + r1.moe_layers * r1.n_experts * r1.expert_params / 16, rel=1e-9)
+
+
+def test_dense_config_sizes(tmp_path):
+    m = shape_from_config("llama-8b", LLAMA_8B)
+    assert m.parameters == pytest.approx(8.03e9, rel=0.01)
+    assert m.kv_bytes_per_token == 2 * 8 * 128 * 32 * 2  # K and V, 8 KV heads of 128, 32 layers, BF16
+    assert m.parts_total() == pytest.approx(m.parameters, rel=1e-4)
+    assert (m.n_experts, m.checkpoint_format, m.kv_split_max) == (0, "bf16", 8)
+
+
+# ---- the chips ----------------------------------------------------------------------------------
+
+def test_catalog_has_every_chip_of_the_reference_with_sources(catalog):
+    for chip_id in ("a100", "h100", "h800", "h20", "h200", "b200", "ascend-910b-376t", "ascend-910b-313t",
+                    "ascend-910b-280t", "ascend-910c"):
+        chip = catalog.chip(chip_id)
+        assert chip.bandwidth and chip.peak_flops("bf16") and chip.memory_bytes
+        assert all(f.source for f in chip.figures.values())
+    assert catalog.chip("h800").figures["bf16_tflops"].alternatives  # sources disagree: both kept
+    assert catalog.chip("910c") is catalog.chip("ascend-910c")
+    assert not catalog.chip("ascend-910c").supports("fp8") and catalog.chip("h20").supports("fp8")
+    cpu = catalog.chip("cpu")
+    assert cpu.detected and cpu.peak_flops("bf16") > 0 and "estimate" in cpu.figures["bf16_tflops"].source
+
+
+def test_ridge_points_are_peak_over_bandwidth(catalog):
+    for chip in catalog.chips.values():
+        if chip.bandwidth:
+            for fmt in ("bf16", "fp8", "int8"):
+                if chip.peak_flops(fmt):
+                    assert chip.ridge_point(fmt) == pytest.approx(chip.peak_flops(fmt) / chip.bandwidth)
+    assert catalog.chip("h100").ridge_point("bf16") == pytest.approx(989 / 3.35, rel=1e-6)
+    assert catalog.chip("h100").ridge_point("fp8") == pytest.approx(591, rel=0.001)
+    assert catalog.chip("ascend-910c").ridge_point("bf16") == pytest.approx(708 / 3.2, rel=1e-6)
+    # an FP8 expert GEMM (1 byte per weight, 2 FLOP per weight per token) stops being
+    # memory-bound at ridge / 2 tokens per expert: "a few hundred" on Hopper
+    assert 250 < catalog.chip("h800").ridge_point("fp8") / 2 < 350
+
+
+def test_unknown_chip_says_which_exist(catalog):
+    with pytest.raises(R1ServeError, match="known chips: .*h100"):
+        catalog.chip("tpu-v9")
+
+
+def test_user_catalog_adds_chips(tmp_path, capsys):
+    f = tmp_path / "chips.toml"
+    f.write_text('[chips.mi300x]\nname = "AMD Instinct MI300X"\nfamily = "nvidia-hopper"\nbf16_tflops = 1307\n'
+                 'fp8_tflops = { value = 2615, source = "AMD datasheet" }\nhbm_gb = 192\nhbm_tb_s = 5.3\n'
+                 'scale_up_gb_s = 448\nscale_out_gb_s = 50\n')
+    chip = load_catalog(f).chip("mi300x")
+    assert chip.bandwidth == 5.3e12 and chip.figures["fp8_tflops"].source == "AMD datasheet"
+    rc, out, _ = run(capsys, "hw", "list", "--catalog", str(f), "--json")
+    assert rc == 0 and "mi300x" in [c["id"] for c in json.loads(out)]
+    rc, out, _ = run(capsys, "hw", "plan", "--chip", "mi300x", "--chips", "8", "--catalog", str(f), "--json")
+    assert rc == 0 and json.loads(out)["fits"] is True
+
+
+def test_user_calibration_overrides_the_family(tmp_path, catalog, r1):
+    f = tmp_path / "chips.toml"
+    f.write_text('[chips.slow-h200]\nfamily = "nvidia-hopper"\nbf16_tflops = 989\nfp8_tflops = 1979\n'
+                 'hbm_gb = 141\nhbm_tb_s = 4.8\nscale_up_gb_s = 450\n'
+                 '[chips.slow-h200.calibration]\nmemory_eff = 0.4\n')
+    slow = load_catalog(f).chip("slow-h200")
+    assert slow.calibration.memory_eff == 0.4 and slow.calibration.compute_eff == 0.5  # the rest from the family
+    w = Workload(1024, 256, 0.05)
+    fast = decode_at(r1, device(catalog, r1, "h200"), Layout(8, 1), w)
+    slower = decode_at(r1, Device(slow, "fp8"), Layout(8, 1), w)
+    assert slower.tokens_per_s_per_chip < fast.tokens_per_s_per_chip
+    # no scale_out_gb_s: one 8-chip domain is the most an instance can span
+    with pytest.raises(R1ServeError, match="scale_out_gb_s"):
+        plan(r1, slow, 16, WORKLOAD)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[chips.x]\nfamily = 'nvidia-hopper'\nbf16_tflops = 1\n", "needs hbm_gb"),
+    ("[chips.x]\nfamily = 'nope'\n", "family 'nope'"),
+    ("[chips.x\n", "not valid TOML"),
+    ("[chips.x]\nfamily = 'ascend'\nbf16_tflops = 'fast'\n", "give a number"),
+])
+def test_bad_user_catalog_is_a_clear_error(tmp_path, capsys, text, error):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    rc, _, err = run(capsys, "hw", "list", "--catalog", str(f))
+    assert rc == 2 and error in err
+
+
+# ---- the planner --------------------------------------------------------------------------------
+
+def test_fits_and_does_not_fit(catalog, r1):
+    assert not plan(r1, catalog.chip("h100"), 8, WORKLOAD).fits  # 671 GB of FP8 > 8 x 80 GB
+    p = plan(r1, catalog.chip("h100"), 8, WORKLOAD)
+    assert "at least 16 chips" in p.note and p.output_tokens_per_s_per_chip is None
+    for chip_id, chips in (("h100", 16), ("h200", 8), ("b200", 8), ("ascend-910c", 8), ("ascend-910b-376t", 16)):
+        p = plan(r1, catalog.chip(chip_id), chips, WORKLOAD)
+        assert p.fits, (chip_id, p.note)
+        assert p.weight_bytes_per_chip + p.decode.kv_bytes_per_chip <= 0.9 * catalog.chip(chip_id).memory_bytes
+    assert smallest_fit(r1, device(catalog, r1, "h100"), WORKLOAD) == 16
+    assert smallest_fit(r1, device(catalog, r1, "h200"), WORKLOAD) == 8
+
+
+def test_weight_format_follows_the_chip(catalog, r1):
+    assert weight_format(r1, catalog.chip("h800")) == "fp8"
+    assert weight_format(r1, catalog.chip("ascend-910c")) == "int8"  # no FP8: W8A8, as Ascend deployments run
+    assert weight_format(shape_from_config("l", LLAMA_8B), catalog.chip("h100")) == "bf16"
+    with pytest.raises(R1ServeError, match="no FP8"):
+        weight_format(r1, catalog.chip("a100"), "fp8")
+
+
+def test_decode_batch_is_the_largest_that_meets_the_slo(catalog, r1):
+    d = device(catalog, r1, "h800")
+    layout = Layout(32, 1)
+    p = decode_at(r1, d, layout, WORKLOAD)
+    assert p.meets_slo and p.step_s <= WORKLOAD.tpot_slo_s
+    b = int(p.batch_per_chip)
+    over = step_cost(r1, d, layout, b + 1, WORKLOAD.decode_context, "decode").seconds
+    assert over > WORKLOAD.tpot_slo_s or b + 1 > max_sequences(r1, d, layout, WORKLOAD.decode_context)
+
+
+def test_small_batches_read_only_the_experts_they_use():
+    assert experts_touched(256, 8, 1) == pytest.approx(8)
+    assert experts_touched(256, 8, 10_000) == pytest.approx(256)
+
+
+def test_h100_is_100_percent_of_h100(catalog, r1):
+    h100 = catalog.chip("h100")
+    p = plan(r1, h100, 16, WORKLOAD)
+    pct = pct_of(p, reference_plan(r1, h100, 16, WORKLOAD))
+    assert pct == {"overall": pytest.approx(100), "prefill": pytest.approx(100), "decode": pytest.approx(100)}
+    # the reference moves to the fewest H100s that hold the model when the same count cannot
+    ref = reference_plan(r1, h100, 8, WORKLOAD)
+    assert ref.fits and ref.chips == 16
+
+
+def test_faster_memory_and_compute_rank_as_physics_says(catalog, r1):
+    out = {c: plan(r1, catalog.chip(c), 32, WORKLOAD) for c in ("h20", "h100", "h200", "b200")}
+    decode = {c: p.decode.tokens_per_s_per_chip for c, p in out.items()}
+    prefill = {c: p.prefill.tokens_per_s_per_chip for c, p in out.items()}
+    assert decode["b200"] > decode["h200"] > decode["h100"] > decode["h20"]
+    assert prefill["b200"] > prefill["h100"] > 3 * prefill["h20"]  # H20: 15% of H100's FLOP/s
+
+
+@pytest.mark.parametrize("row", PUBLISHED, ids=[r.id for r in PUBLISHED])
+def test_published_results_are_predicted_within_25_percent(catalog, r1, row):
+    check = predict(row, r1, catalog)
+    assert abs(check.error) <= TOLERANCE, f"{row.system}: predicted {check.predicted:.0f}, published {row.figure:.0f}"
+
+
+def test_bad_workloads_are_clear_errors(capsys):
+    for flag, value, message in (("--input", "0", "whole number >= 1"), ("--tpot-slo", "fast", "not a duration")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse rejects the value before anything runs
+            main(["hw", "plan", "--chip", "h100", flag, value])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    rc, _, err = run(capsys, "hw", "plan", "--chip", "tpu-v9")
+    assert rc == 2 and "unknown chip" in err
+    rc, _, err = run(capsys, "hw", "plan", "--chip", "h100", "--mtp", "2")
+    assert rc == 2 and "acceptance rate" in err
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_cli_list_json(capsys):
+    rc, out, _ = run(capsys, "hw", "list", "--json")
+    chips = {c["id"]: c for c in json.loads(out)}
+    assert rc == 0 and {"h100", "ascend-910c", "cpu"} <= set(chips)
+    assert chips["h100"]["figures"]["hbm_tb_s"]["value"] == 3.35
+    assert chips["h100"]["ridge_point_flop_per_byte"]["bf16"] == pytest.approx(295.2, abs=0.1)
+
+
+REQUIRED = ("fits", "weight_bytes_per_chip", "kv_bytes_per_token", "prefill_tokens_per_s_per_chip",
+            "decode_tokens_per_s_per_chip", "decode_batch_per_chip", "ttft_ms", "tpot_ms", "pct_of_h100")
+
+
+def test_cli_plan_json(capsys):
+    rc, out, _ = run(capsys, "hw", "plan", "--model", "deepseek-r1", "--chip", "ascend-910c", "--chips", "16",
+                     "--input", "4096", "--output", "1024", "--tpot-slo", "50ms", "--json")
+    j = json.loads(out)
+    assert rc == 0 and all(k in j for k in REQUIRED)
+    assert j["fits"] and j["kv_bytes_per_token"] == 70_272 and j["weight_format"] == "int8"
+    assert j["tpot_ms"] <= 50 and j["decode_batch_per_chip"] >= 1 and 0 < j["pct_of_h100"] < 150
+    assert j["weight_bytes_per_chip"] < 128e9 and j["ttft_ms"] > 0
+
+
+def test_cli_compare_json_and_chart(capsys, tmp_path):
+    chart = tmp_path / "compare.png"
+    rc, out, _ = run(capsys, "hw", "compare", "--model", "deepseek-r1", "--input", "4k", "--output", "1k",
+                     "--tpot-slo", "50ms", "--only", "h100,h20,ascend-910c", "--json", "--chart", str(chart))
+    j = json.loads(out)
+    rows = {r["chip"]: r for r in j["rows"]}
+    assert rc == 0 and j["chips"] == 16 and set(rows) == {"h100", "h20", "ascend-910c"}
+    assert all(k in r for r in rows.values() for k in REQUIRED)
+    assert rows["h100"]["pct_of_h100"] == pytest.approx(100)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_validate_json(capsys):
+    rc, out, _ = run(capsys, "hw", "validate", "--json")
+    rows = json.loads(out)
+    assert rc == 0 and len(rows) == len(PUBLISHED) and all(r["within_tolerance"] for r in rows)
+
+
+# ---- measure ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("hw") / "tiny-llama", "llama")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_measure_reports_fractions_of_measured_peaks(tiny_llama):
+    m = measure(str(tiny_llama), MeasureConfig(batch=2, prompt_len=16, decode_steps=4), dtype="float32",
+                num_threads=1)
+    for name, value in m.fractions().items():
+        assert 0 < value <= 1.5, (name, value)
+    assert m.peaks.memory_read > 0 and m.peaks.matmul_flops > 0 and m.peaks.dtype == "float32"
+    assert m.decode.tokens_per_step == 2 and m.prefill.tokens_per_step == 32
+    assert m.decode.bytes_per_step > m.peaks.working_set_bytes  # weights plus the KV cache
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_measure_json(tiny_llama, capsys):
+    rc, out, _ = run(capsys, "hw", "measure", str(tiny_llama), "--dtype", "float32", "--threads", "1",
+                     "--batch", "1", "--prompt-len", "8", "--decode-steps", "3", "--json")
+    j = json.loads(out)
+    assert rc == 0 and 0 < j["decode_bandwidth_fraction"] <= 1.5 and 0 < j["prefill_flops_fraction"] <= 1.5
+
+
+def test_weight_bytes_read_counts_embedding_rows_only():
+    from torch import nn
+
+    model = nn.Sequential(nn.Embedding(1000, 8), nn.Linear(8, 4, bias=False))
+    assert weight_bytes_read(model, 3) == 3 * 8 * 4 + 8 * 4 * 4  # three looked-up rows, the whole linear
