@@ -170,3 +170,71 @@ def test_add_rms_norm_matches_twin(dtype, rows, with_x):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
     if with_x:
         assert not torch.equal(got_h, res)  # the caller's residual is not overwritten
+
+
+def rope_tables(N, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 4000, (N,), generator=g)
+    freqs = pos[:, None].float() * (1 / 10000 ** (torch.arange(0, D, 2) / D))[None]
+    return freqs.cos()[:, None].to(dtype), freqs.sin()[:, None].to(dtype)  # (N, 1, D/2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,Hkv,D", [(1, 9, 3, 64), (5, 4, 2, 16), (40, 6, 6, 32)])
+def test_rotary_kv_write_twin_is_the_layer_code(N, H, Hkv, D, dtype):
+    """The twin is exactly the unfused path: split, apply_rotary, write_kv."""
+    from r1serve.kernels.rotary_kv_write import rotary_kv_write_reference
+    from r1serve.layers.rotary import apply_rotary
+
+    qkv = torch.randn(N, (H + 2 * Hkv) * D).to(dtype)
+    cos, sin = rope_tables(N, D, dtype)
+    slots = torch.randperm(128)[:N]
+    kv, expected_kv = torch.randn(2, 8, 16, Hkv, D).to(dtype), None
+    expected_kv = kv.clone()
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q_rot, k_rot = apply_rotary(q.view(N, H, D), k.view(N, Hkv, D), (cos, sin))
+    write_kv(expected_kv[0], expected_kv[1], k_rot, v.view(N, Hkv, D), slots)
+    assert torch.equal(rotary_kv_write_reference(qkv, cos, sin, kv, slots, H), q_rot)
+    assert torch.equal(kv, expected_kv)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,Hkv,D", [(1, 9, 3, 64), (5, 4, 2, 16), (40, 6, 6, 32)])
+def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype):
+    from r1serve.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_reference
+
+    qkv = torch.randn(N, (H + 2 * Hkv) * D).to(dtype)
+    cos, sin = rope_tables(N, D, dtype)
+    slots = torch.randperm(128)[:N]
+    kv = torch.randn(2, 8, 16, Hkv, D).to(dtype)
+    kv_twin = kv.clone()
+    assert torch.equal(rotary_kv_write(qkv, cos, sin, kv, slots, H), rotary_kv_write_reference(qkv, cos, sin, kv_twin, slots, H))
+    assert torch.equal(kv, kv_twin)  # the same slots written, nothing else touched
+
+
+@needs_cpp
+def test_rotary_kv_write_refuses_bad_slots_and_shapes():
+    from r1serve.kernels.rotary_kv_write import rotary_kv_write
+
+    qkv, kv = torch.randn(2, 4 * 8), torch.zeros(2, 2, 4, 1, 8)
+    cos, sin = rope_tables(2, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="slot 8 outside"):
+        rotary_kv_write(qkv, cos, sin, kv, torch.tensor([0, 8]), 2)
+    assert kv.abs().sum() == 0  # checked before anything is written
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        rotary_kv_write(torch.randn(2, 30), cos, sin, kv, torch.tensor([0, 1]), 2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,I", [(1, 1536), (7, 33), (40, 100)])
+def test_silu_and_mul_matches_twin(N, I, dtype):
+    """Different exp implementations: float32 within a few ulp, bf16 within one step (rarely off at all)."""
+    from r1serve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_reference
+
+    x = (torch.randn(N, 2 * I) * 4).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="silu_and_mul"):
+        silu_and_mul(torch.randn(3, 7))

@@ -47,8 +47,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
             seqs: list[int], scale: float) -> torch.Tensor:
     # q: (len(seqs), H, D), one query token for each of the sequences `seqs`
     if cpu_kernels() is not None:  # the hand-written kernel reads the paged cache in place
-        return paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables[seqs].contiguous(),
-                                      meta.seq_lens_tensor[seqs], scale)
+        if len(seqs) == meta.num_seqs:  # all of them (decode-only steps): no gather of the tables
+            tables, lens = meta.block_tables, meta.seq_lens_tensor
+        else:
+            tables, lens = meta.block_tables[seqs].contiguous(), meta.seq_lens_tensor[seqs]
+        return paged_decode_attention(q.contiguous(), k_cache, v_cache, tables, lens, scale)
     L = max(meta.seq_lens[b] for b in seqs)  # the longest sequence sets the key length
     return decode_attention(q, k_cache, v_cache, meta.key_slots[seqs, :L], meta.attn_mask[seqs, :, :1, :L], scale)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["bindings.cpp", "paged_decode_attention.cpp", "rms_norm.cpp"]
+SOURCES = ["bindings.cpp", "group_quant_linear.cpp", "paged_decode_attention.cpp", "rms_norm.cpp", "rotary_kv_write.cpp", "silu_and_mul.cpp"]
 
 
 @functools.cache

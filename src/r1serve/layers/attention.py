@@ -6,11 +6,29 @@ from typing import Callable
 import torch
 from torch import nn
 
-from r1serve.kernels.paged_attention import write_kv
+from r1serve.kernels.rotary_kv_write import rotary_kv_write_reference
 from r1serve.layers.attention_metadata import AttentionMetadata
 
 # (q (N,H,D), k_cache, v_cache, metadata, scale) -> (N,H,D); chosen by the platform.
 AttentionImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+# (qkv, cos, sin, kv_cache, slot_mapping, num_heads) -> rotated q; a platform may swap in a fused kernel.
+RotaryKVWriteImpl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class RotaryKVWrite(nn.Module):
+    """Splits the fused q/k/v projection, applies the rotary embedding to q and k, and
+    stores k and v in the paged cache; returns q."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.impl: RotaryKVWriteImpl = rotary_kv_write_reference
+
+    def forward(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # qkv: (N, (H + 2 Hkv) D); rope: cos, sin (N, 1, D/2); kv_cache: (2, num_blocks, block_size, Hkv, D) -> (N, H, D)
+        cos, sin = rope
+        return self.impl(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads)
 
 
 class PagedAttention(nn.Module):
@@ -20,10 +38,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.impl = impl
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # q: (N, H, D); k, v: (N, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D)
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = self.impl(q, k_cache, v_cache, meta, self.scale)  # (N, H, D)
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: (N, H, D), this step's keys and values already in kv_cache: (2, num_blocks, block_size, Hkv, D)
+        out = self.impl(q, kv_cache[0], kv_cache[1], meta, self.scale)  # (N, H, D)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

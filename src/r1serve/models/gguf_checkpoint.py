@@ -59,6 +59,11 @@ _IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
 _FLOAT_DTYPE_NAMES = {Q.F16: "float16", Q.BF16: "bfloat16"}
 
+# Bits of each stored weight's own code, without the block scales: how many levels a
+# group of weights can take, which says what a requantized copy can keep of it.
+_CODE_BITS = {Q.F32: 32, Q.F16: 16, Q.BF16: 16, Q.Q8_0: 8, Q.Q6_K: 6, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5,
+              Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q3_K: 3, Q.Q2_K: 2}
+
 
 class GGUFCheckpoint:
     def __init__(self, path: Path, reader: GGUFReader):
@@ -185,6 +190,11 @@ class GGUFCheckpoint:
         platform's fast half type, not the float32 the file dequantizes to."""
         plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
         return any(t.tensor_type not in plain for t in self.reader.tensors if len(t.shape) == 2)
+
+    def weight_bits(self) -> dict[str, int]:
+        """HF name -> bits per weight of the tensor's stored codes (Q4_1: 4, Q8_0: 8, F16: 16)."""
+        return {name: _CODE_BITS[t.tensor_type] for t in self.reader.tensors
+                if (name := _hf_name(t.name)) is not None}
 
     def _torch_dtype(self) -> str:
         # A file of plain float matrices keeps its dtype. For quantized files transformers leaves

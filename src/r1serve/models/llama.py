@@ -8,15 +8,15 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from r1serve.errors import ModelLoadError
-from r1serve.layers.attention import AttentionImpl, PagedAttention
+from r1serve.layers.activation import SiluAndMul
+from r1serve.layers.attention import AttentionImpl, PagedAttention, RotaryKVWrite
 from r1serve.layers.attention_metadata import AttentionMetadata
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.norm import RMSNorm
-from r1serve.layers.rotary import RotaryEmbedding, apply_rotary
+from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
 
 
@@ -28,28 +28,24 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                   bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rotary_kv_write = RotaryKVWrite(self.n_heads)
         self.attn = PagedAttention(self.n_heads, self.n_kv_heads, self.head_dim, attn_impl)
 
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        N = x.shape[0]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(N, self.n_heads, self.head_dim)  # (N, H, D)
-        k = k.view(N, self.n_kv_heads, self.head_dim)  # (N, Hkv, D)
-        v = v.view(N, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rope)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        # q, k, v from one GEMM; q and k rotated; k and v stored in the cache (one fused kernel on the CPU)
+        q = self.rotary_kv_write(self.qkv_proj(x), rope, kv_cache, meta)  # (N, H, D)
+        return self.o_proj(self.attn(q, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up fused
+        self.act = SiluAndMul()  # silu(gate) * up
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -9,9 +9,14 @@ from torch import nn
 
 from r1serve.kernels.cpu_decode_attention import cpu_attention
 from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.kernels.group_quant_linear import group_quant_kernel_available
 from r1serve.kernels.paged_attention import paged_attention_reference
 from r1serve.kernels.rms_norm import add_rms_norm
-from r1serve.layers.cpu_linear import use_cpu_linears
+from r1serve.kernels.rotary_kv_write import rotary_kv_write
+from r1serve.kernels.silu_and_mul import silu_and_mul
+from r1serve.layers.activation import SiluAndMul
+from r1serve.layers.attention import RotaryKVWrite
+from r1serve.layers.cpu_linear import SmallBatchWeights, use_cpu_linears
 from r1serve.layers.norm import RMSNorm
 from r1serve.platforms.base import Platform
 
@@ -20,7 +25,7 @@ def _attention(kernel: str):
     return paged_attention_reference if kernel == "reference" else cpu_attention
 
 
-def _prepare_model(model: nn.Module, dtype: torch.dtype, kernel: str, int8_max_rows: int) -> None:
+def _prepare_model(model: nn.Module, dtype: torch.dtype, kernel: str, small_batch: SmallBatchWeights) -> None:
     # The plain-torch twins run untouched under --kernel reference; float32 keeps F.linear
     # so results stay comparable with the reference implementation at tight tolerances.
     if kernel == "reference":
@@ -29,8 +34,12 @@ def _prepare_model(model: nn.Module, dtype: torch.dtype, kernel: str, int8_max_r
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.impl = add_rms_norm
+            elif isinstance(module, RotaryKVWrite):
+                module.impl = rotary_kv_write
+            elif isinstance(module, SiluAndMul):
+                module.impl = silu_and_mul
     if dtype == torch.bfloat16:
-        use_cpu_linears(model, int8_max_rows)
+        use_cpu_linears(model, small_batch)
 
 
 def _lazy_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -60,6 +69,7 @@ def cpu_platform() -> Platform:
         dist_backend="gloo",
         preferred_half=torch.bfloat16 if _has_native_bf16() else torch.float32,
         int8_weight_gemm=True,
+        group_quant_gemm=group_quant_kernel_available(),
         prepare_model=_prepare_model,
         alloc_zeros=_lazy_zeros,
     )

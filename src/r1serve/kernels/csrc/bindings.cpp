@@ -5,8 +5,18 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v
                                   at::Tensor seq_lens, double scale);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const std::optional<at::Tensor>& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps);
+at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+                           const at::Tensor& slots, int64_t num_heads);
+at::Tensor silu_and_mul(const at::Tensor& x);
+bool group_quant_linear_available();
+at::Tensor group_quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t bits,
+                              const std::optional<at::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm; returns (normed, new residual)");
+  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32");
+  m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]");
+  m.def("group_quant_linear_available", &group_quant_linear_available, "whether this build has group_quant_linear");
 }

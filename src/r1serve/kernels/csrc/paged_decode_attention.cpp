@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -71,9 +72,9 @@ static void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor& out, double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), max_blocks = block_tables.size(1);
-  const int64_t max_len = seq_lens.max().item<int64_t>();
   const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
   const int64_t *tp = block_tables.data_ptr<int64_t>(), *lp = seq_lens.data_ptr<int64_t>();
+  const int64_t max_len = *std::max_element(lp, lp + B);  // read in place: no tensor ops per layer
   T* op = out.data_ptr<T>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     const int64_t G = H / Hkv;
