@@ -1,4 +1,4 @@
-"""`r1serve pull | generate | chat | serve | keys | usage | info | bench`."""
+"""`r1serve pull | generate | chat | serve | keys | usage | info | bench | hw`."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,11 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="'reference' runs the plain-torch twins of every kernel")
     p.add_argument("--int8-small-batch", default="auto", choices=["auto", "on", "off"],
                    help="int8 weight copies for small decode batches on the CPU (auto: on for GGUF models)")
+    p.add_argument("--group-quant", default="auto", choices=["auto", "int4", "int8", "off"],
+                   help="int4/int8 group-quantized weights for small decode batches on the CPU "
+                        "(auto: each linear as its GGUF stores it, e.g. Q4_1 -> int4)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
 
 
 def add_db_arg(p: argparse.ArgumentParser) -> None:
@@ -54,7 +58,7 @@ def engine_options(args) -> dict:
     return dict(device=args.device, max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
-                int8_small_batch=args.int8_small_batch)
+                int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager)
 
 
 def build_llm(args):
@@ -263,6 +267,12 @@ def cmd_bench(args) -> None:
     bench_offline(args)
 
 
+def cmd_hw(args) -> None:
+    from r1serve.bench.hw_cli import run
+
+    run(args, cache_dir_from(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1serve", description="Serve DeepSeek-R1 and its family.")
     parser.add_argument("--cache-dir", default=None, help="models and data (default: $R1SERVE_CACHE_DIR or ~/.cache/r1serve)")
@@ -353,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
     rm.add_argument("out", help="directory to write")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("hw", help="accelerators: catalog, serving planner (%% of an H100), local measurement")
+    from r1serve.bench.hw_cli import add_args as add_hw_args
+
+    add_hw_args(p)
+    p.set_defaults(func=cmd_hw)
     return parser
 
 

@@ -31,7 +31,17 @@ class EngineConfig:
     # quantized below 8 bits (most GGUF files), off for full-precision ones.
     int8_small_batch: str = "auto"  # "auto" | "on" | "off"
     int8_max_rows: int = 4
+    # Weights in int4 or int8 groups of 32 (kernels/group_quant_linear.py) for batches of at
+    # most group_quant_max_rows tokens, in place of the int8 per-channel copies. "auto": each
+    # linear in the form its checkpoint stores it, which the copy reproduces: int4 where
+    # stored in 4 bits or fewer (GGUF Q4_0, Q4_1, Q4_K, ...), int8 where in 5 to 8 (Q5_x,
+    # Q6_K, Q8_0), none for 16-bit weights. "int4" / "int8": every linear in that form
+    # (lossy where the checkpoint holds more bits). "off": none.
+    group_quant: str = "auto"  # "auto" | "int4" | "int8" | "off"
+    group_quant_max_rows: int = 4
     num_threads: int | None = None
+    # CUDA: replay captured graphs for decode batches (engine/cuda_graph_runner.py) unless set.
+    enforce_eager: bool = False
     seed: int = 0  # seeds the per-request generators of requests that bring no seed of their own
 
     def __post_init__(self) -> None:
@@ -47,6 +57,10 @@ class EngineConfig:
         _require(self.kernel in ("auto", "reference"), f"kernel={self.kernel!r} must be 'auto' or 'reference'")
         _require(self.int8_small_batch in ("auto", "on", "off"),
                  f"int8_small_batch={self.int8_small_batch!r} must be 'auto', 'on' or 'off'")
+        _require(self.group_quant in ("auto", "int4", "int8", "off"),
+                 f"group_quant={self.group_quant!r} must be 'auto', 'int4', 'int8' or 'off'")
+        _require(self.int8_max_rows >= 0, f"int8_max_rows={self.int8_max_rows} must be >= 0")
+        _require(self.group_quant_max_rows >= 0, f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -61,6 +61,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device)
+        if self.platform.name == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs(kv_caches)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         n = self.numbers()
         log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token, "
@@ -69,6 +71,18 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
+
+    def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
+        from r1serve.engine.cuda_graph_runner import CudaGraphRunner
+        from r1serve.platforms.cuda import uses_triton
+
+        if not uses_triton(self.config.kernel):  # the twins sync with the host: not capturable
+            log.info("decode steps run eagerly: CUDA graphs need the Triton kernels (kernel=%s)", self.config.kernel)
+            return
+        graphs = CudaGraphRunner(self.loaded.model, kv_caches, self.config.block_size, self.config.max_num_seqs,
+                                 self.max_model_len, self.platform.device)
+        graphs.capture_all()
+        self.runner.decode_graphs = graphs
 
     def numbers(self) -> ModelNumbers:
         """Parameters, active parameters, weight and KV bytes, and the context the cache holds."""

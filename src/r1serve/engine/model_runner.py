@@ -15,13 +15,16 @@ class ModelRunner:
         self.kv_caches = kv_caches  # per layer: (2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(on_device=device.type == "cuda")  # a GPU: no host sync per sampled request
+        # On cuda: replays captured graphs for decode steps (engine/cuda_graph_runner.py).
+        self.decode_graphs = None
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> tuple[SampleResult, list[str]]:
         """Returns the sampled tokens and the ids of the requests they belong to."""
         input_ids, positions, meta, logits_idx = self._prepare(output)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
+        forward = self.model if self.decode_graphs is None else self.decode_graphs
+        hidden = forward(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
         sampling = [c.request for c in output.chunks if c.samples]
         if not sampling:
             return SampleResult([], []), []

@@ -17,6 +17,11 @@ class SampleResult:
 
 
 class Sampler:
+    def __init__(self, on_device: bool = False) -> None:
+        # on_device: draw tokens with engine/device_sampler.py, one device-to-host copy per
+        # step (the default path syncs once per sampled request; fine on the CPU).
+        self.on_device = on_device
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         # logits: (B, V) float32, row b belongs to requests[b]
         want_lp = any(r.params.logprobs is not None for r in requests)
@@ -51,6 +56,10 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        if self.on_device:
+            from r1serve.engine.device_sampler import sample_on_device
+
+            return sample_on_device(logits, requests).tolist()
         greedy = logits.argmax(dim=-1).tolist()
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
@@ -78,7 +87,8 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in requests], device=dev)
     top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
     min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
-    if (top_k < logits.shape[1]).any() or (top_p < 1).any():
+    # Decided from the requests, not the tensors: no device-to-host sync.
+    if any(0 < (r.params.top_k or 0) < logits.shape[1] or r.params.top_p < 1 for r in requests):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=dev)[None, :]
         drop = ranks >= top_k[:, None]
@@ -89,7 +99,7 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         drop |= ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]) & (top_p[:, None] < 1)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
-    if (min_p > 0).any():
+    if any(r.params.min_p > 0 for r in requests):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     return probs
 

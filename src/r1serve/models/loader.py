@@ -9,6 +9,7 @@ from torch import nn
 
 from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError
+from r1serve.layers.cpu_linear import SmallBatchWeights
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.registry import model_class
 from r1serve.platforms.base import Platform
@@ -61,10 +62,57 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     params = list(model.parameters())  # shared (tied) parameters are listed once
     num_parameters = sum(p.numel() for p in params)
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    int8_rows = config.int8_max_rows if _wants_int8(config, platform, torch_dtype, getattr(ckpt, "is_quantized", False)) else 0
-    platform.prepare_model(model, torch_dtype, kernel, int8_rows)
+    if platform.fp8_block_gemm and kernel != "reference" and getattr(ckpt, "fp8_block", None):
+        # FP8 matmuls on this device: swap the dequantized copies back for R1's FP8 weights.
+        from r1serve.platforms.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
+
+        keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
+    platform.prepare_model(model, torch_dtype, kernel, _small_batch_weights(config, platform, torch_dtype, ckpt, model))
     model.eval()
     return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path, num_parameters, weight_bytes)
+
+
+def _small_batch_weights(config: EngineConfig, platform: Platform, dtype: torch.dtype, ckpt,
+                         model: nn.Module) -> SmallBatchWeights:
+    quantized = getattr(ckpt, "is_quantized", False)
+    int8_rows = config.int8_max_rows if _wants_int8(config, platform, dtype, quantized) else 0
+    group_bits = _group_quant_bits(config, platform, dtype, ckpt, model)
+    return SmallBatchWeights(int8_rows, config.group_quant_max_rows if group_bits else 0, group_bits)
+
+
+def _group_quant_bits(config: EngineConfig, platform: Platform, dtype: torch.dtype, ckpt,
+                      model: nn.Module) -> dict[str, int]:
+    usable = platform.group_quant_gemm and dtype == torch.bfloat16
+    if config.group_quant in ("int4", "int8") and not usable:
+        raise ModelLoadError(f"group_quant={config.group_quant!r} needs dtype bfloat16 on a platform with the "
+                             f"group-quantized GEMM (a CPU with AVX512-VNNI and AVX512-BF16); "
+                             f"got dtype {dtype} on {platform.name}")
+    if not usable or config.group_quant == "off" or config.group_quant_max_rows == 0:
+        return {}
+    if config.group_quant != "auto":
+        bits = 4 if config.group_quant == "int4" else 8
+        return {name: bits for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return _stored_bits(ckpt, model)
+
+
+def _stored_bits(ckpt, model: nn.Module) -> dict[str, int]:
+    # Linear name -> 4 or 8: the group form that holds the widest checkpoint tensor feeding
+    # its weight (a fused qkv_proj takes q's, k's and v's; a tied lm_head the embedding's).
+    bits = getattr(ckpt, "weight_bits", dict)()
+    if not bits or not hasattr(model, "param_name"):
+        return {}
+    params = dict(model.named_parameters())
+    widest: dict[int, int] = {}
+    for name, b in bits.items():
+        param = params.get(model.param_name(name))
+        if param is not None:
+            widest[id(param)] = max(widest.get(id(param), 0), b)
+    out = {}
+    for name, module in model.named_modules():
+        b = widest.get(id(module.weight), 16) if isinstance(module, nn.Linear) else 16
+        if b <= 8:
+            out[name] = 4 if b <= 4 else 8
+    return out
 
 
 def _wants_int8(config: EngineConfig, platform: Platform, dtype: torch.dtype, quantized: bool) -> bool:

@@ -22,8 +22,13 @@ class Platform:
     preferred_half: torch.dtype
     # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
     int8_weight_gemm: bool = False
-    # Rewrites a loaded model for this platform's kernels: (model, dtype, kernel, int8_max_rows).
-    prepare_model: Callable[[nn.Module, torch.dtype, str, int], None] = lambda *args: None
+    # Has the int4/int8 group-quantized weight GEMM for bf16 activations (kernels/group_quant_linear.py).
+    group_quant_gemm: bool = False
+    # Has an FP8 block-scaled GEMM: a checkpoint's FP8 weights stay FP8 (platforms/fp8_weights.py).
+    fp8_block_gemm: bool = False
+    # Rewrites a loaded model for this platform's kernels: (model, dtype, kernel, the
+    # SmallBatchWeights of layers/cpu_linear.py: which quantized copies to keep).
+    prepare_model: Callable[[nn.Module, torch.dtype, str, object], None] = lambda *args: None
     alloc_zeros: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] = \
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
 
