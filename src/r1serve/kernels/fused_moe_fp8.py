@@ -14,24 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from r1serve.kernels.fp8_gemm import fp8_linear_reference
+from r1serve.kernels.fused_moe import experts_by_group
 
 
 def fused_moe_fp8_reference(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                             w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                             block: tuple[int, int]) -> torch.Tensor:
     # x: (N, hidden); topk_weights (float32), topk_ids: (N, K) -> (N, hidden)
-    N, K = topk_ids.shape
-    flat = topk_ids.reshape(-1)
-    order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-    token = order // K
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    xs = x[token]  # (N*K, hidden)
-    out = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            gate, up = fp8_linear_reference(xs[start:start + n], w13[e], w13_scale[e], block).chunk(2, dim=-1)
-            out[start:start + n] = fp8_linear_reference(F.silu(gate) * up, w2[e], w2_scale[e], block)
-            start += n
-    weighted = out.float() * topk_weights.reshape(-1)[order, None]
-    return torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, weighted).to(x.dtype)
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = fp8_linear_reference(rows, w13[e], w13_scale[e], block).chunk(2, dim=-1)
+        return fp8_linear_reference(F.silu(gate) * up, w2[e], w2_scale[e], block)
+
+    return experts_by_group(x, topk_weights, topk_ids, w13.shape[0], expert)

@@ -21,6 +21,7 @@ from r1serve.layers.attention import AttentionImpl
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.mla import MLAAttention, MLAConfig
 from r1serve.layers.moe import DeepseekMoE, DenseMLP, MoEConfig
+from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
 from r1serve.models.arch_config import ArchConfig
@@ -75,7 +76,7 @@ def _softmax_scale(qk_head_dim: int, scaling: dict | None) -> float:
     return scale
 
 
-class DeepseekV3DecoderLayer(nn.Module):
+class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, c: DeepseekV3Config, i: int) -> None:
         super().__init__()
         a = c.arch
@@ -83,15 +84,6 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.self_attn = MLAAttention(c.mla)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = DeepseekMoE(c.moe) if c.is_moe_layer(i) else DenseMLP(a.hidden_size, a.intermediate_size)
-
-    def forward(self, rope, x, residual, kv_cache, meta):
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
 
 class DeepseekV3Model(nn.Module):

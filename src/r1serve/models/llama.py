@@ -15,6 +15,7 @@ from r1serve.layers.activation import SiluAndMul
 from r1serve.layers.attention import AttentionImpl, PagedAttention, RotaryKVWrite
 from r1serve.layers.attention_metadata import AttentionMetadata
 from r1serve.layers.kv_cache_spec import KVCacheSpec
+from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
@@ -48,23 +49,13 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, attn_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, rope, x, residual, kv_cache, meta):
-        # The residual stream is carried separately so each norm can fuse the add.
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(rope, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
