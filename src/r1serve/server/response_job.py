@@ -8,6 +8,7 @@ response ends (so a crash after the client has its answer loses no row).
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import AsyncIterator
 
 from r1serve.engine.async_engine import RequestStream
@@ -20,7 +21,7 @@ from r1serve.server.protocol import SamplingFields, now
 from r1serve.server.served_model import ServedModel
 
 
-class ResponseJob:
+class ResponseJob(ABC):
     object_name = ""  # "chat.completion" / "text_completion"
     chunk_object_name = ""
 
@@ -37,19 +38,21 @@ class ResponseJob:
     def first_events(self) -> list[str]:
         return []
 
+    @abstractmethod
     def on_output(self, index: int, out: RequestOutput) -> list[str]:
         """SSE events for one delta output of engine request `index`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def choices(self, finals: list[RequestOutput]) -> list[dict]:
-        raise NotImplementedError
+        """The response's choices from each engine request's final output."""
 
+    @abstractmethod
     def usage(self) -> dict:
-        raise NotImplementedError
+        """The OpenAI usage body."""
 
+    @abstractmethod
     def counts(self) -> tuple[int, int, int, int]:
         """(prompt, cached, completion, reasoning) tokens so far."""
-        raise NotImplementedError
 
     # The shared part.
 
