@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from paged_batches import random_paged_batch
 from r1serve.kernels.cpu_decode_attention import cpu_attention, decode_attention
 from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.cpu_paged_decode import paged_decode_attention
@@ -13,27 +14,9 @@ from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_referenc
 from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
 from r1serve.layers.cpu_linear import CpuLinear
 from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
-from r1serve.layers.attention_metadata import AttentionMetadata
 
 
 needs_cpp = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler: the CPU kernels are not built")
-
-
-def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=64, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, dtype=torch.float32).to(dtype)
-    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, dtype=torch.float32).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered across the pool
-    tables, slots = [], []
-    width = max(-(-s // bs) for s in seq_lens)
-    for s, q in zip(seq_lens, query_lens):
-        n = -(-s // bs)
-        table, perm = perm[:n], perm[n:]
-        tables.append(table + [0] * (width - n))
-        slots += [table[p // bs] * bs + p % bs for p in range(s - q, s)]
-    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), torch.tensor(slots), torch.tensor(tables), bs)
-    q = torch.randn(sum(query_lens), H, D, generator=g).to(dtype)
-    return q, k_cache, v_cache, meta
 
 
 def dense_attention(q, k_cache, v_cache, meta, scale):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import triton_interpreter
+from paged_batches import random_paged_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Before any r1serve.kernels.triton import: triton.jit reads the switch when it decorates.
@@ -37,22 +38,6 @@ from r1serve.layers.attention_metadata import AttentionMetadata  # noqa: E402
 from r1serve.layers.fp8_block import quantize_fp8_block  # noqa: E402
 from r1serve.layers.fp8_linear import Fp8BlockLinear  # noqa: E402
 
-
-def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=64, dtype=torch.float32, seed=0):
-    # Each sequence's blocks scattered across the pool, as after a while of serving.
-    g = torch.Generator(DEVICE).manual_seed(seed)
-    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, slots = [], []
-    width = max(-(-s // bs) for s in seq_lens)
-    for s, q in zip(seq_lens, query_lens):
-        n = -(-s // bs)
-        table, perm = perm[:n], perm[n:]
-        tables.append(table + [0] * (width - n))
-        slots += [table[p // bs] * bs + p % bs for p in range(s - q, s)]
-    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), torch.tensor(slots), torch.tensor(tables), bs)
-    return torch.randn(sum(query_lens), H, D, generator=g).to(dtype), k_cache, v_cache, meta
 
 DIFFERS = triton_interpreter.problems() if DEVICE == "cpu" else []
 # bfloat16 and FP8 results depend on the interpreter rounding as the GPU does.
@@ -83,7 +68,7 @@ def test_interpreter_rounds_as_the_gpu_does():
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_write_kv_matches_twin_and_skips_padding(dtype):
-    _, k_cache, v_cache, _ = random_paged_batch([8], [8], Hkv=2, D=32, num_blocks=16, dtype=dtype)
+    _, k_cache, v_cache, _ = random_paged_batch([8], [8], Hkv=2, D=32, num_blocks=16, dtype=dtype, device=DEVICE)
     k, v = torch.randn(4, 2, 32).to(dtype), torch.randn(4, 2, 32).to(dtype)
     slots = torch.tensor([5, -1, 63, 0])
     got_k, got_v = k_cache.clone(), v_cache.clone()
@@ -158,7 +143,8 @@ def test_add_rms_norm_matches_twin(dtype, with_x):
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa4", "mha"])
 def test_paged_decode_attention_matches_twin(dtype, num_splits, heads):
     H, Hkv = heads
-    q, kc, vc, meta = random_paged_batch([1, 7, 40, 150], [1] * 4, H=H, Hkv=Hkv, D=32, bs=4, num_blocks=64, dtype=dtype)
+    q, kc, vc, meta = random_paged_batch([1, 7, 40, 150], [1] * 4, H=H, Hkv=Hkv, D=32, bs=4, num_blocks=64,
+                                         dtype=dtype, device=DEVICE)
     got = paged_decode_attention_triton(q, kc, vc, meta, 0.2, num_splits=num_splits)
     close(got, paged_attention_reference(q, kc, vc, meta, 0.2), dtype)
 
@@ -170,7 +156,7 @@ def test_split_count_grows_with_context_and_shrinks_with_batch():
 
 
 def test_decode_attention_refuses_prefill():
-    q, kc, vc, meta = random_paged_batch([5], [5])
+    q, kc, vc, meta = random_paged_batch([5], [5], device=DEVICE)
     with pytest.raises(AssertionError, match="one query per sequence"):
         paged_decode_attention_triton(q, kc, vc, meta, 0.2)
 
