@@ -25,6 +25,7 @@ from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
 from r1serve.models.arch_config import ArchConfig
+from r1serve.models.causal_lm import CausalLM
 
 log = logging.getLogger("r1serve.models")
 
@@ -108,21 +109,11 @@ _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.wei
 _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, arch: ArchConfig, attn_impl: AttentionImpl | None = None) -> None:
-        super().__init__()
-        self.cfg = arch
-        self.config = DeepseekV3Config.from_arch(arch)
-        self.model = DeepseekV3Model(self.config)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
-        if arch.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (B, vocab)
+        config = DeepseekV3Config.from_arch(arch)
+        super().__init__(arch, DeepseekV3Model(config))
+        self.config = config
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.latent(self.cfg.num_layers, self.config.mla.latent_dim)

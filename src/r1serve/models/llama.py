@@ -19,6 +19,7 @@ from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
+from r1serve.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
@@ -75,24 +76,13 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # HF checkpoint names of the weights that are fused here: name -> (fused name, slice index)
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.model = LlamaModel(cfg, attn_impl)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (B, vocab)
+        super().__init__(cfg, LlamaModel(cfg, attn_impl))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.key_value(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)

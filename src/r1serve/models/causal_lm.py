@@ -1,0 +1,27 @@
+"""A decoder stack plus its LM head: what every model class shares.
+
+The stack maps (input_ids, positions, kv_caches, metadata) of a flattened paged batch to
+hidden states; the head turns only the rows that sample into float32 logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r1serve.models.arch_config import ArchConfig
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ArchConfig, model: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # (B, vocab)
