@@ -238,10 +238,11 @@ def cmd_keys(args) -> None:
 def cmd_usage(args) -> None:
     import datetime as dt
 
-    access = _access(args)
-    since = dt.date.fromisoformat(args.since) if args.since else None
-    by = {"day": ("day",), "model": ("model",), "key": ("key",)}[args.by]
-    rows = access.ledger.summary(args.key, since, None, by)
+    try:
+        since = dt.date.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        raise R1ServeError(f"--since {args.since!r} is not a date; use YYYY-MM-DD") from None
+    rows = _access(args).ledger.summary(args.key, since, None, (args.by,))
     if args.json:
         print(json.dumps(rows, indent=2))
         return

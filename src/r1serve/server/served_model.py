@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from r1serve.config import EngineConfig
@@ -35,7 +36,7 @@ class ServedModel:
     created: int
     root: str
 
-    @property
+    @cached_property  # read for every streamed chunk
     def fingerprint(self) -> str:
         # Changes when the weights or the engine build change, as OpenAI's system_fingerprint does.
         digest = hashlib.blake2b(f"{self.root}|{self.created}".encode(), digest_size=4).hexdigest()
