@@ -11,7 +11,8 @@ from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.cpu_paged_decode import paged_decode_attention
 from r1serve.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
 from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
-from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
+from r1serve.kernels.onednn_linear import (CANDIDATE_ROWS, PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
+                                           packing_available)
 from r1serve.layers.cpu_linear import CpuLinear
 from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
 
@@ -117,6 +118,29 @@ def test_cpu_linear_switches_on_row_count():
     assert torch.equal(unpacked(big), dense(big)) and unpacked.weight is dense.weight
 
 
+@needs_onednn
+@pytest.mark.parametrize("rows", [7, 8, 20, 32, 33])
+def test_padded_small_batches_match_the_unpadded_rows(rows):
+    """Padding to PAD_TO_ROWS changes which oneDNN kernel runs, not the rows' values (beyond
+    bf16 accumulation order); rows outside the band are not padded at all."""
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 80, bias=True).bfloat16()
+    layer = CpuLinear(dense, int8_max_rows=0, pack=True)
+    layer.pad_from_rows = 8
+    x = torch.randn(rows, 96).bfloat16()
+    got = layer(x)
+    assert got.shape == (rows, 80) and got.is_contiguous()
+    torch.testing.assert_close(got.float(), dense(x).float(), atol=2e-2, rtol=2e-2)
+    if rows < 8 or rows >= PAD_TO_ROWS:
+        assert torch.equal(got, dense(x))
+
+
+@needs_onednn
+def test_measure_padding_answers_a_candidate_or_never():
+    w = pack_weight(torch.randn(64, 96).bfloat16())
+    assert measure_padding([w, w], 96, rounds=2) in (0,) + CANDIDATE_ROWS
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3])
 def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
@@ -132,6 +156,21 @@ def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3, [200, 5]])
 def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype, num_blocks=96)
+    expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
+    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,Hkv,D,bs", [(9, 3, 64, 16), (12, 2, 128, 16), (4, 4, 256, 8), (8, 1, 32, 4),
+                                        (4, 2, 48, 4), (4, 2, 20, 4)])
+def test_paged_decode_kernel_head_shapes(H, Hkv, D, bs, dtype, tol):
+    """Head sizes with a vector path (32, 64, 128, 256) and without (48, 20), groups of 1 to 8,
+    contexts that end inside a block and on a 16-row boundary."""
+    seq_lens = [1, 16, 33, 70, 128]
+    q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), H=H, Hkv=Hkv, D=D, bs=bs, dtype=dtype,
+                                         num_blocks=sum(-(-s // bs) for s in seq_lens) + 3)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
     got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)

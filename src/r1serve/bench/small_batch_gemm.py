@@ -2,8 +2,9 @@
 
     python -m r1serve.bench.small_batch_gemm [--rows 1] [--rounds 10]
 
-torch's int8 per-channel `_weight_int8pack_mm` against the group-quantized kernel in int4
-and int8 groups (kernels/group_quant_linear.py), on SmolLM2-135M's shapes by default. Each
+torch's int8 per-channel `_weight_int8pack_mm` and oneDNN's packed bf16 GEMM (the path for
+larger batches) against the group-quantized kernel in int4 and int8 groups
+(kernels/group_quant_linear.py), on SmolLM2-135M's shapes by default. Each
 round times every path on its own copies of the weights (30 per shape, as a decode step
 reads 30 layers' worth, so nothing is served from a warm L2), interleaved; the table gives
 medians and the ratio to torch's op.
@@ -18,6 +19,7 @@ import torch
 
 from r1serve.kernels.group_quant_linear import group_quant_linear, to_group_quant
 from r1serve.kernels.int8_weight_linear import int8_linear, quantize_per_channel
+from r1serve.kernels.onednn_linear import pack_weight, packed_linear
 
 # SmolLM2-135M: fused q/k/v, o, fused gate/up, down, and the tied lm_head (N, K)
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate_up_proj": (3072, 576), "down_proj": (576, 1536),
@@ -29,7 +31,7 @@ def weights(N: int, K: int, copies: int) -> list[tuple]:
     for _ in range(copies):
         w = (torch.randn(N, K) * 0.05).bfloat16()
         q, scales = quantize_per_channel(w)
-        out.append(((q, scales.bfloat16()), to_group_quant(w, 4), to_group_quant(w, 8)))
+        out.append(((q, scales.bfloat16()), to_group_quant(w, 4), to_group_quant(w, 8), pack_weight(w)))
     return out
 
 
@@ -39,7 +41,8 @@ def time_shape(N: int, K: int, rows: int, rounds: int) -> dict[str, tuple[float,
     x = torch.randn(rows, K).bfloat16()
     paths = {"int8 per-channel (torch)": (lambda w: int8_linear(x, *w[0]), N * K + 2 * N),
              "int4 groups": (lambda w: group_quant_linear(x, w[1], None), ws[0][1].packed.numel()),
-             "int8 groups": (lambda w: group_quant_linear(x, w[2], None), ws[0][2].packed.numel())}
+             "int8 groups": (lambda w: group_quant_linear(x, w[2], None), ws[0][2].packed.numel()),
+             "bf16 packed": (lambda w: packed_linear(x, w[3], None), 2 * N * K)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(rounds + 1):  # round 0 warms up
         for name, (fn, _) in paths.items():

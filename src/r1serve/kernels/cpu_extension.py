@@ -7,6 +7,7 @@ caller keeps its plain-torch path, and this says so once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -22,7 +23,17 @@ def cpu_kernels():
         from torch.utils.cpp_extension import load
 
         return load(name="r1serve_cpu_kernels", sources=[str(CSRC / s) for s in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DR1SERVE_HEADERS={headers_digest()}"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, ...: fall back, never fail serving
         log.warning("hand-written CPU kernels unavailable (%s); using the plain-torch paths", e)
         return None
+
+
+def headers_digest() -> str:
+    """A digest of csrc/*.h: torch rebuilds when sources or flags change, and headers reach
+    it through this flag."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.h")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

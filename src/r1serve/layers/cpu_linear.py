@@ -3,13 +3,16 @@
     rows <= group_max_rows  int4/int8 group-quantized GEMM (memory-bound decode: int4 is
                                                            about a quarter of bf16's bytes)
     rows <= int8_max_rows   int8 per-channel weight-only GEMM (half of bf16's bytes)
-    more rows               packed bf16 oneDNN GEMM (compute-bound: AMX / AVX512-BF16)
+    more rows               packed bf16 oneDNN GEMM (compute-bound: AMX / AVX512-BF16),
+                            small batches padded to the row count its AMX kernels start at
+                            where that measures faster (kernels/onednn_linear.py)
 
 Any path can be absent (quantized copies off, no oneDNN bf16); the plain F.linear is the
 fallback and the twin all are tested against.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +21,10 @@ from torch import nn
 
 from r1serve.kernels.group_quant_linear import group_quant_linear, to_group_quant
 from r1serve.kernels.int8_weight_linear import int8_linear, quantize_per_channel
-from r1serve.kernels.onednn_linear import pack_weight, packed_linear, packing_available
+from r1serve.kernels.onednn_linear import (PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
+                                           packing_available)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class CpuLinear(nn.Module):
     def __init__(self, dense: nn.Linear, int8_max_rows: int, pack: bool, group_max_rows: int = 0,
                  group_bits: int = 4) -> None:
         super().__init__()
+        self.pad_from_rows = 0  # batches of pad_from_rows..PAD_TO_ROWS - 1 rows are padded (0: none)
         self.bias = dense.bias
+        self.out_features, self.in_features = dense.out_features, dense.in_features
         w = dense.weight.detach()
         self.grouped = to_group_quant(w, group_bits) if group_max_rows > 0 else None
         self.group_max_rows = group_max_rows
@@ -62,6 +70,8 @@ class CpuLinear(nn.Module):
             y = int8_linear(x, self.qweight, self.scales)
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
+            if 0 < self.pad_from_rows <= rows < PAD_TO_ROWS:
+                return packed_linear(F.pad(x, (0, 0, 0, PAD_TO_ROWS - rows)), self.packed, self.bias)[:rows]
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -77,4 +87,24 @@ def use_cpu_linears(model: nn.Module, plan: SmallBatchWeights) -> int:
         bits = plan.group_bits.get(name)
         layer = CpuLinear(dense, plan.int8_max_rows, pack, plan.group_max_rows if bits else 0, bits or 4)
         setattr(model.get_submodule(parent), attr, layer)
+    if pack:
+        tune_padding([m for m in model.modules() if isinstance(m, CpuLinear)])
     return len(targets)
+
+
+def tune_padding(layers: list[CpuLinear], sample_bytes: int = 64 << 20) -> None:
+    """Measure, per weight shape, from how many rows padding the packed GEMM pays and set it
+    on every layer of that shape (~0.5 s per model). Each shape is timed on enough of its
+    layers (up to sample_bytes of weights) that they stream from memory, not from L2, as
+    they do in a decode step: warm-cache timings point the other way for small shapes."""
+    by_shape: dict[tuple, list[CpuLinear]] = {}
+    for layer in layers:
+        if layer.packed is not None:
+            by_shape.setdefault((layer.out_features, layer.in_features), []).append(layer)
+    for (n, k), group in by_shape.items():
+        count = max(1, min(len(group), sample_bytes // (2 * n * k)))
+        pad_from = measure_padding([layer.packed for layer in group[:count]], k)
+        log.info("packed bf16 GEMM %dx%d: %s", n, k,
+                 f"batches of {pad_from} to {PAD_TO_ROWS - 1} rows padded to {PAD_TO_ROWS}" if pad_from else "no padding")
+        for layer in group:
+            layer.pad_from_rows = pad_from

@@ -12,11 +12,14 @@ bool group_quant_linear_available();
 at::Tensor group_quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t bits,
                               const std::optional<at::Tensor>& bias);
 
+// Every kernel works on tensors only, so each releases the GIL while it runs: a server's
+// event loop keeps answering while the engine thread is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-  m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm; returns (normed, new residual)");
-  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32");
-  m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]");
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release_gil());
+  m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm; returns (normed, new residual)", release_gil());
+  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32", release_gil());
+  m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q", release_gil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]", release_gil());
   m.def("group_quant_linear_available", &group_quant_linear_available, "whether this build has group_quant_linear");
 }
