@@ -75,7 +75,7 @@ def test_a_failing_request_fails_alone(llm):
 
 def run_async(llm, body):
     async def main():
-        engine = AsyncEngine(llm.engine).start()
+        engine = AsyncEngine.on_thread(llm.engine).start()
         try:
             return await body(engine)
         finally:
@@ -160,9 +160,81 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatc
 
 def test_requests_after_shutdown_are_refused(llm):
     async def main():
-        engine = AsyncEngine(llm.engine).start()
+        engine = AsyncEngine.on_thread(llm.engine).start()
         await engine.shutdown()
         with pytest.raises(EngineDeadError):
             await engine.add_request("late", PROMPTS[0], SamplingParams())
 
     asyncio.run(main())
+
+
+# ---- the engine in a process of its own (what `r1serve serve` runs) ---------------------------
+
+
+def test_engine_process_serves_like_the_offline_api_and_survives_bad_requests(llm, tiny):
+    from r1serve.config import EngineConfig
+    from r1serve.engine.async_engine import load_engine
+
+    expected = llm.generate(PROMPTS, SAMPLED)
+    config = EngineConfig(model=str(tiny), cache_dir=tiny.parent, dtype="float32", num_kv_blocks=64, block_size=8,
+                          num_threads=1)
+
+    async def main():
+        engine = await load_engine(config, tiny, own_process=True)
+        try:
+            assert engine.max_model_len == llm.engine.max_model_len and engine.vocab_size == llm.engine.loaded.arch.vocab_size
+            delta = replace(SAMPLED, output_kind="delta")
+            got = await asyncio.gather(*(collect(engine, f"r{i}", p, delta) for i, p in enumerate(PROMPTS)))
+            # The engine's own exception type crosses the process boundary.
+            with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+                await engine.add_request("bad", {"prompt_token_ids": [10**9]}, SamplingParams())
+            # Leaving a stream early frees its blocks in the other process too.
+            stream = await engine.add_request("long", PROMPTS[3], SamplingParams(
+                temperature=0, max_tokens=200, ignore_eos=True, output_kind="delta"))
+            await stream.__anext__()
+            stream.abort()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if engine.snapshot.num_requests_running == 0:
+                    break
+            return got, engine.snapshot
+        finally:
+            await engine.shutdown()
+
+    got, snap = asyncio.run(main())
+    for want, deltas in zip(expected, got):
+        assert joined(deltas) == [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in want.outputs]
+    assert snap.num_requests_running == 0 and snap.kv_cache_usage == 0 and snap.num_free_blocks == snap.num_kv_blocks
+
+
+def test_a_dead_engine_process_fails_its_streams_and_refuses_new_requests(tiny):
+    from r1serve.config import EngineConfig
+    from r1serve.engine.async_engine import load_engine
+
+    config = EngineConfig(model=str(tiny), cache_dir=tiny.parent, dtype="float32", num_kv_blocks=64, block_size=8,
+                          num_threads=1)
+
+    async def main():
+        engine = await load_engine(config, tiny, own_process=True)
+        stream = await engine.add_request("long", PROMPTS[3], SamplingParams(
+            temperature=0, max_tokens=10_000, ignore_eos=True, output_kind="delta"))
+        await stream.__anext__()
+        engine.core._proc.kill()  # as the OOM killer would
+        with pytest.raises(EngineDeadError, match="exit code"):
+            async for _ in stream:
+                pass
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", PROMPTS[0], SamplingParams())
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_says_why(tmp_path):
+    from r1serve.config import EngineConfig
+    from r1serve.engine.async_engine import load_engine
+    from r1serve.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="neither a .gguf file nor an HF model directory"):
+        asyncio.run(load_engine(EngineConfig(model="x", cache_dir=tmp_path), tmp_path / "missing", own_process=True))

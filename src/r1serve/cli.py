@@ -177,7 +177,8 @@ def cmd_serve(args) -> None:
                             args.reasoning_parser)
                   for name, model in zip(names, args.model))
     config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
-                          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+                          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
+                          engine_process=not args.engine_on_thread)
     code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level)
     if code:
         raise SystemExit(code)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "none"],
                    help="split <think>...</think> into reasoning_content (auto: on for models with a </think> token)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
+    p.add_argument("--engine-on-thread", action="store_true",
+                   help="step each engine on a thread of the server process rather than in a process of its own "
+                        "(the engine and the HTTP layer then share one GIL: slower under load)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")

@@ -1,45 +1,33 @@
-"""The engine for asyncio callers: model steps on a thread of their own, one queue per request.
+"""The engine for asyncio callers: one queue per request, outputs batched per step.
 
-    event loop (server)                       engine thread
-    -------------------                       -------------
-    add_request() --(inbox: add/abort)------> apply commands, engine.step()
+    event loop (server)                       engine core (engine_core.py)
+    -------------------                       ----------------------------
+    add_request() --(add/abort commands)----> apply commands, engine.step()
     RequestStream  <--(call_soon_threadsafe)-- outputs of the step, one batch per step
 
-The LLMEngine is touched by the engine thread only; the event loop never blocks on a model
-step. Commands are applied between steps, so an add or abort waits at most one step.
+The core runs in a process of its own (`r1serve serve`) or on a thread (in-process use,
+tests); either way the event loop never blocks on a model step. Commands are applied
+between steps, so an add or abort waits at most one step.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator
 
+from r1serve.engine.engine_core import EngineSnapshot, ProcessCore, ThreadCore
 from r1serve.engine.llm_engine import LLMEngine, Prompt
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 
 log = logging.getLogger("r1serve.engine")
 
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's counters after its latest step (read by the server without locking)."""
-
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_steps: int = 0  # loop iterations (steps and command batches)
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "RequestStream", "load_engine"]
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no request can run."""
+    """The engine (its thread or its process) has stopped; no request can run."""
 
 
 class RequestStream:
@@ -78,34 +66,38 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.loaded.arch.vocab_size
+    """The event-loop side of an engine core; also the core's EngineSink."""
+
+    def __init__(self, core: ThreadCore | ProcessCore, tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
         self.snapshot = EngineSnapshot()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # touched by the event loop only
-        self._inbox: list[tuple] = []  # guarded by _wake
-        self._pending_adds = 0
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="r1serve-engine", daemon=True)
+        self._accepting: dict[str, asyncio.Future] = {}  # adds the core has not answered yet
+        self._error: str | None = None
+        self._stopped = False
+
+    @classmethod
+    def on_thread(cls, engine: LLMEngine) -> AsyncEngine:
+        """An engine already loaded in this process, stepped on a thread of its own."""
+        return cls(ThreadCore(engine), engine.tokenizer, engine.max_model_len, engine.loaded.arch.vocab_size)
 
     def start(self) -> AsyncEngine:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self.core.start(self)
         return self
 
     @property
     def num_waiting(self) -> int:
         """Requests not yet running: waiting in the scheduler plus adds not yet applied."""
-        return self.snapshot.num_requests_waiting + self._pending_adds
+        return self.snapshot.num_requests_waiting + len(self._accepting)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return not self._stopped and self._error is None and self.core.is_alive()
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -118,14 +110,16 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         accepted = self._loop.create_future()
-        self._send(("add", request_id, prompt, params, accepted))
+        self._accepting[request_id] = accepted
+        self.core.send(("add", request_id, prompt, params))
         try:
             await accepted
         except BaseException:
             # Rejected, or the caller was cancelled while waiting: the abort is applied after
-            # the add (the inbox is in order), so nothing is left running.
+            # the add (commands are applied in order), so nothing is left running.
+            self._accepting.pop(request_id, None)
             self._streams.pop(request_id, None)
-            self._send(("abort", request_id))
+            self.core.send(("abort", request_id))
             raise
         return stream
 
@@ -140,23 +134,42 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._send(("abort", request_id))
+        self.core.send(("abort", request_id))
 
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        await asyncio.to_thread(self._thread.join, timeout)
+        await asyncio.to_thread(self.core.stop, timeout)
 
-    def _send(self, command: tuple) -> None:
-        with self._wake:
-            self._inbox.append(command)
-            if command[0] == "add":
-                self._pending_adds += 1
-            self._wake.notify()
+    # ---- EngineSink: called off the event loop, handed to it -------------------------------
+
+    def added(self, request_id: str, error: BaseException | None) -> None:
+        self._loop.call_soon_threadsafe(self._settle, request_id, error)
+
+    def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
+        self.snapshot = snapshot
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def failed(self, request_ids: list[str], message: str) -> None:
+        self._loop.call_soon_threadsafe(self._fail_streams, request_ids, RuntimeError(message))
+
+    def stopped(self, error: str | None) -> None:
+        if error is not None:
+            self._error = error
+        self._loop.call_soon_threadsafe(self._on_stopped)
+
+    # ---- on the event loop -----------------------------------------------------------------
+
+    def _settle(self, request_id: str, error: BaseException | None) -> None:
+        future = self._accepting.pop(request_id, None)
+        if future is None or future.done():  # the caller was cancelled meanwhile
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -171,78 +184,34 @@ class AsyncEngine:
             if stream is not None:
                 stream.put(exc)
 
-    # ---- engine-thread side ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while self._next_commands_or_stop():
-                pass
-            self._loop.call_soon_threadsafe(self._fail_streams, None, EngineDeadError("the engine shut down"))
-        except BaseException as exc:  # the loop itself broke: fail every waiting caller
-            log.exception("engine thread stopped")
-            self._error = exc
-            self._loop.call_soon_threadsafe(self._fail_streams, None, EngineDeadError(str(exc)))
-
-    def _next_commands_or_stop(self) -> bool:
-        with self._wake:
-            while not self._inbox and not self._stopping and not self.engine.has_unfinished_requests():
-                self._wake.wait()
-            if self._stopping:
-                return False
-            inbox, self._inbox = self._inbox, []
-        for command in inbox:
-            self._apply(command)
-        if self.engine.has_unfinished_requests():
-            self._step()
-        self.snapshot = _snapshot(self.engine, self.snapshot.num_steps + 1)
-        return True
-
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            self.engine.abort_request(command[1])
+    def _on_stopped(self) -> None:
+        if self._stopped:
             return
-        _, request_id, prompt, params, accepted = command
-        try:
-            self.engine.add_request(request_id, prompt, params)
-            result: BaseException | None = None
-        except Exception as exc:
-            result = exc
-        with self._wake:
-            self._pending_adds -= 1
-        self._loop.call_soon_threadsafe(_settle, accepted, result)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:
-            # The model step failed for the whole batch: fail the requests in it, keep serving.
-            log.exception("engine step failed; failing the requests in it")
-            ids = self.engine.abort_all()
-            self._loop.call_soon_threadsafe(self._fail_streams, ids, RuntimeError(f"engine step failed: {exc}"))
-            outputs = []
-        if outputs:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        self._stopped = True
+        if self._error:
+            log.error("engine stopped: %s", self._error)
+        dead = EngineDeadError(self._error or "the engine shut down")
+        for future in self._accepting.values():
+            if not future.done():
+                future.set_exception(dead)
+        self._accepting.clear()
+        self._fail_streams(None, dead)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _snapshot(engine: LLMEngine, num_steps: int) -> EngineSnapshot:
-    s = engine.stats()
-    return EngineSnapshot(s["num_requests_running"], s["num_requests_waiting"], s["kv_cache_usage"],
-                          s["num_kv_blocks"], s["num_free_blocks"], s["prefix_cache_queries"],
-                          s["prefix_cache_hits"], num_steps)
-
-
-async def load_engine(config, model_path) -> AsyncEngine:
-    """Load the model on a worker thread (the event loop keeps answering /health meanwhile)."""
+async def load_engine(config, model_path, own_process: bool = True) -> AsyncEngine:
+    """Load the model in a process of its own (or, with own_process=False, on a worker thread
+    of this one); the event loop keeps answering /health meanwhile."""
     t0 = time.monotonic()
-    engine = await asyncio.to_thread(LLMEngine, config, model_path)
-    log.info("model %s loaded in %.1f s", config.model, time.monotonic() - t0)
-    return AsyncEngine(engine).start()
+    if own_process:
+        from r1serve.models.loader import open_checkpoint
+        from r1serve.models.arch_config import ArchConfig
+
+        core = ProcessCore(config, model_path)
+        info = await asyncio.to_thread(core.load)
+        ckpt = await asyncio.to_thread(open_checkpoint, model_path)
+        engine = AsyncEngine(core, ckpt.tokenizer(), info.max_model_len, ArchConfig.from_hf(ckpt.hf_config).vocab_size)
+    else:
+        engine = AsyncEngine.on_thread(await asyncio.to_thread(LLMEngine, config, model_path))
+    log.info("model %s loaded in %.1f s%s", config.model, time.monotonic() - t0,
+             " (engine in its own process)" if own_process else "")
+    return engine.start()

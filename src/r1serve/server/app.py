@@ -41,6 +41,7 @@ class ServerConfig:
     max_waiting: int = 256  # requests queued beyond the running batch before 429
     max_body_bytes: int = 16 * 2**20
     retry_after_s: int = 1
+    engine_process: bool = True  # each engine in a process of its own (else a thread of the server's)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -65,7 +66,7 @@ class ServerState:
     async def load_all(self) -> None:
         for spec in self.config.models:
             try:
-                engine = await load_engine(spec.engine, spec.path)
+                engine = await load_engine(spec.engine, spec.path, own_process=self.config.engine_process)
             except Exception as exc:
                 log.error("could not load %s: %s", spec.name, exc)
                 self.load_error = f"{spec.name}: {exc}"
@@ -147,6 +148,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
+        dead = [m.name for m in state.models.values() if not m.engine.is_alive]
+        if dead:  # an engine process died (OOM killer, a crash): a supervisor should restart us
+            return JSONResponse({"status": "failed", "error": f"the engine stopped for: {', '.join(dead)}"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=[Depends(state.access.principal)])
