@@ -260,3 +260,31 @@ def test_silu_and_mul_matches_twin(N, I, dtype):
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), rtol=tol, atol=tol)
     with pytest.raises(RuntimeError, match="silu_and_mul"):
         silu_and_mul(torch.randn(3, 7))
+
+
+@needs_cpp
+@pytest.mark.parametrize("V", [1, 7, 16, 33, 49152])
+def test_argmax_rows_matches_torch_ties_nans_and_infs_included(V):
+    from r1serve.kernels.argmax_rows import argmax_rows, argmax_rows_reference
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(9, V, generator=g)
+    x[1] = 0.5  # all tied: the first index
+    x[2] = float("-inf")  # nothing finite: index 0
+    if V > 3:
+        x[3, V // 2] = x[3, V - 1] = 1e9  # a tie between a vector lane and a later one
+        x[4, V - 1] = float("nan")  # NaN wins, even in the tail
+        x[5, 2] = x[5, V - 2] = float("nan")  # the first NaN
+        x[6, V - 1] = float("inf")
+        x[7, :] = torch.randint(0, 3, (V,), generator=g).float()  # many ties at the maximum
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, argmax_rows_reference(x))
+
+
+def test_argmax_rows_falls_back_to_torch_for_other_inputs():
+    from r1serve.kernels.argmax_rows import argmax_rows
+
+    x = torch.randn(4, 40).bfloat16()
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    t = torch.randn(40, 4).t()  # not contiguous
+    assert torch.equal(argmax_rows(t), t.argmax(dim=-1))

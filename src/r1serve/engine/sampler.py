@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.engine.request import Request
+from r1serve.kernels.argmax_rows import argmax_rows
 from r1serve.outputs import Logprob
 
 
@@ -60,7 +61,7 @@ class Sampler:
             from r1serve.engine.device_sampler import sample_on_device
 
             return sample_on_device(logits, requests).tolist()
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = argmax_rows(logits).tolist()
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
             return greedy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["bindings.cpp", "group_quant_linear.cpp", "paged_decode_attention.cpp", "rms_norm.cpp", "rotary_kv_write.cpp", "silu_and_mul.cpp"]
+SOURCES = ["argmax_rows.cpp", "bindings.cpp", "group_quant_linear.cpp", "paged_decode_attention.cpp", "rms_norm.cpp", "rotary_kv_write.cpp", "silu_and_mul.cpp"]
 
 
 @functools.cache

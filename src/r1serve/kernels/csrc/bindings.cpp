@@ -8,12 +8,13 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const std::optional<at::Tensor>&
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
                            const at::Tensor& slots, int64_t num_heads);
 at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor argmax_rows(const at::Tensor& logits);
 bool group_quant_linear_available();
 at::Tensor group_quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t bits,
                               const std::optional<at::Tensor>& bias);
 
 // Every kernel works on tensors only, so each releases the GIL while it runs: a server's
-// event loop keeps answering while the engine thread is inside a kernel.
+// event loop keeps answering while an engine on a thread of its process is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release_gil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release_gil());
@@ -21,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32", release_gil());
   m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q", release_gil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]", release_gil());
+  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (NaN counts as the maximum)", release_gil());
   m.def("group_quant_linear_available", &group_quant_linear_available, "whether this build has group_quant_linear");
 }
