@@ -204,6 +204,8 @@ def test_engine_process_serves_like_the_offline_api_and_survives_bad_requests(ll
     got, snap = asyncio.run(main())
     for want, deltas in zip(expected, got):
         assert joined(deltas) == [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in want.outputs]
+        # The prompt crosses the pipe once; every delta still carries it, as in-process.
+        assert all(d.prompt_token_ids == want.prompt_token_ids and d.prompt == want.prompt for d in deltas)
     assert snap.num_requests_running == 0 and snap.kv_cache_usage == 0 and snap.num_free_blocks == snap.num_kv_blocks
 
 

@@ -38,6 +38,8 @@ class RequestStream:
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
+        self.prompt: str | None = None  # the request's prompt text and ids, as the engine took them
+        self.prompt_token_ids: list[int] | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -108,6 +110,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         stream = RequestStream(request_id, self)
+        stream.prompt = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
         self._streams[request_id] = stream
         accepted = self._loop.create_future()
         self._accepting[request_id] = accepted
@@ -144,8 +147,8 @@ class AsyncEngine:
 
     # ---- EngineSink: called off the event loop, handed to it -------------------------------
 
-    def added(self, request_id: str, error: BaseException | None) -> None:
-        self._loop.call_soon_threadsafe(self._settle, request_id, error)
+    def added(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
+        self._loop.call_soon_threadsafe(self._settle, request_id, error, prompt_token_ids)
 
     def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
         self.snapshot = snapshot
@@ -162,7 +165,10 @@ class AsyncEngine:
 
     # ---- on the event loop -----------------------------------------------------------------
 
-    def _settle(self, request_id: str, error: BaseException | None) -> None:
+    def _settle(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.prompt_token_ids = prompt_token_ids
         future = self._accepting.pop(request_id, None)
         if future is None or future.done():  # the caller was cancelled meanwhile
             return
@@ -175,6 +181,8 @@ class AsyncEngine:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
+                if out.prompt_token_ids is None:  # sent without its prompt (ProcessCore)
+                    out.prompt, out.prompt_token_ids = stream.prompt, stream.prompt_token_ids
                 stream.put(out)
 
     def _fail_streams(self, request_ids: list[str] | None, exc: BaseException) -> None:

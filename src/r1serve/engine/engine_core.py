@@ -51,7 +51,7 @@ class EngineSink(Protocol):
     """Where a core reports; called off the event loop (the engine thread, or the thread
     reading the engine process's pipe)."""
 
-    def added(self, request_id: str, error: BaseException | None) -> None: ...
+    def added(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None: ...
 
     def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None: ...
 
@@ -81,12 +81,13 @@ class EngineLoop:
             self.engine.abort_request(command[1])
             return
         _, request_id, prompt, params = command
+        ids: list[int] | None = None
+        error: BaseException | None = None
         try:
-            self.engine.add_request(request_id, prompt, params)
-            error: BaseException | None = None
+            ids = self.engine.add_request(request_id, prompt, params)
         except Exception as exc:
             error = exc
-        self.sink.added(request_id, error)
+        self.sink.added(request_id, error, ids)
 
     def _step(self) -> list[RequestOutput]:
         try:
@@ -274,10 +275,14 @@ class _PipeSink:
     def __init__(self, conn) -> None:
         self.conn = conn
 
-    def added(self, request_id: str, error: BaseException | None) -> None:
-        self.conn.send(("added", request_id, None if error is None else _portable(error)))
+    def added(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
+        self.conn.send(("added", request_id, None if error is None else _portable(error), prompt_token_ids))
 
     def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
+        # The prompt went over once (the add, and its ids with "added"); every delta carrying
+        # it again would pickle 32 prompts per step. The AsyncEngine puts them back.
+        for out in outputs:  # built for this step only: nobody else holds them
+            out.prompt = out.prompt_token_ids = None
         self.conn.send(("stepped", outputs, snapshot))
 
     def failed(self, request_ids: list[str], message: str) -> None:

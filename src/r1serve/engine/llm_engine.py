@@ -108,7 +108,8 @@ class LLMEngine:
 
     # ---- requests in ------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """Queue a request; returns its prompt's token ids."""
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
@@ -126,6 +127,7 @@ class LLMEngine:
         for child in parent.children:
             self._child_parent[child.request_id] = parent
             self.scheduler.add(child)
+        return ids
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
