@@ -148,20 +148,26 @@ class AsyncEngine:
     # ---- EngineSink: called off the event loop, handed to it -------------------------------
 
     def added(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
-        self._loop.call_soon_threadsafe(self._settle, request_id, error, prompt_token_ids)
+        self._to_loop(self._settle, request_id, error, prompt_token_ids)
 
     def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
         self.snapshot = snapshot
         if outputs:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._to_loop(self._dispatch, outputs)
 
     def failed(self, request_ids: list[str], message: str) -> None:
-        self._loop.call_soon_threadsafe(self._fail_streams, request_ids, RuntimeError(message))
+        self._to_loop(self._fail_streams, request_ids, RuntimeError(message))
 
     def stopped(self, error: str | None) -> None:
         if error is not None:
             self._error = error
-        self._loop.call_soon_threadsafe(self._on_stopped)
+        self._to_loop(self._on_stopped)
+
+    def _to_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
 
     # ---- on the event loop -----------------------------------------------------------------
 

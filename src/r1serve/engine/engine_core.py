@@ -213,8 +213,8 @@ class ProcessCore:
         self._outbox.put(("stop",))
         self._proc.join(timeout)
         if self._proc.is_alive():
-            log.warning("the engine process did not stop within %.0f s; terminating it", timeout)
-            self._proc.terminate()
+            log.warning("the engine process did not stop within %.0f s; killing it", timeout)
+            self._proc.kill()  # it ignores SIGTERM (see run_engine_process)
             self._proc.join(5)
         self._outbox.put(None)  # ends the writer
 
@@ -239,9 +239,11 @@ class ProcessCore:
 
 def run_engine_process(config, model_path, conn, log_level: int) -> None:
     """The child process: load the model, then run the loop with the pipe as inbox and outbox."""
-    # Ctrl-C reaches the whole process group; the parent decides when the engine stops (after
-    # draining running requests), so the child ignores it.
+    # Ctrl-C reaches the whole process group, and service managers signal every process of
+    # the service; the parent decides when the engine stops (after draining running
+    # requests), so the child ignores both. It still ends if the parent dies: its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config, model_path)
