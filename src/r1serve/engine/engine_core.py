@@ -181,7 +181,6 @@ class ProcessCore:
                                  args=(config, model_path, child_conn, logging.getLogger().level))
         self._child_conn = child_conn
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
 
     def load(self) -> EngineInfo:
         """Start the process and wait for its model to load (blocking: call it off the event loop)."""
@@ -198,10 +197,8 @@ class ProcessCore:
         return payload
 
     def start(self, sink: EngineSink) -> None:
-        for target, name in ((self._read, "r1serve-engine-reader"), (self._write, "r1serve-engine-writer")):
-            t = threading.Thread(target=target, args=(sink,), name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        threading.Thread(target=self._read, args=(sink,), name="r1serve-engine-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="r1serve-engine-writer", daemon=True).start()
 
     def send(self, command: tuple) -> None:
         self._outbox.put(command)
@@ -218,7 +215,7 @@ class ProcessCore:
             self._proc.join(5)
         self._outbox.put(None)  # ends the writer
 
-    def _write(self, sink: EngineSink) -> None:
+    def _write(self) -> None:
         while (command := self._outbox.get()) is not None:
             try:
                 self._conn.send(command)
