@@ -122,6 +122,40 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(llm):
     assert_idle(llm)
 
 
+def test_abort_with_a_reason_wakes_the_reader_with_it(llm):
+    """What the server does when a client disconnects while its writer waits on the stream."""
+
+    class Gone(Exception):
+        pass
+
+    async def body(engine):
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind="delta")
+        stream = await engine.add_request("gone", PROMPTS[2], params)
+        first = await stream.__anext__()
+
+        async def read_rest():
+            async for _ in stream:
+                pass
+
+        reader = asyncio.ensure_future(read_rest())
+        await asyncio.sleep(0)
+        stream.abort(Gone())
+        with pytest.raises(Gone):
+            await reader
+        stream.abort(Gone())  # a second abort (the writer's cleanup) changes nothing
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if engine.snapshot.num_requests_running == 0:
+                break
+        return first, engine.snapshot
+
+    first, snap = run_async(llm, body)
+    assert first.outputs[0].token_ids and snap.num_requests_running == 0 and snap.kv_cache_usage == 0
+    assert_idle(llm)
+
+
 def test_rejected_request_raises_and_leaves_nothing(llm):
     async def body(engine):
         with pytest.raises(InvalidRequestError, match="outside the vocabulary"):

@@ -15,6 +15,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from r1serve.server.access import KEYS_RECHECK_S, Access
+
 from server_process import ServerProcess
 
 PROMPT = {"prompt": [5, 17, 42, 99, 3, 250, 7], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
@@ -105,8 +107,29 @@ def test_open_server_needs_no_key_and_admin_routes_stay_closed(tiny, tmp_path, d
         usage = httpx.get(server.base + "/v1/usage", timeout=30).json()
         assert usage["key"] is None and usage["data"][0]["requests"] == 2
         assert "OPEN" in server.log_text()
+        # A key made from the CLI while the server runs closes it (the server rechecks each second).
+        alice = new_key(db, "alice")
+        time.sleep(KEYS_RECHECK_S + 0.2)
+        assert complete(server, None).status_code == 401
+        assert complete(server, alice["key"]).status_code == 200
     finally:
         server.stop()
+
+
+def test_key_lookups_do_not_wait_for_a_ledger_write(tmp_path):
+    """Key reads are deferred SQLite transactions: they read the last commit while a writer
+    holds the lock, instead of queueing behind it (up to the busy timeout)."""
+    access = Access(f"sqlite:///{tmp_path / 'keys.db'}")
+    info, secret = access.keys.create("alice")
+    with access.engine.begin() as writing:  # BEGIN IMMEDIATE: the write lock, held
+        writing.execute(sa.text("UPDATE api_keys SET rpm = 5"))
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(1) as pool:
+            found = pool.submit(access.keys.authenticate, secret).result(timeout=5)
+            active = pool.submit(access.keys.any_active).result(timeout=5)
+        assert time.monotonic() - t0 < 1.0
+    assert found.id == info.id and found.rpm is None and active  # the state before the uncommitted write
+    assert access.keys.get(info.id).rpm == 5
 
 
 def test_quota_holds_under_concurrency(tiny, tmp_path, db):

@@ -37,7 +37,8 @@ class RequestStream:
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.finished = False
+        self.finished = False  # the engine request is over (its last output came, or it was aborted)
+        self._drained = False  # the reader has had the last item
         self.prompt: str | None = None  # the request's prompt text and ids, as the engine took them
         self.prompt_token_ids: list[int] | None = None
 
@@ -48,23 +49,24 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        if self._drained:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if isinstance(item, BaseException) or item.finished:
+            self._drained = self.finished = True
+            self._engine.forget(self.request_id)
         if isinstance(item, BaseException):
-            self.finished = True
-            self._engine.forget(self.request_id)
             raise item
-        if item.finished:
-            self.finished = True
-            self._engine.forget(self.request_id)
         return item
 
-    def abort(self) -> None:
-        """Stop the request (a client went away): its KV blocks are freed before the next step."""
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Stop the request (a client went away): its KV blocks are freed before the next step.
+        A reader still iterating gets `reason` raised after what was already queued."""
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
+        if reason is not None and not self._drained:
+            self._queue.put_nowait(reason)
 
 
 class AsyncEngine:

@@ -21,6 +21,11 @@ from r1serve.server.ledger import Ledger, UsageRecord
 from r1serve.server.rate_limit import RateLimiter
 
 
+# Whether any key exists decides if the server is open; asked per request it was a database
+# round trip per request. A key created by the CLI while the server runs closes it within this.
+KEYS_RECHECK_S = 1.0
+
+
 @dataclass(frozen=True)
 class Principal:
     key: KeyInfo | None  # None: the server is open
@@ -51,7 +56,10 @@ class Access:
         return not self.keys.any_active()
 
     async def principal(self, request: Request) -> Principal:
-        if await asyncio.to_thread(lambda: self.is_open):
+        active = self.keys.recent_any_active(KEYS_RECHECK_S)
+        if active is None:
+            active = await asyncio.to_thread(self.keys.any_active)
+        if not active:
             return Principal(None)  # whatever key a client sends (SDKs insist on one) is ignored
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():

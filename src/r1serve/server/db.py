@@ -8,7 +8,8 @@ older database up to date at start (the DDL through Alembic's operations, so it 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
@@ -82,9 +83,23 @@ def open_database(url: str) -> sa.Engine:
                                   "postgresql+psycopg://USER:PASS@HOST/DB") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        sa.event.listen(engine, "begin", _sqlite_begin)
     migrate(engine)
     return engine
+
+
+@contextmanager
+def reading(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A read-only transaction. On SQLite it is deferred: it takes no write lock, so key
+    lookups never queue behind the ledger's writes (WAL readers see the last commit)."""
+    with engine.connect().execution_options(r1serve_read_only=True) as conn, conn.begin():
+        yield conn
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    # Writers take the lock when they begin: a deferred transaction that reads, then writes,
+    # can fail with SQLITE_BUSY instead of waiting its turn.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("r1serve_read_only") else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -3,10 +3,10 @@ running engine requests to the end or until the client leaves, logprobs and SSE 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import orjson
 from fastapi import Request as HTTPRequest
 
 from r1serve.engine.async_engine import AsyncEngine, RequestStream
@@ -190,8 +190,10 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
 # ---- SSE -------------------------------------------------------------------------------------
 
 
-def sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(data: dict) -> bytes:
+    # orjson: a streamed token's chunk is encoded in ~1 µs instead of ~7 with json, and
+    # straight to UTF-8 bytes (docs/performance.md, the HTTP server's CPU per chunk).
+    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"

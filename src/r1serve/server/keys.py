@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from r1serve.errors import InvalidRequestError
-from r1serve.server.db import api_keys, as_utc, utcnow
+from r1serve.server.db import api_keys, as_utc, reading, utcnow
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def _check_limits(quota_tokens: int | None, rpm: int | None, tpm: int | None) ->
 class KeyStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._any_active: tuple[bool, float] = (False, -math.inf)  # any_active()'s last answer, and when
 
     def create(self, name: str, quota_tokens: int | None = None, rpm: int | None = None, tpm: int | None = None,
                is_admin: bool = False) -> tuple[KeyInfo, str]:
@@ -64,6 +67,7 @@ class KeyStore:
         _check_limits(quota_tokens, rpm, tpm)
         secret = "sk-" + secrets.token_hex(32)
         key_id = "key_" + secrets.token_hex(6)
+        self._any_active = (False, -math.inf)
         with self.engine.begin() as conn:
             conn.execute(api_keys.insert().values(
                 id=key_id, name=name, key_hash=hash_secret(secret), prefix=secret[:7] + "…", is_admin=is_admin,
@@ -71,7 +75,7 @@ class KeyStore:
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> KeyInfo:
-        with self.engine.begin() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
         if row is None:
             raise InvalidRequestError(f"no API key with id {key_id!r}; `r1serve keys list` shows them")
@@ -81,15 +85,25 @@ class KeyStore:
         query = sa.select(api_keys).order_by(api_keys.c.created_at)
         if not include_revoked:
             query = query.where(api_keys.c.revoked_at.is_(None))
-        with self.engine.begin() as conn:
+        with reading(self.engine) as conn:
             return [_info(r) for r in conn.execute(query)]
 
     def any_active(self) -> bool:
-        with self.engine.begin() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(api_keys)
-                                .where(api_keys.c.revoked_at.is_(None))).scalar_one() > 0
+        with reading(self.engine) as conn:
+            active = conn.execute(sa.select(sa.func.count()).select_from(api_keys)
+                                  .where(api_keys.c.revoked_at.is_(None))).scalar_one() > 0
+        self._any_active = (active, time.monotonic())
+        return active
+
+    def recent_any_active(self, max_age_s: float) -> bool | None:
+        """any_active()'s last answer if it is younger than max_age_s, else None (ask again).
+        Keys created or revoked through this store reset it at once; through another process
+        (the CLI, a second server) they are seen within max_age_s."""
+        active, at = self._any_active
+        return active if time.monotonic() - at < max_age_s else None
 
     def revoke(self, key_id: str) -> KeyInfo:
+        self._any_active = (False, -math.inf)
         with self.engine.begin() as conn:
             conn.execute(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                          .values(revoked_at=utcnow()))
@@ -110,7 +124,7 @@ class KeyStore:
     def authenticate(self, secret: str) -> KeyInfo | None:
         """The live key a secret belongs to, or None (unknown or revoked)."""
         digest = hash_secret(secret)
-        with self.engine.begin() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest)).first()
         if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
             return None

@@ -79,6 +79,7 @@ class RequestTimer:
 
     def __init__(self, metrics: ServerMetrics, model: str) -> None:
         self.metrics, self.model = metrics, model
+        self._itl = metrics.itl.labels(model)  # observed per streamed chunk: look the child up once
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.first_answer: float | None = None
@@ -92,7 +93,7 @@ class RequestTimer:
             self.first_token = engine_metrics.get("first_token_time") or now
             self.queued_until = engine_metrics.get("first_scheduled_time")
         elif streamed and self.last_token is not None:
-            self.metrics.itl.labels(self.model).observe(now - self.last_token)
+            self._itl.observe(now - self.last_token)
         self.last_token = now
 
     def on_answer(self) -> None:

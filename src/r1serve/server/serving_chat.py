@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
@@ -12,7 +12,7 @@ from r1serve.server.generation import (PromptInput, chat_logprobs, check_context
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, usage_body
 from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
-from r1serve.server.response_job import ResponseJob
+from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 
 
@@ -74,7 +74,7 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     chat = _Chat(model, req, request_id, prompt, spec, meter)
     streams = await start_requests(engine, [chat.id], [prompt], params, meter)
     if req.stream:
-        return StreamingResponse(chat.events(streams), media_type="text/event-stream")
+        return EventStreamResponse(chat, streams)
     return JSONResponse(await until_disconnect(raw, chat.full(streams)))
 
 
@@ -112,14 +112,14 @@ class _Chat(ResponseJob):
         return {"content": chat_logprobs(c.token_ids, c.logprobs, self.req.top_logprobs or 0,
                                          self.model.engine.tokenizer)}
 
-    def first_events(self) -> list[str]:
+    def first_events(self) -> list[bytes]:
         return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.req.n)]
 
-    def on_output(self, index: int, out: RequestOutput) -> list[str]:
+    def on_output(self, index: int, out: RequestOutput) -> list[bytes]:
         self.cached = out.num_cached_tokens
         return [event for c in out.outputs for event in self._choice_events(c)]
 
-    def _choice_events(self, c: CompletionOutput) -> list[str]:
+    def _choice_events(self, c: CompletionOutput) -> list[bytes]:
         i = c.index
         self._count(c, delta=True)
         delta = Delta(content=c.text)
@@ -141,7 +141,7 @@ class _Chat(ResponseJob):
             return []
         return [self._chunk(i, body, logprobs, c.finish_reason)]
 
-    def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+    def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> bytes:
         return sse(self.envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
 
     def _count(self, c: CompletionOutput, delta: bool = False) -> None:

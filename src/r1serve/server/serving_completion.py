@@ -6,14 +6,14 @@ the OpenAI API numbers them.
 from __future__ import annotations
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.server.access import Access, Meter, Principal
 from r1serve.server.generation import (PromptInput, check_context, completion_logprobs, sampling_params, sse,
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import CompletionRequest, new_id, usage_body
-from r1serve.server.response_job import ResponseJob
+from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 
 
@@ -36,7 +36,7 @@ async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTT
     ids = [job.id] if len(prompts) == 1 else [f"{job.id}-{i}" for i in range(len(prompts))]
     streams = await start_requests(engine, ids, prompts, params, meter)
     if req.stream:
-        return StreamingResponse(job.events(streams), media_type="text/event-stream")
+        return EventStreamResponse(job, streams)
     return JSONResponse(await until_disconnect(raw, job.full(streams)))
 
 
@@ -76,7 +76,7 @@ class _Completion(ResponseJob):
             self.cached[p] = final.num_cached_tokens
         return [self._choice(p, c) for p, final in enumerate(finals) for c in final.outputs]
 
-    def on_output(self, index: int, out: RequestOutput) -> list[str]:
+    def on_output(self, index: int, out: RequestOutput) -> list[bytes]:
         self.cached[index] = out.num_cached_tokens
         return [sse(self.envelope([self._choice(index, c)])) for c in out.outputs
                 if c.text or c.token_ids or c.finished]
