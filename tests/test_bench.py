@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from r1serve.bench.offline import add_args, paired_ratios, run_cell, summarize
+from r1serve.bench.offline import add_args, paired_ratios, run_cell, run_interleaved, summarize
+from r1serve.bench.server_runner import StreamedResponse, post_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,34 @@ def test_http_cell_counts_tokens_from_the_servers_usage(tiny, tmp_path):
     args.cache_dir = str(tmp_path)
     row = run_cell(args, "http", 3)  # asserts every one of the 3 x 8 tokens came back
     assert row["system"] == "http" and row["output_tok_s"] > 0 and row["peak_rss_mib"] > 0
+    # The API server's and the load generator's CPU per run (the engine process not counted).
+    assert row["server_cpu_s"] > 0 and row["client_cpu_s"] > 0
+
+
+def test_interleaved_rounds_pair_each_system_once(tiny, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    args = parser.parse_args(["--model", str(tiny), "--output-len", "6", "--dtype", "float32", "--rounds", "2",
+                              "--interleave"])
+    args.cache_dir = str(tmp_path)
+    rounds = run_interleaved(args, ["r1serve", "http"], 2)  # asserts every token came back, each run
+    assert [[c["system"] for c in rnd] for rnd in rounds] == [["r1serve", "http"]] * 2
+    assert len(paired_ratios(rounds, "http", 2, baseline="r1serve")) == 2
+    assert all(len(c["times_s"]) == 1 for rnd in rounds for c in rnd)
+
+
+def test_streamed_response_reads_usage_from_the_last_event():
+    """The load generator's HTTP parsing on a canned chunked SSE response, split at awkward bytes."""
+    events = [b'data: {"choices":[{"text":"a"}],"usage":null}\n\n',
+              b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n', b"data: [DONE]\n\n"]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    raw = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + body
+    stream = StreamedResponse(post_request("127.0.0.1", "/v1/completions", {"prompt": "hi"}))
+    for i in range(0, len(raw), 7):
+        assert not stream.complete
+        stream.feed(raw[i:i + 7])
+    assert stream.complete and stream.status == 200 and stream.first_body_s > 0
+    assert stream.usage() == {"completion_tokens": 2}
 
 
 def test_ratios_against_another_baseline():

@@ -4,7 +4,9 @@ Each (system, concurrency) cell runs in its own process so its peak memory is it
 Within a cell: one warm-up, then `--repeats` timed runs. On a shared machine the load of
 other tenants drifts over minutes, so the cells are run in `--rounds` interleaved rounds
 (r1serve, transformers, r1serve, ...): each round gives a paired ratio measured under the
-same conditions, and the table reports medians over rounds.
+same conditions, and the table reports medians over rounds. With `--interleave` all
+systems of a concurrency share one worker process (loaded once) and alternate single runs,
+so a round's runs are seconds apart.
 """
 from __future__ import annotations
 
@@ -37,55 +39,115 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients)")
     p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")
     p.add_argument("--out", default="results/bench_offline.json")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every system once per concurrency and alternate their timed runs (paired "
+                        "runs seconds apart); in-process systems then share one process's peak memory")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
 def main(args) -> None:
     if args.worker:
-        system, conc = args.worker.split(":")
-        print(json.dumps(run_cell(args, system, int(conc))))
+        systems, conc = args.worker.split(":")
+        if args.interleave:
+            print(json.dumps(run_interleaved(args, systems.split(","), int(conc))))
+        else:
+            print(json.dumps(run_cell(args, systems, int(conc))))
         return
-    rounds: list[list[dict]] = []
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if args.interleave:
+        rounds: list[list[dict]] = [[] for _ in range(args.rounds)]
+        for conc in concurrencies:
+            for i, cells in enumerate(spawn_worker(args, args.systems, conc)):
+                rounds[i] += cells
+        report(rounds, args)
+        return
+    rounds = []
     for i in range(args.rounds):
         rounds.append([])
-        for conc in [int(c) for c in args.concurrency.split(",")]:
+        for conc in concurrencies:
             for system in args.systems.split(","):
-                rounds[-1].append(spawn_cell(args, system, conc))
+                rounds[-1].append(spawn_worker(args, system, conc))
                 print(f"  round {i + 1}: {system:12s} concurrency {conc:3d}: "
                       f"{rounds[-1][-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
     report(rounds, args)
 
 
-def spawn_cell(args, system: str, conc: int) -> dict:
+def spawn_worker(args, systems: str, conc: int):
     cmd = [sys.executable, "-m", "r1serve.cli"]
     if getattr(args, "cache_dir", None):
         cmd += ["--cache-dir", args.cache_dir]
     cmd += ["bench", "offline", "--model", args.model, "--output-len", str(args.output_len),
-            "--repeats", str(args.repeats), "--dtype", args.dtype, "--worker", f"{system}:{conc}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+            "--repeats", str(args.repeats), "--dtype", args.dtype, "--worker", f"{systems}:{conc}"]
+    if args.interleave:
+        cmd += ["--interleave", "--rounds", str(args.rounds)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.interleave else subprocess.PIPE,
+                          text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark cell {system}:{conc} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark worker {systems}:{conc} failed:\n{(done.stderr or '')[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_cell(args, system: str, conc: int) -> dict:
+    runner = open_runner(args, system)
+    ps = prompts(conc)
+    runs = [timed_run(runner, ps, args.output_len) for _ in range(args.repeats)]
+    return cell_row(args, system, conc, runner, runs, close_runner(runner))
+
+
+def run_interleaved(args, systems: list[str], conc: int) -> list[list[dict]]:
+    """Every system loaded once in this process (a server as a child process), then each
+    round times each system once, in alternating order: the runs a ratio pairs are seconds
+    apart, not a model load apart, which on a machine whose speed drifts within minutes is
+    what makes a 10% difference measurable."""
+    # A server is started first: a fork of this process after a model is loaded here would
+    # count that model in the server's peak memory (ru_maxrss includes the pre-exec image).
+    runners = {s: open_runner(args, s) for s in sorted(systems, key=lambda s: s != "http")}
+    ps = prompts(conc)
+    per_round = []
+    for i in range(args.rounds):
+        order = systems if i % 2 == 0 else systems[::-1]
+        runs = {s: timed_run(runners[s], ps, args.output_len) for s in order}
+        per_round.append(runs)
+        print(f"  round {i + 1}, concurrency {conc}: " + ", ".join(
+            f"{s} {conc * args.output_len / runs[s]['time_s']:.1f} tok/s" for s in systems), file=sys.stderr)
+    peaks = {s: close_runner(runners[s]) for s in systems}
+    return [[cell_row(args, s, conc, runners[s], [runs[s]], peaks[s]) for s in systems] for runs in per_round]
+
+
+def open_runner(args, system: str):
     from r1serve.bench.server_runner import HttpRunner
 
     runner = {"r1serve": R1ServeRunner, "transformers": TransformersRunner, "http": HttpRunner}[system](args)
-    ps = prompts(conc)
-    runner.generate(ps[:1], 4)  # warm-up: first-call allocations and kernel selection
-    ttfts, times = [], []
-    for _ in range(args.repeats):
-        ttfts.append(runner.ttft(ps[0]))
-        t0 = time.perf_counter()
-        n_out = runner.generate(ps, args.output_len)
-        times.append(time.perf_counter() - t0)
-        assert n_out == conc * args.output_len, f"{system} produced {n_out} tokens, expected {conc * args.output_len}"
+    runner.generate(prompts(1), 4)  # warm-up: first-call allocations and kernel selection
+    return runner
+
+
+def timed_run(runner, ps: list[str], output_len: int) -> dict:
+    ttft = runner.ttft(ps[0])
+    cpu0 = runner.cpu_s() if hasattr(runner, "cpu_s") else {}
+    t0 = time.perf_counter()
+    n_out = runner.generate(ps, output_len)
+    elapsed = time.perf_counter() - t0
+    assert n_out == len(ps) * output_len, f"{type(runner).__name__} produced {n_out} tokens, " \
+                                          f"expected {len(ps) * output_len}"
+    cpu = {k: v - cpu0[k] for k, v in runner.cpu_s().items()} if cpu0 else {}
+    return {"ttft_s": ttft, "time_s": elapsed, "cpu_s": cpu}
+
+
+def close_runner(runner) -> float:
+    """Stop the runner; its peak RSS in MiB (a server's own; else this process's)."""
+    return runner.close() if hasattr(runner, "close") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cell_row(args, system: str, conc: int, runner, runs: list[dict], peak_mib: float) -> dict:
+    times = [r["time_s"] for r in runs]
     med = statistics.median(times)
-    peak = runner.close() if hasattr(runner, "close") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"system": system, "concurrency": conc, "output_len": args.output_len, "dtype": runner.dtype,
-            "output_tok_s": conc * args.output_len / med, "median_s": med, "times_s": times,
-            "ttft_s": statistics.median(ttfts), "peak_rss_mib": peak}
+    row = {"system": system, "concurrency": conc, "output_len": args.output_len, "dtype": runner.dtype,
+           "output_tok_s": conc * args.output_len / med, "median_s": med, "times_s": times,
+           "ttft_s": statistics.median(r["ttft_s"] for r in runs), "peak_rss_mib": peak_mib}
+    for key in runs[0]["cpu_s"]:  # CPU seconds per timed run of the processes around the engine (http)
+        row[f"{key}_cpu_s"] = statistics.median(r["cpu_s"][key] for r in runs)
+    return row
 
 
 class R1ServeRunner:
@@ -155,6 +217,12 @@ def report(rounds: list[list[dict]], args) -> None:
               f"{r['ttft_s'] * 1000:8.1f} {r['peak_rss_mib']:9.0f} {ratio:>16} {spread:>20}")
         if ratios:
             r[f"ratio_vs_{base}"], r["ratios_per_round"] = statistics.median(ratios), ratios
+    for r in rows:
+        if "server_cpu_s" in r:
+            tokens = r["concurrency"] * r["output_len"]
+            print(f"{r['system']} at concurrency {r['concurrency']}: CPU per run (median) {r['server_cpu_s']:.2f} s "
+                  f"in the API server process ({r['server_cpu_s'] / tokens * 1e6:.0f} µs per streamed token; the "
+                  f"engine process not counted), {r['client_cpu_s']:.2f} s in the load generator")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -165,8 +233,9 @@ def report(rounds: list[list[dict]], args) -> None:
 def summarize(cells: list[dict]) -> dict:
     """One cell over all rounds: medians of the per-round figures."""
     out = dict(cells[0])
-    for key in ("output_tok_s", "ttft_s", "peak_rss_mib", "median_s"):
-        out[key] = statistics.median(c[key] for c in cells)
+    for key in ("output_tok_s", "ttft_s", "peak_rss_mib", "median_s", "server_cpu_s", "client_cpu_s"):
+        if key in out:
+            out[key] = statistics.median(c[key] for c in cells)
     out["times_s"] = [t for c in cells for t in c["times_s"]]
     return out
 

@@ -2,13 +2,15 @@
 process as concurrent streaming completions, to measure what the HTTP layer costs."""
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import resource
+import selectors
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httptools
 import httpx
@@ -47,40 +49,104 @@ class HttpRunner:
         raise RuntimeError("r1serve serve did not become ready")
 
     def generate(self, ps: list[str], n: int) -> int:
-        return sum(t for t, _ in _run(self._all(ps, n)))
+        return sum(r.usage()["completion_tokens"] for r in self._stream(ps, n, READ_EVERY_S))
 
     def ttft(self, prompt: str) -> float:
-        return _run(self._all([prompt], 1))[0][1]
+        return self._stream([prompt], 1, None)[0].first_body_s or 0.0
 
-    async def _all(self, ps: list[str], n: int) -> list[tuple[int, float]]:
-        return await asyncio.gather(*(self._one(p, n) for p in ps))
+    def _stream(self, ps: list[str], n: int, read_every_s: float | None) -> list[StreamedResponse]:
+        bodies = [{"model": "bench", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                   "stream": True, "stream_options": {"include_usage": True}} for p in ps]
+        responses = stream_all(self.host, self.port, "/v1/completions", bodies, read_every_s)
+        for r in responses:
+            if r.status != 200:
+                raise RuntimeError(f"the server answered {r.status}: {r.tail[-500:]!r}")
+        return responses
 
-    async def _one(self, prompt: str, n: int) -> tuple[int, float]:
-        """(output tokens from the server's usage, time to the first token)."""
-        body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        loop = asyncio.get_running_loop()
-        stream = StreamedResponse(post_request(self.host, "/v1/completions", body))
-        await loop.create_connection(lambda: stream, self.host, self.port)
-        await asyncio.wait_for(stream.done, 600)
-        if stream.status != 200:
-            raise RuntimeError(f"the server answered {stream.status}: {stream.tail[-500:]!r}")
-        return stream.usage()["completion_tokens"], stream.first_body_s or 0.0
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the API server process (its engine child not included) and of
+        this process, the load generator; {} where /proc is not there to read."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return {}
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        return {"server": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+                "client": me.ru_utime + me.ru_stime}
 
     def close(self) -> float:
-        """Stop the server; returns its peak RSS in MiB."""
+        """Stop the server; returns its peak RSS in MiB: the API process and its engine
+        process together (each one's high-water mark) where /proc can be read."""
+        peak = sum(_peak_rss_kib(pid) for pid in _process_tree(self.proc.pid))
         self.proc.terminate()
         self.proc.wait(60)
-        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        # ru_maxrss of children is one process's peak, and a fork of this process counts its
+        # size at the fork: only the fallback.
+        return peak / 1024 if peak else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def _run(coro):
-    # uvloop when present (a dependency except on Windows): a third of the client's CPU per chunk.
+def _process_tree(pid: int) -> list[int]:
+    # A child is listed under the thread that started it (the engine: a loader thread).
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return [pid] + [p for child in children for p in _process_tree(int(child))]
+
+
+def _peak_rss_kib(pid: int) -> int:
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# The load generator shares the machine's cores with the server it measures. Woken per
+# chunk, it would preempt one of the engine's threads 32 times a step (a cost no remote
+# client puts on a server); reading its sockets every few ms wakes it ~10 times a step.
+READ_EVERY_S = 0.005
+
+
+def stream_all(host: str, port: int, path: str, bodies: list[dict], read_every_s: float | None,
+               timeout_s: float = 600) -> list[StreamedResponse]:
+    """POST each body on a connection of its own and read every streamed response to its end,
+    on this thread: one selector, and (with read_every_s) a sleep between passes instead of a
+    wake-up per chunk."""
+    responses = [StreamedResponse(post_request(host, path, body)) for body in bodies]
+    selector = selectors.DefaultSelector()
+    for r in responses:
+        sock = socket.create_connection((host, port))
+        r.t0 = time.perf_counter()
+        sock.sendall(r.request)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, r)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while selector.get_map():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"streamed responses not finished after {timeout_s} s")
+            if read_every_s:
+                time.sleep(read_every_s)
+            for key, _ in selector.select(timeout=0 if read_every_s else 1.0):
+                r = key.data
+                data = key.fileobj.recv(1 << 16)
+                if data:
+                    r.feed(data)
+                if not data or r.complete:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+                    if not r.complete:
+                        raise ConnectionError(f"the server closed a connection mid-response: {r.tail[-300:]!r}")
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    return responses
 
 
 def post_request(host: str, path: str, body: dict) -> bytes:
@@ -90,37 +156,26 @@ def post_request(host: str, path: str, body: dict) -> bytes:
     return head.encode() + data
 
 
-class StreamedResponse(asyncio.Protocol):
-    """One request on its own connection, its streamed response parsed by httptools (C).
+class StreamedResponse:
+    """One streamed HTTP response, parsed by httptools (C) as its bytes arrive.
 
-    The load generator shares the machine with the server it measures, so it does no more
-    per chunk than the measurement needs: the time of the first body bytes, and the last
-    few KiB, where the usage chunk is."""
+    The load generator shares the machine with the server it measures, so it keeps no more
+    than the measurement needs: the time of the first body bytes, and the last few KiB,
+    where the usage chunk is."""
 
     TAIL_BYTES = 8192
 
     def __init__(self, request: bytes) -> None:
         self.request = request
         self.parser = httptools.HttpResponseParser(self)
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # reset when the request is sent
         self.first_body_s: float | None = None
         self.status: int | None = None
         self.tail = b""
-        self.transport: asyncio.Transport | None = None
+        self.complete = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._end(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(ConnectionError(f"the server closed the connection mid-response ({exc})"))
+    def feed(self, data: bytes) -> None:
+        self.parser.feed_data(data)  # raises httptools.HttpParserError on a malformed response
 
     # httptools callbacks
 
@@ -133,16 +188,7 @@ class StreamedResponse(asyncio.Protocol):
         self.tail = (self.tail + body)[-self.TAIL_BYTES:]
 
     def on_message_complete(self) -> None:
-        self._end(None)
-        self.transport.close()
-
-    def _end(self, exc: Exception | None) -> None:
-        if self.done.done():
-            return
-        if exc is None:
-            self.done.set_result(None)
-        else:
-            self.done.set_exception(exc)
+        self.complete = True
 
     def usage(self) -> dict:
         """The usage of the stream's last JSON event (stream_options.include_usage)."""
