@@ -133,13 +133,12 @@ class ResponseJob(ABC):
             first = b"".join(self.first_events())
             if first:
                 await send(_body(first))
-            async for i, out in merged(streams):
-                engine_failed(out)
-                if _has_tokens(out):
-                    self.timer.on_tokens(out.metrics, streamed=True)
-                events = self.on_output(i, out)
-                if events:
-                    await send(_body(b"".join(events)))
+            if len(streams) == 1:  # the usual case: no merging task per request
+                async for out in streams[0]:
+                    await self._write(0, out, send)
+            else:
+                async for i, out in merged(streams):
+                    await self._write(i, out, send)
             await self.report("ok")
             if self.include_usage:
                 tail = sse(self.envelope([]) | {"usage": self.usage()})
@@ -155,6 +154,14 @@ class ResponseJob(ABC):
                 self.finish_reasons = [r or "abort" for r in self.finish_reasons]
                 self.meter.access.in_background(self.report("aborted"))
         await send(_body(tail + SSE_DONE, more=False))
+
+    async def _write(self, index: int, out: RequestOutput, send: Send) -> None:
+        engine_failed(out)
+        if _has_tokens(out):
+            self.timer.on_tokens(out.metrics, streamed=True)
+        events = self.on_output(index, out)
+        if events:
+            await send(_body(b"".join(events)))
 
     def envelope(self, choices: list[dict]) -> dict:
         body = {"id": self.id, "object": self.chunk_object_name, "created": self.created, "model": self.model.name,
