@@ -8,6 +8,7 @@ response ends (so a crash after the client has its answer loses no row).
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 
 from starlette.responses import Response
@@ -16,11 +17,13 @@ from starlette.types import Receive, Scope, Send
 from r1serve.engine.async_engine import RequestStream
 from r1serve.outputs import RequestOutput
 from r1serve.server.access import Meter
-from r1serve.server.errors import APIError
+from r1serve.server.errors import APIError, error_body
 from r1serve.server.generation import SSE_DONE, engine_failed, merged, sse
 from r1serve.server.metrics import RequestTimer
 from r1serve.server.protocol import SamplingFields, now
 from r1serve.server.served_model import ServedModel
+
+log = logging.getLogger("r1serve.server")
 
 
 class ClientGone(Exception):
@@ -125,7 +128,7 @@ class ResponseJob(ABC):
     async def write_events(self, streams: list[RequestStream], send: Send) -> None:
         """Stream the SSE response: one ASGI body message per engine output, written here.
 
-        No async generator sits between the engine's queue and the socket: at 32 streams a
+        No async generator sits between a request's stream and the socket: at 32 streams a
         server writes thousands of chunks a second, and every layer a chunk passes through is
         CPU taken from the engine on small machines (docs/performance.md)."""
         tail = b""
@@ -147,6 +150,10 @@ class ResponseJob(ABC):
             tail = sse(exc.body())
         except (ClientGone, OSError):  # OSError: ASGI servers may raise it on a closed connection
             return
+        except Exception as exc:  # a bug in this request's path: it ends with an error event, alone
+            log.exception("streamed response %s failed", self.id)
+            await self.report("error")
+            tail = sse(error_body(500, f"internal server error ({type(exc).__name__})"))
         finally:
             for s in streams:
                 s.abort()  # a no-op for finished ones
