@@ -103,7 +103,7 @@ def _sqlite_begin(conn: sa.Connection) -> None:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # transactions are begun explicitly (BEGIN IMMEDIATE above)
+    dbapi_conn.isolation_level = None  # transactions are begun explicitly (_sqlite_begin)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # committed means on disk

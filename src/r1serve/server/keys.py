@@ -67,11 +67,11 @@ class KeyStore:
         _check_limits(quota_tokens, rpm, tpm)
         secret = "sk-" + secrets.token_hex(32)
         key_id = "key_" + secrets.token_hex(6)
-        self._any_active = (False, -math.inf)
         with self.engine.begin() as conn:
             conn.execute(api_keys.insert().values(
                 id=key_id, name=name, key_hash=hash_secret(secret), prefix=secret[:7] + "…", is_admin=is_admin,
                 quota_tokens=quota_tokens, rpm=rpm, tpm=tpm, used_tokens=0, reserved_tokens=0, created_at=utcnow()))
+        self._any_active = (False, -math.inf)  # after the commit: a check racing it cannot cache the old answer
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> KeyInfo:
@@ -103,10 +103,10 @@ class KeyStore:
         return active if time.monotonic() - at < max_age_s else None
 
     def revoke(self, key_id: str) -> KeyInfo:
-        self._any_active = (False, -math.inf)
         with self.engine.begin() as conn:
             conn.execute(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                          .values(revoked_at=utcnow()))
+        self._any_active = (False, -math.inf)
         return self.get(key_id)
 
     def update(self, key_id: str, **limits) -> KeyInfo:
