@@ -70,6 +70,15 @@ def test_a_failing_request_fails_alone(llm):
     assert_idle(llm)
 
 
+def test_a_request_aborted_before_it_ran_reports_zero_cached_tokens(llm):
+    engine = llm.engine
+    engine.add_request("early", PROMPTS[2], SamplingParams(max_tokens=4))
+    assert engine._parents["early"].children[0].num_cached_tokens is None  # not scheduled: not known
+    out = engine.abort_request("early")
+    assert out.finished and out.num_cached_tokens == 0  # the output's field is always a count
+    assert_idle(llm)
+
+
 # ---- AsyncEngine -------------------------------------------------------------------------------
 
 

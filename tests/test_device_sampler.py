@@ -1,6 +1,9 @@
 """The device-side sampler against the host Sampler: the same tokens, draw for draw."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,3 +62,11 @@ def test_sampler_on_device_option_gives_the_same_tokens():
     logits = logits_for(4)
     assert Sampler(on_device=True)(logits, requests(params, seeds)).token_ids == \
         Sampler()(logits, requests(params, seeds)).token_ids
+
+
+def test_the_device_sampler_does_not_import_the_host_sampler():
+    # Both draw from engine/sampling_distribution.py; the host Sampler imports this module at
+    # its top, so an import back would make the two a cycle.
+    code = ("import sys, r1serve.engine.device_sampler; "
+            "assert 'r1serve.engine.sampler' not in sys.modules, 'device_sampler imports sampler'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,8 @@ import torch
 
 from r1serve import SamplingParams
 from r1serve.engine.request import Request
-from r1serve.engine.sampler import Sampler, _filtered_probs
+from r1serve.engine.sampler import Sampler
+from r1serve.engine.sampling_distribution import filtered_probs
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])  # sorted, so kept sets are prefixes
 
@@ -18,7 +19,7 @@ def make_req(params: SamplingParams, prompt=(1,), output=(), seed=0, eos=(0,)) -
 
 
 def kept(params: SamplingParams, logits: torch.Tensor) -> set[int]:
-    probs = _filtered_probs(logits[None, :], [make_req(params)])[0]
+    probs = filtered_probs(logits[None, :], [make_req(params)])[0]
     return set(torch.nonzero(probs).flatten().tolist())
 
 
@@ -70,14 +71,14 @@ def test_high_temperature_flattens_and_low_temperature_sharpens():
 
 def test_filtered_probs_apply_temperature_exactly():
     logits = torch.tensor([1.0, -0.5, 0.25, 3.0])
-    probs = _filtered_probs(logits[None], [make_req(SamplingParams(temperature=0.3))])[0]
+    probs = filtered_probs(logits[None], [make_req(SamplingParams(temperature=0.3))])[0]
     torch.testing.assert_close(probs, torch.softmax(logits / 0.3, -1))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 def test_top_k_keeps_exactly_k_candidates(k):
     logits = torch.tensor([0.3, 2.0, -1.0, 1.5, 0.9, -0.2, 1.1, 0.0])
-    probs = _filtered_probs(logits[None], [make_req(SamplingParams(top_k=k))])[0]
+    probs = filtered_probs(logits[None], [make_req(SamplingParams(top_k=k))])[0]
     top = set(logits.topk(k).indices.tolist())
     assert set(torch.nonzero(probs).flatten().tolist()) == top
     # The survivors keep their relative odds (renormalised softmax).
@@ -110,7 +111,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
 def test_top_p_per_row_in_a_batch_and_draws_stay_inside():
     logits = PROBS.log()
     reqs = [make_req(SamplingParams(top_p=p)) for p in (0.75, 1.0, 0.4)]
-    probs = _filtered_probs(logits.expand(3, -1).clone(), reqs)
+    probs = filtered_probs(logits.expand(3, -1).clone(), reqs)
     assert [set(torch.nonzero(r).flatten().tolist()) for r in probs] == [{0, 1}, {0, 1, 2, 3}, {0}]
     torch.testing.assert_close(probs[0, :2], PROBS[:2] / PROBS[:2].sum())
     torch.testing.assert_close(probs[1], PROBS)  # top_p=1 untouched by its neighbours' top_p
@@ -125,10 +126,10 @@ def test_top_p_1_and_top_k_rows_keep_their_whole_set_beside_a_top_p_row(scale):
     v = 50_000
     logits = torch.randn(3, v, generator=torch.Generator().manual_seed(0)) * scale
     reqs = [make_req(SamplingParams(top_p=1.0)), make_req(SamplingParams(top_k=v - 1)), make_req(SamplingParams(top_p=0.9))]
-    probs = _filtered_probs(logits, reqs)
+    probs = filtered_probs(logits, reqs)
     assert int((probs[0] > 0).sum()) == v
     assert int((probs[1] > 0).sum()) == v - 1
-    alone = _filtered_probs(logits[:1].clone(), reqs[:1])[0]
+    alone = filtered_probs(logits[:1].clone(), reqs[:1])[0]
     torch.testing.assert_close(probs[0], alone)
 
 

@@ -89,6 +89,31 @@ def test_prefix_hit_reuses_blocks():
     assert kv.pool.num_free == kv.pool.num_blocks
 
 
+def test_cached_tokens_are_unknown_until_first_admitted_and_then_kept():
+    sched, _ = make_scheduler()
+    prefix = list(range(100, 112))  # 3 full blocks
+    a = make_request("a", prefix + [1, 2], max_tokens=1)
+    sched.add(a)
+    assert a.num_cached_tokens is None  # waiting: not known yet (0 would say "no cache hit")
+    run_to_completion(sched)
+    b = make_request("b", prefix + [5], max_tokens=1)
+    sched.add(b)
+    assert b.num_cached_tokens is None
+    sched.schedule()
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 12)
+
+
+def test_a_readmission_after_preemption_keeps_the_first_cache_count():
+    sched, kv = make_scheduler(num_blocks=7)  # one request's worst case is 7 blocks: they preempt
+    reqs = [make_request(str(i), [i + 1] * (3 + 2 * i), max_tokens=12) for i in range(6)]
+    for r in reqs:
+        sched.add(r)
+    run_to_completion(sched)
+    # Preempted requests find their own blocks cached when readmitted; that is no prompt cache hit.
+    assert sum(r.num_preemptions for r in reqs) > 0 and kv.stats.hits > 0
+    assert [r.num_cached_tokens for r in reqs] == [0] * 6
+
+
 def test_live_prefix_is_shared_not_copied():
     sched, kv = make_scheduler()
     prefix = list(range(8))

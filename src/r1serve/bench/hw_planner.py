@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1serve.bench.hw_catalog import Chip
+from r1serve.bench.hw_chip import Chip
 from r1serve.bench.hw_model import ModelShape
 from r1serve.bench.hw_roofline import (Device, Layout, StepCost, kv_bytes_per_sequence_per_device, step_cost,
                                        weight_bytes_per_device, weight_format)

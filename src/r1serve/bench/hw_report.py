@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1serve.bench.hw_catalog import FIGURES, Catalog, Chip
+from r1serve.bench.hw_catalog import Catalog
+from r1serve.bench.hw_chip import FIGURES, Chip
 from r1serve.bench.hw_planner import PhasePlan, Plan
 from r1serve.bench.hw_validation import Check
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1serve.bench.hw_catalog import Calibration, Chip
+from r1serve.bench.hw_chip import Calibration, Chip
 from r1serve.bench.hw_model import ModelShape
 from r1serve.errors import R1ServeError
 

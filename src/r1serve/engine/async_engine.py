@@ -2,8 +2,8 @@
 
     event loop (server)                       engine core (engine_core.py)
     -------------------                       ----------------------------
-    add_request() --(add/abort commands)----> apply commands, engine.step()
-    RequestStream  <--(call_soon_threadsafe)-- outputs of the step, one batch per step
+    add_request() --(AddRequest, AbortRequest)--> apply commands, engine.step()
+    RequestStream  <--(call_soon_threadsafe)----- Stepped: the step's outputs, one batch per step
 
 The core runs in a process of its own (`r1serve serve`) or on a thread (in-process use,
 tests); either way the event loop never blocks on a model step. Commands are applied
@@ -17,8 +17,12 @@ import time
 from collections import deque
 from typing import AsyncIterator
 
-from r1serve.engine.engine_core import EngineSnapshot, ProcessCore, ThreadCore
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineSnapshot, Failed, Reply, Stepped,
+                                          Stopped, unknown_message)
+from r1serve.engine.engine_core import ProcessCore, ThreadCore
 from r1serve.engine.llm_engine import LLMEngine, Prompt
+from r1serve.models.arch_config import ArchConfig
+from r1serve.models.loader import open_checkpoint
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 
@@ -128,7 +132,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         accepted = self._loop.create_future()
         self._accepting[request_id] = accepted
-        self.core.send(("add", request_id, prompt, params))
+        self.core.send(AddRequest(request_id, prompt, params))
         try:
             await accepted
         except BaseException:
@@ -136,7 +140,7 @@ class AsyncEngine:
             # the add (commands are applied in order), so nothing is left running.
             self._accepting.pop(request_id, None)
             self._streams.pop(request_id, None)
-            self.core.send(("abort", request_id))
+            self.core.send(AbortRequest(request_id))
             raise
         return stream
 
@@ -151,7 +155,7 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self.core.send(("abort", request_id))
+        self.core.send(AbortRequest(request_id))
 
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -161,21 +165,22 @@ class AsyncEngine:
 
     # ---- EngineSink: called off the event loop, handed to it -------------------------------
 
-    def added(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
-        self._to_loop(self._settle, request_id, error, prompt_token_ids)
-
-    def stepped(self, outputs: list[RequestOutput], snapshot: EngineSnapshot) -> None:
-        self.snapshot = snapshot
-        if outputs:
-            self._to_loop(self._dispatch, outputs)
-
-    def failed(self, request_ids: list[str], message: str) -> None:
-        self._to_loop(self._fail_streams, request_ids, RuntimeError(message))
-
-    def stopped(self, error: str | None) -> None:
-        if error is not None:
-            self._error = error
-        self._to_loop(self._on_stopped)
+    def report(self, reply: Reply) -> None:
+        match reply:
+            case Stepped(outputs=outputs, snapshot=snapshot):  # first: one per step, the rest are rare
+                self.snapshot = snapshot
+                if outputs:
+                    self._to_loop(self._dispatch, outputs)
+            case Added():
+                self._to_loop(self._settle, reply)
+            case Failed(request_ids=request_ids, message=message):
+                self._to_loop(self._fail_streams, request_ids, RuntimeError(message))
+            case Stopped(error=error):
+                if error is not None:
+                    self._error = error
+                self._to_loop(self._on_stopped)
+            case _:
+                raise TypeError(f"not an engine core reply: {unknown_message(reply, Reply)}")
 
     def _to_loop(self, fn, *args) -> None:
         try:
@@ -185,17 +190,17 @@ class AsyncEngine:
 
     # ---- on the event loop -----------------------------------------------------------------
 
-    def _settle(self, request_id: str, error: BaseException | None, prompt_token_ids: list[int] | None) -> None:
-        stream = self._streams.get(request_id)
+    def _settle(self, added: Added) -> None:
+        stream = self._streams.get(added.request_id)
         if stream is not None:
-            stream.prompt_token_ids = prompt_token_ids
-        future = self._accepting.pop(request_id, None)
+            stream.prompt_token_ids = added.prompt_token_ids
+        future = self._accepting.pop(added.request_id, None)
         if future is None or future.done():  # the caller was cancelled meanwhile
             return
-        if error is None:
+        if added.error is None:
             future.set_result(None)
         else:
-            future.set_exception(error)
+            future.set_exception(added.error)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -231,9 +236,6 @@ async def load_engine(config, model_path, own_process: bool = True) -> AsyncEngi
     of this one); the event loop keeps answering /health meanwhile."""
     t0 = time.monotonic()
     if own_process:
-        from r1serve.models.loader import open_checkpoint
-        from r1serve.models.arch_config import ArchConfig
-
         core = ProcessCore(config, model_path)
         info = await asyncio.to_thread(core.load)
         ckpt = await asyncio.to_thread(open_checkpoint, model_path)

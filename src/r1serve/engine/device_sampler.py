@@ -9,16 +9,16 @@ tensor ops and the result stays on the device:
     random rows   argmax(probs / q), q ~ Exp(1) drawn with the request's own generator
 
 The exponential race is the host path's, draw for draw (same generator calls in the same
-order, same filtered probabilities), so a seeded request samples the same tokens either
-way; tests/test_device_sampler.py checks that. Penalties are applied before, by the Sampler,
-and logprobs after, from the same logits.
+order, the same probabilities from engine/sampling_distribution.py), so a seeded request
+samples the same tokens either way; tests/test_device_sampler.py checks that. Penalties are
+applied before, by the Sampler, and logprobs after, from the same logits.
 """
 from __future__ import annotations
 
 import torch
 
 from r1serve.engine.request import Request
-from r1serve.engine.sampler import _filtered_probs
+from r1serve.engine.sampling_distribution import filtered_probs
 
 
 def sample_on_device(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -28,7 +28,7 @@ def sample_on_device(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     if not random_rows:
         return tokens
     rows = torch.tensor(random_rows, device=logits.device)
-    probs = _filtered_probs(logits[rows], [requests[i] for i in random_rows])  # (R, V)
+    probs = filtered_probs(logits[rows], [requests[i] for i in random_rows])  # (R, V)
     # One generator per request keeps a request's draws independent of the rest of the batch.
     race = torch.stack([torch.empty_like(probs[j]).exponential_(generator=requests[i].generator)
                         for j, i in enumerate(random_rows)])

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from r1serve.config import EngineConfig
+from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
@@ -73,7 +74,7 @@ class LLMEngine:
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
-        from r1serve.engine.cuda_graph_runner import CudaGraphRunner
+        # The CUDA platform's module is loaded only once it is chosen (as get_platform does).
         from r1serve.platforms.cuda import uses_triton
 
         if not uses_triton(self.config.kernel):  # the twins sync with the host: not capturable
@@ -231,7 +232,7 @@ class LLMEngine:
                    "first_scheduled_time": first.first_scheduled_time,
                    "num_preemptions": sum(c.num_preemptions for c in parent.children)}
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
-                             parent.finished, max(first.num_cached_tokens, 0), metrics, parent.error)
+                             parent.finished, first.num_cached_tokens or 0, metrics, parent.error)
 
     def _completion(self, index: int, child: Request, detok: IncrementalDetokenizer,
                     sent: list[int] | None) -> CompletionOutput:

@@ -36,7 +36,7 @@ class Request:
     # prompt + output; appended to in place so the scheduler never concatenates per step.
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int = -1  # prompt tokens the prefix cache served, set at first admission
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served; None until first admitted
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from r1serve.engine.device_sampler import sample_on_device
 from r1serve.engine.request import Request
+from r1serve.engine.sampling_distribution import filtered_probs
 from r1serve.kernels.argmax_rows import argmax_rows
 from r1serve.outputs import Logprob
 
@@ -58,14 +60,12 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         if self.on_device:
-            from r1serve.engine.device_sampler import sample_on_device
-
             return sample_on_device(logits, requests).tolist()
         greedy = argmax_rows(logits).tolist()
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
             return greedy
-        probs = _filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
+        probs = filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
         for row, i in enumerate(random_rows):
             # Exponential race (argmax p/q, q ~ Exp(1)) draws from p using only this
             # request's generator: the result does not depend on the rest of the batch.
@@ -78,31 +78,6 @@ def _needs_processing(r: Request) -> bool:
     p = r.params
     return (r.num_output_tokens < p.min_tokens or p.repetition_penalty != 1.0
             or bool(p.presence_penalty) or bool(p.frequency_penalty))
-
-
-def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    # logits: (R, V) -> probabilities after temperature, top-k, top-p and min-p
-    dev = logits.device
-    temp = torch.tensor([r.params.temperature for r in requests], device=dev)[:, None]
-    logits = logits / temp
-    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in requests], device=dev)
-    top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
-    min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
-    # Decided from the requests, not the tensors: no device-to-host sync.
-    if any(0 < (r.params.top_k or 0) < logits.shape[1] or r.params.top_p < 1 for r in requests):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[1], device=dev)[None, :]
-        drop = ranks >= top_k[:, None]
-        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        # Keep the smallest set whose mass reaches top_p (the first token always stays). Rows
-        # with top_p = 1 are left alone: float cumsums reach 1.0 early over a large vocabulary
-        # and would cut their tail, only because another request in the batch wanted top-p.
-        drop |= ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]) & (top_p[:, None] < 1)
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    if any(r.params.min_p > 0 for r in requests):
-        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
-    return probs
 
 
 def _logprobs(row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:

@@ -80,7 +80,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.num_computed_tokens += num_hit
-            if req.num_cached_tokens < 0:
+            if req.num_cached_tokens is None:  # first admission only: a readmission finds its own blocks
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:

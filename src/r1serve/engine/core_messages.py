@@ -1,0 +1,115 @@
+"""The messages between an AsyncEngine and its engine core: one frozen class per kind.
+
+    front end -> core (commands)          core -> front end (replies)
+    ----------------------------          ---------------------------
+    AddRequest                            Added     the add's answer: the prompt's ids, or why not
+    AbortRequest                          Stepped   one loop iteration's outputs and counters
+    Shutdown                              Failed    a step failed: these requests are over
+                                          Stopped   the loop ended (error None: it was told to)
+                                          while loading: EngineInfo, or LoadFailed
+
+Both sides dispatch on the class. They cross the engine process's pipe by pickle; Stepped is
+the hot one (one per step), and its outputs go without their prompts, which crossed once
+already (in AddRequest, and as ids in Added).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import UnionType
+from typing import get_args
+
+from r1serve.engine.llm_engine import Prompt
+from r1serve.outputs import RequestOutput
+from r1serve.sampling_params import SamplingParams
+
+
+# ---- commands: front end -> core ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Stop the loop; the commands that arrived with it are not applied."""
+
+
+Command = AddRequest | AbortRequest | Shutdown
+
+
+# ---- replies: core -> front end -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's counters after its latest step (read by the server without locking)."""
+
+    # Not slots: a frozen slotted dataclass unpickles field by field through Python
+    # (__setstate__), twice as slow as this one's __dict__, and one crosses the pipe per step.
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_kv_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_steps: int = 0  # loop iterations (steps and command batches)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """The engine process has loaded its model: what the server needs to know of it."""
+
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    error: BaseException  # what loading raised, or a RuntimeError with its message if it does not pickle
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    request_id: str
+    error: BaseException | None  # why the engine refused the request; None: it is queued
+    prompt_token_ids: list[int] | None  # the prompt as the engine tokenized it; None if refused
+
+
+@dataclass(frozen=True, slots=True)
+class Stepped:
+    outputs: list[RequestOutput]  # this step's, one per request that produced something
+    snapshot: EngineSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    request_ids: list[str]  # the requests of a batch whose step raised, now aborted
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    error: str | None  # why the loop ended; None: it was told to stop
+
+
+Reply = Added | Stepped | Failed | Stopped
+
+
+def check_command(command: object) -> None:
+    """Refuse a non-command where it is sent (the caller's mistake), not later in the loop."""
+    if not isinstance(command, Command):
+        raise TypeError(f"not an engine core command: {unknown_message(command, Command)}")
+
+
+def unknown_message(message: object, kinds: UnionType) -> str:
+    names = ", ".join(k.__name__ for k in get_args(kinds))
+    return f"got {type(message).__name__}, expected one of {names}"
