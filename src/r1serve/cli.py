@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+# Only flag definitions at import: building the parser must not load torch, FastAPI or the
+# load generator (each command imports what it runs).
+from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args
+from r1serve.bench.hw_cli import add_args as add_hw_args
 from r1serve.errors import R1ServeError
 
 
@@ -178,7 +182,7 @@ def cmd_serve(args) -> None:
                   for name, model in zip(names, args.model))
     config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                          engine_process=not args.engine_on_thread)
+                          engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease)
     code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level)
     if code:
         raise SystemExit(code)
@@ -257,7 +261,7 @@ def cmd_bench(args) -> None:
     if args.bench_command == "serve":
         from r1serve.bench.serve import main as bench_serve
 
-        bench_serve(args)
+        bench_serve(args, cache_dir_from(args))
         return
     if args.bench_command == "random-model":
         from r1serve.bench.random_checkpoint import main as random_model
@@ -266,7 +270,7 @@ def cmd_bench(args) -> None:
         return
     from r1serve.bench.offline import main as bench_offline
 
-    bench_offline(args)
+    bench_offline(args, cache_dir_from(args))
 
 
 def cmd_hw(args) -> None:
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_arg(p)
     p.add_argument("--cached-token-weight", type=float, default=0.25,
                    help="what one prefix-cache-hit prompt token counts against a quota (default 0.25)")
+    p.add_argument("--quota-lease", type=float, default=30.0,
+                   help="seconds after which the quota holds of a server that died (renewed every third of this "
+                        "while it lives) go back to their keys")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="API keys: create, list, revoke, update")
@@ -357,21 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench_command", required=True)
-    from r1serve.bench.offline import add_args as add_offline_args
-
     add_offline_args(bench.add_parser("offline", help="r1serve vs transformers generate(), same prompts, same run"))
-    from r1serve.bench.serve import add_args as add_serve_bench_args
-
-    add_serve_bench_args(bench.add_parser("serve", help="load an OpenAI-compatible endpoint: throughput, TTFT, "
-                                                         "TPOT, ITL, goodput"))
-    rm = bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks")
-    rm.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
-    rm.add_argument("out", help="directory to write")
+    add_serve_args(bench.add_parser("serve", help="load an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, "
+                                                   "goodput"))
+    add_random_model_args(bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks"))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("hw", help="accelerators: catalog, serving planner (%% of an H100), local measurement")
-    from r1serve.bench.hw_cli import add_args as add_hw_args
-
     add_hw_args(p)
     p.set_defaults(func=cmd_hw)
     return parser

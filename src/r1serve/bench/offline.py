@@ -10,13 +10,13 @@ so a round's runs are seconds apart.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 TOPICS = ["the history of the printing press", "how a paged KV cache works", "why the sky is blue",
@@ -28,56 +28,106 @@ def prompts(n: int) -> list[str]:
     return [f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}, part {i + 1}." for i in range(n)]
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--concurrency", default="1,32", help="comma-separated numbers of concurrent sequences")
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell and round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all cells")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--systems", default="r1serve,transformers",
-                   help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients)")
-    p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")
-    p.add_argument("--out", default="results/bench_offline.json")
-    p.add_argument("--interleave", action="store_true",
-                   help="load every system once per concurrency and alternate their timed runs (paired "
-                        "runs seconds apart); in-process systems then share one process's peak memory")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-
-
-def main(args) -> None:
+def main(args, cache_dir: Path) -> None:
+    """`cache_dir`: where catalog models live (the CLI's --cache-dir or its default)."""
     if args.worker:
-        systems, conc = args.worker.split(":")
-        if args.interleave:
-            print(json.dumps(run_interleaved(args, systems.split(","), int(conc))))
-        else:
-            print(json.dumps(run_cell(args, systems, int(conc))))
+        print(json.dumps(run_worker(args, cache_dir)))
         return
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    systems = args.systems.split(",")
+    peers = {conc: peer_dtype(args, conc) for conc in concurrencies} if "transformers" in systems else {}
+    rounds: list[list[dict]] = [[] for _ in range(args.rounds)]
     if args.interleave:
-        rounds: list[list[dict]] = [[] for _ in range(args.rounds)]
         for conc in concurrencies:
-            for i, cells in enumerate(spawn_worker(args, args.systems, conc)):
+            for i, cells in enumerate(spawn_worker(args, args.systems, conc, peers.get(conc))):
                 rounds[i] += cells
-        report(rounds, args)
-        return
-    rounds = []
-    for i in range(args.rounds):
-        rounds.append([])
-        for conc in concurrencies:
-            for system in args.systems.split(","):
-                rounds[-1].append(spawn_worker(args, system, conc))
-                print(f"  round {i + 1}: {system:12s} concurrency {conc:3d}: "
-                      f"{rounds[-1][-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
+    else:
+        for i in range(args.rounds):
+            for conc in concurrencies:
+                for system in systems:
+                    rounds[i].append(spawn_worker(args, system, conc, peers.get(conc)))
+                    print(f"  round {i + 1}: {system:12s} concurrency {conc:3d}: "
+                          f"{rounds[i][-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
+    for cell in (c for rnd in rounds for c in rnd):
+        cell["dtype_why"] = peers[cell["concurrency"]].why if cell["system"] == "transformers" \
+            else engine_dtype_why(args.dtype)
     report(rounds, args)
 
 
-def spawn_worker(args, systems: str, conc: int):
+def run_worker(args, cache_dir: Path):
+    """One worker process's job, as `--worker SYSTEMS:CONCURRENCY` names it."""
+    systems, conc = args.worker.split(":")
+    if systems == "calibrate":
+        return time_peer_dtypes(args, int(conc), cache_dir)
+    if args.interleave:
+        return run_interleaved(args, systems.split(","), int(conc), cache_dir)
+    return run_cell(args, systems, int(conc), cache_dir)
+
+
+@dataclass(frozen=True)
+class PeerDtype:
+    dtype: str
+    why: str  # printed under the table, kept in the JSON
+
+
+def peer_dtype(args, conc: int) -> PeerDtype:
+    """The peer runs in its fastest dtype on this machine, found by timing each candidate
+    (bf16 is fast where the CPU has it natively and ~4x slower than float32 where it is
+    emulated), unless --peer-dtype names one."""
+    if args.peer_dtype != "auto":
+        return PeerDtype(args.peer_dtype, "as given (--peer-dtype)")
+    rates = spawn_worker(args, "calibrate", conc, None)
+    return fastest(rates)
+
+
+def fastest(rates: dict[str, float]) -> PeerDtype:
+    best = max(rates, key=rates.get)
+    timed = ", ".join(f"{d} {r:.1f} tok/s" for d, r in sorted(rates.items(), key=lambda kv: -kv[1]))
+    return PeerDtype(best, f"the fastest here of {timed} (timed before the runs)")
+
+
+def peer_candidates() -> tuple[str, ...]:
+    import torch
+
+    # float16 on a CPU is emulated everywhere torch runs; on a GPU bf16 and fp16 both are native.
+    return ("bfloat16", "float16") if torch.cuda.is_available() else ("float32", "bfloat16")
+
+
+CALIBRATION_TOKENS = 16
+
+
+def time_peer_dtypes(args, conc: int, cache_dir: Path) -> dict[str, float]:
+    """transformers' tok/s in each candidate dtype: one load each, a warm-up, one short run."""
+    import gc
+
+    rates, ps = {}, prompts(conc)
+    for dtype in peer_candidates():
+        runner = TransformersRunner(args.model, dtype, cache_dir)
+        runner.generate(ps, 2)
+        t0 = time.perf_counter()
+        n_out = runner.generate(ps, CALIBRATION_TOKENS)
+        rates[dtype] = n_out / (time.perf_counter() - t0)
+        del runner
+        gc.collect()
+    return rates
+
+
+def engine_dtype_why(requested: str) -> str:
+    if requested != "auto":
+        return "as given (--dtype)"
+    import torch
+
+    return ("the engine's --dtype auto: a float32 checkpoint stays float32, a 16-bit one runs in bf16 where the "
+            f"device has it natively, else float32 (torch CPU capability {torch.backends.cpu.get_cpu_capability()})")
+
+
+def spawn_worker(args, systems: str, conc: int, peer: PeerDtype | None):
     cmd = [sys.executable, "-m", "r1serve.cli"]
     if getattr(args, "cache_dir", None):
         cmd += ["--cache-dir", args.cache_dir]
     cmd += ["bench", "offline", "--model", args.model, "--output-len", str(args.output_len),
-            "--repeats", str(args.repeats), "--dtype", args.dtype, "--worker", f"{systems}:{conc}"]
+            "--repeats", str(args.repeats), "--dtype", args.dtype, "--peer-dtype", peer.dtype if peer else "auto",
+            "--worker", f"{systems}:{conc}"]
     if args.interleave:
         cmd += ["--interleave", "--rounds", str(args.rounds)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.interleave else subprocess.PIPE,
@@ -87,21 +137,21 @@ def spawn_worker(args, systems: str, conc: int):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_cell(args, system: str, conc: int) -> dict:
-    runner = open_runner(args, system)
+def run_cell(args, system: str, conc: int, cache_dir: Path) -> dict:
+    runner = open_runner(args, system, cache_dir)
     ps = prompts(conc)
     runs = [timed_run(runner, ps, args.output_len) for _ in range(args.repeats)]
     return cell_row(args, system, conc, runner, runs, close_runner(runner))
 
 
-def run_interleaved(args, systems: list[str], conc: int) -> list[list[dict]]:
+def run_interleaved(args, systems: list[str], conc: int, cache_dir: Path) -> list[list[dict]]:
     """Every system loaded once in this process (a server as a child process), then each
     round times each system once, in alternating order: the runs a ratio pairs are seconds
     apart, not a model load apart, which on a machine whose speed drifts within minutes is
     what makes a 10% difference measurable."""
     # A server is started first: a fork of this process after a model is loaded here would
     # count that model in the server's peak memory (ru_maxrss includes the pre-exec image).
-    runners = {s: open_runner(args, s) for s in sorted(systems, key=lambda s: s != "http")}
+    runners = {s: open_runner(args, s, cache_dir) for s in sorted(systems, key=lambda s: s != "http")}
     ps = prompts(conc)
     per_round = []
     for i in range(args.rounds):
@@ -114,10 +164,14 @@ def run_interleaved(args, systems: list[str], conc: int) -> list[list[dict]]:
     return [[cell_row(args, s, conc, runners[s], [runs[s]], peaks[s]) for s in systems] for runs in per_round]
 
 
-def open_runner(args, system: str):
+def open_runner(args, system: str, cache_dir: Path):
     from r1serve.bench.server_runner import HttpRunner
 
-    runner = {"r1serve": R1ServeRunner, "transformers": TransformersRunner, "http": HttpRunner}[system](args)
+    if system == "transformers" and args.peer_dtype == "auto":
+        raise ValueError("a transformers cell needs its dtype chosen first (peer_dtype), not 'auto'")
+    runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir),
+              "transformers": lambda: TransformersRunner(args.model, args.peer_dtype, cache_dir),
+              "http": lambda: HttpRunner(args)}[system]()
     runner.generate(prompts(1), 4)  # warm-up: first-call allocations and kernel selection
     return runner
 
@@ -151,11 +205,10 @@ def cell_row(args, system: str, conc: int, runner, runs: list[dict], peak_mib: f
 
 
 class R1ServeRunner:
-    def __init__(self, args) -> None:
-        from r1serve.cli import cache_dir_from
+    def __init__(self, model: str, dtype: str, cache_dir: Path) -> None:
         from r1serve.llm import LLM
 
-        self.llm = LLM(args.model, dtype=args.dtype, cache_dir=cache_dir_from(args))
+        self.llm = LLM(model, dtype=dtype, cache_dir=cache_dir)
         self.dtype = str(self.llm.engine.loaded.dtype).removeprefix("torch.")
 
     def generate(self, ps: list[str], n: int) -> int:
@@ -171,15 +224,14 @@ class R1ServeRunner:
 
 
 class TransformersRunner:
-    def __init__(self, args) -> None:
+    def __init__(self, model: str, dtype_name: str, cache_dir: Path) -> None:
         import torch
         import transformers
 
-        from r1serve.cli import cache_dir_from
         from r1serve.models.catalog import resolve_model
 
-        path = resolve_model(args.model, cache_dir_from(args))
-        dtype = torch.bfloat16 if args.dtype in ("auto", "bfloat16") else getattr(torch, args.dtype)
+        path = resolve_model(model, cache_dir)
+        dtype = getattr(torch, dtype_name)
         src = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" \
             else dict(pretrained_model_name_or_path=path)
         self.tok = transformers.AutoTokenizer.from_pretrained(**src)
@@ -223,11 +275,25 @@ def report(rounds: list[list[dict]], args) -> None:
             print(f"{r['system']} at concurrency {r['concurrency']}: CPU per run (median) {r['server_cpu_s']:.2f} s "
                   f"in the API server process ({r['server_cpu_s'] / tokens * 1e6:.0f} µs per streamed token; the "
                   f"engine process not counted), {r['client_cpu_s']:.2f} s in the load generator")
+    print()
+    for r in rows:
+        print(f"dtype of {r['system']} at concurrency {r['concurrency']}: {r['dtype']}, {r['dtype_why']}")
+    cpu = this_machine()
+    print(f"machine: {cpu['model']}; {', '.join(cpu['isa']) or 'no vector ISA flags read'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"}, "machine": cpu,
                                "rows": rows, "rounds": rounds}, indent=2))
     print(f"\nwrote {out}")
+
+
+def this_machine() -> dict:
+    """The CPU every figure was measured on: its model and the vector ISA it has."""
+    from r1serve.bench.hw_cpu import SHOWN_FLAGS, cpuinfo
+
+    proc = Path("/proc/cpuinfo")
+    info = cpuinfo(proc.read_text() if proc.exists() else "")
+    return {"model": info["model"], "isa": sorted(info["flags"] & set(SHOWN_FLAGS))}
 
 
 def summarize(cells: list[dict]) -> dict:

@@ -10,7 +10,6 @@ server's speed). Every request streams; its chunks are timed as they arrive.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import re
@@ -25,27 +24,6 @@ from r1serve.bench.serve_client import RequestResult, RequestSpec, send
 from r1serve.bench.serve_dataset import load_requests
 from r1serve.bench.serve_report import LevelReport, summarize, table, write_outputs
 from r1serve.errors import InvalidRequestError
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", required=True, help="the model name the server knows")
-    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer (default: none)")
-    p.add_argument("--concurrency", default="1,8,32", help="closed-loop levels, comma-separated")
-    p.add_argument("--request-rate", default=None, help="open-loop Poisson rates in requests/s, comma-separated "
-                                                          "(replaces --concurrency)")
-    p.add_argument("--num-prompts", type=int, default=200, help="requests per level")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random dataset)")
-    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
-    p.add_argument("--dataset", default="random", help="random, chat, or a .jsonl file")
-    p.add_argument("--tokenizer", default=None, help="for prompt lengths and for counting tokens when the server "
-                                                      "gives no usage: a catalog name, .gguf or HF directory")
-    p.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-len tokens (vLLM/r1serve)")
-    p.add_argument("--slo-ttft", default=None, help="e.g. 2s or 500ms: goodput counts requests within it")
-    p.add_argument("--slo-tpot", default=None, help="e.g. 100ms")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--out", default=None, help="directory for bench_serve.json and bench_serve.png")
 
 
 def parse_duration(value: str | None, name: str) -> float | None:
@@ -120,11 +98,10 @@ async def _open_loop(specs, rate: float, one, rng: random.Random) -> list[Reques
     return list(await asyncio.gather(*tasks))
 
 
-def main(args) -> list[LevelReport]:
-    from r1serve.cli import cache_dir_from
-
+def main(args, cache_dir: Path) -> list[LevelReport]:
+    """`cache_dir`: where catalog models live, for --tokenizer."""
     slo_ttft, slo_tpot = parse_duration(args.slo_ttft, "--slo-ttft"), parse_duration(args.slo_tpot, "--slo-tpot")
-    tokenizer = load_tokenizer(args.tokenizer, cache_dir_from(args))
+    tokenizer = load_tokenizer(args.tokenizer, cache_dir)
     specs = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, tokenizer, args.seed)
     count = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else \
         (lambda text: len(text.split()))  # no usage and no tokenizer: words, said in the report's flag

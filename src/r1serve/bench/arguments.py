@@ -1,0 +1,52 @@
+"""The `r1serve bench` subcommands' flags, kept apart from the code they drive: building
+the CLI's parser must import nothing heavy (no torch, no HTTP client, no load generator),
+so `r1serve --help` is instant and the first command a user runs cannot fail on them."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated numbers of concurrent sequences")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all cells")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="r1serve's dtype (auto: the engine's choice for this machine)")
+    p.add_argument("--peer-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="transformers' dtype (auto: each candidate timed on this machine, the fastest kept)")
+    p.add_argument("--systems", default="r1serve,transformers",
+                   help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients)")
+    p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")
+    p.add_argument("--out", default="results/bench_offline.json")
+    p.add_argument("--interleave", action="store_true",
+                   help="load every system once per concurrency and alternate their timed runs (paired "
+                        "runs seconds apart); in-process systems then share one process's peak memory")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the model name the server knows")
+    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer (default: none)")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop levels, comma-separated")
+    p.add_argument("--request-rate", default=None, help="open-loop Poisson rates in requests/s, comma-separated "
+                                                          "(replaces --concurrency)")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests per level")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random dataset)")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    p.add_argument("--dataset", default="random", help="random, chat, or a .jsonl file")
+    p.add_argument("--tokenizer", default=None, help="for prompt lengths and for counting tokens when the server "
+                                                      "gives no usage: a catalog name, .gguf or HF directory")
+    p.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-len tokens (vLLM/r1serve)")
+    p.add_argument("--slo-ttft", default=None, help="e.g. 2s or 500ms: goodput counts requests within it")
+    p.add_argument("--slo-tpot", default=None, help="e.g. 100ms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--out", default=None, help="directory for bench_serve.json and bench_serve.png")
+
+
+def add_random_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
+    p.add_argument("out", help="directory to write")
