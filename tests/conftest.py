@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,37 @@ def smollm2_server(smollm2_gguf, tmp_path_factory):
                            tmp_path_factory.mktemp("server") / "server.log")
     yield server
     server.stop()
+
+
+# ---- the key and usage databases: a SQLite file, and PostgreSQL when one can be had ---------------
+
+
+@pytest.fixture()
+def db(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'platform.db'}"
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    url = os.environ.get("R1SERVE_TEST_PG_URL")
+    if not url:  # start the machine's own (installing Debian's package if need be)
+        script = Path(__file__).parents[1] / "scripts" / "start_postgres.sh"
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+        url = done.stdout.strip()
+        if done.returncode != 0 or not url:
+            pytest.skip(f"no PostgreSQL ({done.stderr.strip()[-300:]}); set R1SERVE_TEST_PG_URL to use one")
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a clean schema for this run
+        conn.execute(sa.text("DROP TABLE IF EXISTS admissions, server_leases, usage_ledger, api_keys, r1serve_schema "
+                             "CASCADE"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'platform.db'}"
+    return request.getfixturevalue("pg_url")

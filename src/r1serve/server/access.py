@@ -1,8 +1,9 @@
 """Who is calling and what they may spend: API-key auth, rate limits, quota, usage records.
 
-With no live key in the database the server is open (local use; said loudly at start):
-requests need no key and usage is still recorded, without a key. Once a key exists every
-request needs one, as `Authorization: Bearer sk-…` (what OpenAI clients send).
+Until the first key is created the server is open (local use; said loudly at start):
+requests need no key and usage is still recorded, without a key. Once a key has been
+created every request needs a live one, as `Authorization: Bearer sk-…` (what OpenAI
+clients send), for good: revoking every key locks the server, it does not open it again.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from fastapi import Request
 
+from r1serve.server.admission import AdmissionControl, Refused, ServerLease
 from r1serve.server.db import open_database
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
 from r1serve.server.ledger import Ledger, UsageRecord
-from r1serve.server.rate_limit import RateLimiter
 
-
-# Whether any key exists decides if the server is open; asked per request it was a database
-# round trip per request. A key created by the CLI while the server runs closes it within this.
+# While no key exists the server is open; asked per request that was a database round trip
+# per request. A key created elsewhere (the CLI, another server) closes it within this.
+# Once closed it stays closed, so closed servers never ask again.
 KEYS_RECHECK_S = 1.0
 
 
@@ -40,26 +41,36 @@ class Principal:
 
 
 class Access:
-    """The platform's state for one server: keys, ledger, rate limiter."""
+    """The platform's state: keys and ledger (the CLI's too), and for a server its lease and
+    admission control (`start_lease`)."""
 
     def __init__(self, db_url: str, cached_weight: float = 0.25) -> None:
         self.engine: sa.Engine = open_database(db_url)
         self.keys = KeyStore(self.engine)
         self.ledger = Ledger(self.engine, cached_weight)
-        self.limits = RateLimiter()
+        self.admission: AdmissionControl | None = None
         self._pending: set[asyncio.Task] = set()
-        if self.engine.dialect.name == "sqlite":  # one server owns the file: old holds are a crash's
-            self.ledger.clear_reservations()
+
+    def start_lease(self, ttl_s: float) -> None:
+        """Serve requests: hold quota under a lease that dies with this process."""
+        lease = ServerLease(self.engine, ttl_s)
+        lease.start()
+        self.admission = AdmissionControl(self.engine, lease)
+
+    def end_lease(self) -> None:
+        if self.admission is not None:
+            self.admission.lease.end()
+            self.admission = None
 
     @property
     def is_open(self) -> bool:
-        return not self.keys.any_active()
+        return not self.keys.has_keys()
 
     async def principal(self, request: Request) -> Principal:
-        active = self.keys.recent_any_active(KEYS_RECHECK_S)
-        if active is None:
-            active = await asyncio.to_thread(self.keys.any_active)
-        if not active:
+        closed = self.keys.recent_has_keys(KEYS_RECHECK_S)
+        if closed is None:
+            closed = await asyncio.to_thread(self.keys.has_keys)
+        if not closed:
             return Principal(None)  # whatever key a client sends (SDKs insist on one) is ignored
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
@@ -89,38 +100,36 @@ class Meter:
 
     def __init__(self, access: Access, principal: Principal, model: str, request_id: str) -> None:
         self.access, self.principal, self.model, self.request_id = access, principal, model, request_id
-        self.reserved = 0
+        self.admission_id: int | None = None
         self.started = time.monotonic()
 
     async def admit(self, worst_case_tokens: int) -> None:
         key = self.principal.key
         if key is None:
             return
-        wait = self.access.limits.acquire(key.id, key.rpm, key.tpm, worst_case_tokens)
-        if wait > 0:
-            retry = "1" if math.isinf(wait) else str(math.ceil(wait))
-            raise APIError(429, f"Rate limit reached for key {key.id} (rpm {key.rpm}, tpm {key.tpm}); "
-                                f"retry after {retry} s", code="rate_limit_exceeded", headers={"Retry-After": retry})
-        if not await asyncio.to_thread(self.access.ledger.reserve, key.id, worst_case_tokens):
-            self.access.limits.give_back(key.id, worst_case_tokens)
-            fresh = await asyncio.to_thread(self.access.keys.get, key.id)
-            raise APIError(402, f"Insufficient quota: this request may use up to {worst_case_tokens} tokens and key "
-                                f"{key.id} has {max(0, fresh.remaining_tokens - fresh.reserved_tokens)} left of "
-                                f"{fresh.quota_tokens}. Lower max_tokens or ask for a larger quota.",
-                           code="insufficient_quota")
-        self.reserved = worst_case_tokens
+        if self.access.admission is None:
+            raise RuntimeError("admission needs the server's lease (Access.start_lease)")
+        verdict = await asyncio.to_thread(self.access.admission.admit, key, worst_case_tokens)
+        if isinstance(verdict, Refused):
+            raise _refusal_error(verdict)
+        self.admission_id = verdict.admission_id
 
     async def release(self) -> None:
         """The request never ran (rejected after admission): drop the hold, write no row."""
-        if self.reserved:
-            await asyncio.to_thread(self.access.ledger.release, self.principal.key_id, self.reserved)
-            self.access.limits.give_back(self.principal.key_id, self.reserved)
-            self.reserved = 0
+        if self.admission_id is not None:
+            await asyncio.to_thread(self.access.ledger.release, self.admission_id)
+            self.admission_id = None
 
     async def settle(self, prompt: int, cached: int, completion: int, reasoning: int, status: str) -> None:
         record = UsageRecord(self.request_id, self.principal.key_id, self.model, prompt, cached, completion,
                              reasoning, int((time.monotonic() - self.started) * 1000), status)
-        charged = await asyncio.to_thread(self.access.ledger.settle, record, self.reserved)
-        if self.principal.key is not None:
-            self.access.limits.give_back(self.principal.key_id, self.reserved - charged)
-        self.reserved = 0
+        await asyncio.to_thread(self.access.ledger.settle, record, self.admission_id)
+        self.admission_id = None
+
+
+def _refusal_error(refused: Refused) -> APIError:
+    if refused.retry_after_s is None:
+        return APIError(refused.status, refused.message, code=refused.code)
+    # An rpm of 0 never has room: "1" keeps clients that honour Retry-After from spinning.
+    retry = "1" if math.isinf(refused.retry_after_s) else str(math.ceil(refused.retry_after_s))
+    return APIError(refused.status, refused.message, code=refused.code, headers={"Retry-After": retry})

@@ -30,7 +30,6 @@ api_keys = sa.Table(
     sa.Column("rpm", sa.Integer, nullable=True),
     sa.Column("tpm", sa.Integer, nullable=True),
     sa.Column("used_tokens", sa.BigInteger, nullable=False, default=0),  # charged by finished requests
-    sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),  # worst case of requests running
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
@@ -51,22 +50,89 @@ usage_ledger = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
+# A running server's lease: it pushes `expires_at` forward every few seconds; once that has
+# passed, the server is taken for dead and its quota holds stop counting.
+server_leases = sa.Table(
+    "server_leases", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),  # where it ran and as which pid: for operators
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# One row per admitted request of a key with a quota or a rate limit. While it runs,
+# `held_tokens` is its worst case, held against the quota under its server's lease; when it
+# ends, 0. `rate_tokens` (worst case, then what it was charged) and `admitted_at` are what
+# the per-minute limits count, on every server sharing the database.
+admissions = sa.Table(
+    "admissions", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("key_id", sa.String(32), sa.ForeignKey("api_keys.id"), nullable=False),
+    sa.Column("lease_id", sa.String(32), nullable=False),
+    sa.Column("held_tokens", sa.BigInteger, nullable=False),
+    sa.Column("rate_tokens", sa.BigInteger, nullable=False),
+    sa.Column("admitted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_admissions_key_time", "key_id", "admitted_at"),
+)
+
 schema_version = sa.Table("r1serve_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
 
 
 def _v1(ops: Operations) -> None:
-    bind = ops.get_bind()
-    for table in (api_keys, usage_ledger):
-        table.create(bind)
+    # The schema as version 1 shipped it, spelled out: later versions change it from here.
+    ops.create_table(
+        "api_keys",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("is_admin", sa.Boolean, nullable=False),
+        sa.Column("quota_tokens", sa.BigInteger, nullable=True),
+        sa.Column("rpm", sa.Integer, nullable=True),
+        sa.Column("tpm", sa.Integer, nullable=True),
+        sa.Column("used_tokens", sa.BigInteger, nullable=False),
+        sa.Column("reserved_tokens", sa.BigInteger, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True))
+    ops.create_table(
+        "usage_ledger",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("key_id", sa.String(32), sa.ForeignKey("api_keys.id"), nullable=True),
+        sa.Column("model", sa.String(200), nullable=False),
+        *(sa.Column(c, sa.Integer, nullable=False) for c in ("prompt_tokens", "cached_tokens", "completion_tokens",
+                                                             "reasoning_tokens", "charged_tokens", "latency_ms")),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False))
+    ops.create_index("ix_usage_ledger_created_at", "usage_ledger", ["created_at"])
     ops.create_index("ix_usage_key_time", "usage_ledger", ["key_id", "created_at"])
 
 
+def _v2(ops: Operations) -> None:
+    # Quota holds become rows under a server's lease (a crashed server's holds expire with
+    # it), and rate limits count admissions in the database (shared by every server).
+    bind = ops.get_bind()
+    server_leases.create(bind)
+    admissions.create(bind)
+    with ops.batch_alter_table("api_keys") as batch:  # SQLite drops a column by copying the table
+        batch.drop_column("reserved_tokens")
+
+
 # (version, upgrade) in order; a new schema change is a new entry, never an edit of an old one.
-MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2)]
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def db_now(conn: sa.Connection) -> dt.datetime:
+    """The time by the database's clock where there is one to share: servers on several hosts
+    then agree on leases and rate windows whatever their own clocks say."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(sa.select(sa.func.now())).scalar_one()
+    return utcnow()  # SQLite: every server runs on the host that has the file
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:
@@ -112,18 +178,36 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def migrate(engine: sa.Engine) -> int:
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":  # two servers starting at once migrate one at a time
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7261)"))
-        if not sa.inspect(conn).has_table("r1serve_schema"):
-            schema_version.create(conn)
-            conn.execute(schema_version.insert().values(version=0))
-        current = conn.execute(sa.select(schema_version.c.version)).scalar_one()
-        ops = Operations(MigrationContext.configure(conn))
-        for version, upgrade in MIGRATIONS:
-            if version > current:
-                upgrade(ops)
-                conn.execute(schema_version.update().values(version=version))
-                current = version
+def migrate(engine: sa.Engine, upto: int | None = None) -> int:
+    """Bring the schema to the latest version (or `upto`); returns the version it is at."""
+    with engine.connect() as conn:
+        # SQLite changes a table by copying it, which foreign keys would refuse half-way; the
+        # pragma cannot change inside a transaction, so it is set around it.
+        _sqlite_foreign_keys(conn, False)
+        try:
+            with conn.begin():
+                current = _upgrade(conn, upto)
+        finally:
+            _sqlite_foreign_keys(conn, True)
     return current
+
+
+def _upgrade(conn: sa.Connection, upto: int | None) -> int:
+    if conn.dialect.name == "postgresql":  # two servers starting at once migrate one at a time
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7261)"))
+    if not sa.inspect(conn).has_table("r1serve_schema"):
+        schema_version.create(conn)
+        conn.execute(schema_version.insert().values(version=0))
+    current = conn.execute(sa.select(schema_version.c.version)).scalar_one()
+    ops = Operations(MigrationContext.configure(conn))
+    for version, upgrade in MIGRATIONS:
+        if current < version <= (upto or version):
+            upgrade(ops)
+            conn.execute(schema_version.update().values(version=version))
+            current = version
+    return current
+
+
+def _sqlite_foreign_keys(conn: sa.Connection, on: bool) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.connection.dbapi_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")

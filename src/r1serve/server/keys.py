@@ -29,7 +29,6 @@ class KeyInfo:
     rpm: int | None
     tpm: int | None
     used_tokens: int
-    reserved_tokens: int
     created_at: str
     revoked: bool
 
@@ -57,7 +56,7 @@ def _check_limits(quota_tokens: int | None, rpm: int | None, tpm: int | None) ->
 class KeyStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self._any_active: tuple[bool, float] = (False, -math.inf)  # any_active()'s last answer, and when
+        self._has_keys: tuple[bool, float] = (False, -math.inf)  # has_keys()'s last answer, and when
 
     def create(self, name: str, quota_tokens: int | None = None, rpm: int | None = None, tpm: int | None = None,
                is_admin: bool = False) -> tuple[KeyInfo, str]:
@@ -70,8 +69,8 @@ class KeyStore:
         with self.engine.begin() as conn:
             conn.execute(api_keys.insert().values(
                 id=key_id, name=name, key_hash=hash_secret(secret), prefix=secret[:7] + "…", is_admin=is_admin,
-                quota_tokens=quota_tokens, rpm=rpm, tpm=tpm, used_tokens=0, reserved_tokens=0, created_at=utcnow()))
-        self._any_active = (False, -math.inf)  # after the commit: a check racing it cannot cache the old answer
+                quota_tokens=quota_tokens, rpm=rpm, tpm=tpm, used_tokens=0, created_at=utcnow()))
+        self._has_keys = (True, math.inf)  # after the commit; and keys are never deleted: closed for good
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> KeyInfo:
@@ -88,25 +87,27 @@ class KeyStore:
         with reading(self.engine) as conn:
             return [_info(r) for r in conn.execute(query)]
 
-    def any_active(self) -> bool:
+    def has_keys(self) -> bool:
+        """Whether a key was ever created, revoked or not: that, not whether one is live,
+        closes a server. (Asking for a live one let revoking the last key open the server to
+        everyone, the revoked key included.)"""
         with reading(self.engine) as conn:
-            active = conn.execute(sa.select(sa.func.count()).select_from(api_keys)
-                                  .where(api_keys.c.revoked_at.is_(None))).scalar_one() > 0
-        self._any_active = (active, time.monotonic())
-        return active
+            found = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
+        # Keys are never deleted, so a yes is final and needs no asking again.
+        self._has_keys = (True, math.inf) if found else (False, time.monotonic())
+        return found
 
-    def recent_any_active(self, max_age_s: float) -> bool | None:
-        """any_active()'s last answer if it is younger than max_age_s, else None (ask again).
-        Keys created or revoked through this store reset it at once; through another process
-        (the CLI, a second server) they are seen within max_age_s."""
-        active, at = self._any_active
-        return active if time.monotonic() - at < max_age_s else None
+    def recent_has_keys(self, max_age_s: float) -> bool | None:
+        """has_keys()'s last answer if it is final or younger than max_age_s, else None (ask
+        again). A key created through this store closes it at once; through another process
+        (the CLI, a second server) within max_age_s."""
+        found, at = self._has_keys
+        return found if found or time.monotonic() - at < max_age_s else None
 
     def revoke(self, key_id: str) -> KeyInfo:
         with self.engine.begin() as conn:
             conn.execute(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                          .values(revoked_at=utcnow()))
-        self._any_active = (False, -math.inf)
         return self.get(key_id)
 
     def update(self, key_id: str, **limits) -> KeyInfo:
@@ -133,5 +134,5 @@ class KeyStore:
 
 def _info(row) -> KeyInfo:
     return KeyInfo(row.id, row.name, row.prefix, bool(row.is_admin), row.quota_tokens, row.rpm, row.tpm,
-                   int(row.used_tokens), int(row.reserved_tokens), as_utc(row.created_at).isoformat(),
+                   int(row.used_tokens), as_utc(row.created_at).isoformat(),
                    row.revoked_at is not None)

@@ -1,10 +1,9 @@
 """The usage ledger: one row per request, and the per-key quota counters beside it.
 
-A request reserves its worst case (prompt + n x max_tokens) before it runs, in one
-conditional UPDATE, so concurrent requests on a key, on one server or several sharing a
-PostgreSQL database, can never together be admitted past the quota. When it ends, one
-transaction writes its ledger row, charges what it really used and releases the
-reservation; the response is sent only after that commit.
+A request holds its worst case (prompt + n x max_tokens) before it runs (admission.py), so
+concurrent requests on a key, on one server or several sharing a database, can never
+together be admitted past the quota. When it ends, one transaction writes its ledger row,
+charges what it really used and ends the hold; the response is sent only after that commit.
 
 Charged tokens = uncached prompt tokens + cached prompt tokens x `cached_weight` (0.25 by
 default: a prefix-cache hit costs the server far less, as DeepSeek prices it) + completion
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import sqlalchemy as sa
 
-from r1serve.server.db import api_keys, usage_ledger, utcnow
+from r1serve.server.db import admissions, api_keys, usage_ledger, utcnow
 
 
 @dataclass(frozen=True)
@@ -46,35 +45,26 @@ class Ledger:
     def charge(self, r: UsageRecord) -> int:
         return math.ceil(r.prompt_tokens - r.cached_tokens + r.cached_tokens * self.cached_weight + r.completion_tokens)
 
-    def reserve(self, key_id: str, tokens: int) -> bool:
-        """Hold `tokens` of the key's quota if they fit next to what is used and held already."""
-        k = api_keys.c
-        fits = sa.or_(k.quota_tokens.is_(None), k.used_tokens + k.reserved_tokens + tokens <= k.quota_tokens)
+    def release(self, admission_id: int) -> None:
+        """A request admitted but never run: its hold goes, and its tokens leave the tpm
+        window (it still counts as a request)."""
         with self.engine.begin() as conn:
-            done = conn.execute(api_keys.update().where(k.id == key_id, fits)
-                                .values(reserved_tokens=k.reserved_tokens + tokens))
-        return done.rowcount == 1
+            conn.execute(admissions.update().where(admissions.c.id == admission_id)
+                         .values(held_tokens=0, rate_tokens=0))
 
-    def release(self, key_id: str, tokens: int) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(api_keys.update().where(api_keys.c.id == key_id)
-                         .values(reserved_tokens=api_keys.c.reserved_tokens - tokens))
-
-    def settle(self, record: UsageRecord, reserved: int) -> int:
-        """Write the row, charge the key, release its reservation: one transaction. Returns the charge."""
+    def settle(self, record: UsageRecord, admission_id: int | None) -> int:
+        """Write the row, charge the key, end its hold (the tpm window keeps what was really
+        charged): one transaction. Returns the charge."""
         charged = self.charge(record)
         with self.engine.begin() as conn:
             conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, created_at=utcnow()))
             if record.key_id is not None:
                 k = api_keys.c
-                conn.execute(api_keys.update().where(k.id == record.key_id).values(
-                    used_tokens=k.used_tokens + charged, reserved_tokens=k.reserved_tokens - reserved))
+                conn.execute(api_keys.update().where(k.id == record.key_id).values(used_tokens=k.used_tokens + charged))
+            if admission_id is not None:
+                conn.execute(admissions.update().where(admissions.c.id == admission_id)
+                             .values(held_tokens=0, rate_tokens=charged))
         return charged
-
-    def clear_reservations(self) -> None:
-        """At the start of a server that owns its database (SQLite): holds left by a crash go."""
-        with self.engine.begin() as conn:
-            conn.execute(api_keys.update().where(api_keys.c.reserved_tokens != 0).values(reserved_tokens=0))
 
     def summary(self, key_id: str | None = None, since: dt.date | None = None, until: dt.date | None = None,
                 by: tuple[str, ...] = ("day", "model")) -> list[dict]:
