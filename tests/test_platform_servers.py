@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
@@ -71,18 +73,39 @@ def test_a_key_made_by_a_second_server_works_on_the_first(tiny, tmp_path, any_db
         second.stop()
 
 
-def hold_mid_request(server, key: str, max_tokens: int) -> httpx.Response:
-    """A streamed completion that has produced its first token, its server then stopped
-    (SIGSTOP) so that it cannot finish: its hold stays in the database, unsettled, and
-    the server's lease is not renewed while it is stopped."""
-    client = httpx.Client(timeout=60)
-    request = client.build_request("POST", server.base + "/v1/completions", headers=bearer(key),
-                                   json={"model": "tiny", **PROMPT, "max_tokens": max_tokens, "stream": True})
-    response = client.send(request, stream=True)
-    assert response.status_code == 200
-    next(response.iter_lines())
-    server.proc.send_signal(signal.SIGSTOP)
-    return response
+def held(db: str, key_id: str) -> int:
+    """The key's live holds, read straight from the database."""
+    engine = sa.create_engine(db)
+    with engine.begin() as conn:
+        tokens = held_tokens(conn, key_id, db_now(conn))
+    engine.dispose()
+    return tokens
+
+
+def engine_process(server) -> int:
+    """The pid of the server's engine process (a multiprocessing child of the API process)."""
+    # Children are listed under the thread that started them.
+    children = [c for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    (engine,) = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return int(engine)
+
+
+def hold_in_flight(server, db: str, key: dict, max_tokens: int) -> tuple[cf.Future, int]:
+    """A request admitted (its worst case held in the database) that cannot finish: the
+    server's engine process is stopped (SIGSTOP) before it is sent, while the API process
+    lives on and renews its lease. Returns the pending response and the engine's pid.
+    (Stopping the API process instead could freeze it inside a SQLite write, and every other
+    process would wait for the lock.)"""
+    engine = engine_process(server)
+    os.kill(engine, signal.SIGSTOP)
+    pending = cf.ThreadPoolExecutor(1).submit(complete, server, key["key"], max_tokens=max_tokens)
+    worst = len(PROMPT["prompt"]) + max_tokens
+    deadline = time.monotonic() + 30
+    while held(db, key["id"]) != worst:
+        assert time.monotonic() < deadline and not pending.done(), "the request was never admitted"
+        time.sleep(0.1)
+    return pending, engine
 
 
 def test_a_killed_servers_holds_come_back_to_the_key(tiny, tmp_path, any_db):
@@ -92,12 +115,12 @@ def test_a_killed_servers_holds_come_back_to_the_key(tiny, tmp_path, any_db):
     doomed = serve_tiny(tiny, tmp_path, any_db, name="doomed", extra=("--quota-lease", str(LEASE_S)))
     survivor = serve_tiny(tiny, tmp_path, any_db, name="survivor", extra=("--quota-lease", str(LEASE_S)))
     try:
-        stream = hold_mid_request(doomed, key["key"], long)
+        _, engine = hold_in_flight(doomed, any_db, key, long)
         r = complete(survivor, key["key"])  # the running request holds its worst case
         assert r.status_code == 402 and "held by requests running now" in r.json()["error"]["message"]
-        doomed.proc.send_signal(signal.SIGKILL)
+        for pid in (doomed.proc.pid, engine):  # the whole server, as a crash of its host would
+            os.kill(pid, signal.SIGKILL)
         doomed.proc.wait(30)
-        stream.close()
         killed_at = time.monotonic()
         while complete(survivor, key["key"]).status_code == 402:
             assert time.monotonic() - killed_at < LEASE_S + 5, "the dead server's hold never expired"
@@ -111,27 +134,18 @@ def test_a_killed_servers_holds_come_back_to_the_key(tiny, tmp_path, any_db):
         survivor.stop()
 
 
-def held(db: str, key_id: str) -> int:
-    """The key's live holds, read straight from the database."""
-    engine = sa.create_engine(db)
-    with engine.begin() as conn:
-        tokens = held_tokens(conn, key_id, db_now(conn))
-    engine.dispose()
-    return tokens
-
-
 def test_holds_are_not_cleared_by_the_cli(tiny, tmp_path, any_db):
     """Opening the database elsewhere (the CLI) leaves a live server's holds alone."""
     long = 400
     key = new_key(any_db, "busy", "--quota-tokens", "100000")
     server = serve_tiny(tiny, tmp_path, any_db)
     try:
-        stream = hold_mid_request(server, key["key"], long)
-        assert held(any_db, key["id"]) == len(PROMPT["prompt"]) + long
+        pending, engine = hold_in_flight(server, any_db, key, long)
         json.loads(cli("keys", "list", "--json", db=any_db))
         assert held(any_db, key["id"]) == len(PROMPT["prompt"]) + long
-        server.proc.send_signal(signal.SIGCONT)
-        stream.close()
+        os.kill(engine, signal.SIGCONT)
+        assert pending.result(timeout=120).status_code == 200
+        assert held(any_db, key["id"]) == 0
     finally:
         server.stop()
 
