@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
-from r1serve.bench.offline import add_args, paired_ratios, run_cell, run_interleaved, summarize
+from r1serve.bench.arguments import add_offline_args as add_args
+from r1serve.bench.offline import paired_ratios, run_cell, run_interleaved, summarize
 from r1serve.bench.server_runner import StreamedResponse, post_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,14 +32,41 @@ def test_ratios_are_paired_within_each_round():
     assert merged["output_tok_s"] == 30.0 and merged["times_s"] == [1.0, 1.0]
 
 
+def assert_rate_counts_every_token(row: dict, tokens: int, wall_s: float) -> None:
+    """tok/s is every output token over the median timed run; the timed runs (and the TTFT
+    probes before them) happened inside the call, so together they fit in its wall time."""
+    assert row["median_s"] == statistics.median(row["times_s"])
+    assert row["output_tok_s"] * row["median_s"] == pytest.approx(tokens)
+    assert 0 < sum(row["times_s"]) + row["ttft_s"] < wall_s
+
+
+def this_process_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def torch_import_peak_mib() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report this process's.
+    code = "import torch; print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) / 1024
+
+
+def machine_memory_mib() -> float:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def test_r1serve_cell_generates_every_token(tiny, tmp_path):
     parser = argparse.ArgumentParser()
     add_args(parser)
     args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--dtype", "float32"])
     args.cache_dir = str(tmp_path)
-    row = run_cell(args, "r1serve", 3)
-    assert row["concurrency"] == 3 and row["output_len"] == 8
-    assert row["output_tok_s"] > 0 and len(row["times_s"]) == args.repeats
+    rss_before = this_process_peak_mib()
+    t0 = time.perf_counter()
+    row = run_cell(args, "r1serve", 3, tmp_path)
+    wall = time.perf_counter() - t0
+    assert row["concurrency"] == 3 and row["output_len"] == 8 and len(row["times_s"]) == args.repeats
+    assert_rate_counts_every_token(row, 3 * 8, wall)
+    # In process: the peak is this process's, read as the cell ends.
+    assert rss_before <= row["peak_rss_mib"] <= this_process_peak_mib()
 
 
 def test_http_cell_counts_tokens_from_the_servers_usage(tiny, tmp_path):
@@ -40,10 +74,18 @@ def test_http_cell_counts_tokens_from_the_servers_usage(tiny, tmp_path):
     add_args(parser)
     args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--dtype", "float32"])
     args.cache_dir = str(tmp_path)
-    row = run_cell(args, "http", 3)  # asserts every one of the 3 x 8 tokens came back
-    assert row["system"] == "http" and row["output_tok_s"] > 0 and row["peak_rss_mib"] > 0
-    # The API server's and the load generator's CPU per run (the engine process not counted).
-    assert row["server_cpu_s"] > 0 and row["client_cpu_s"] > 0
+    t0 = time.perf_counter()
+    row = run_cell(args, "http", 3, tmp_path)  # asserts every one of the 3 x 8 tokens came back
+    wall = time.perf_counter() - t0
+    assert row["system"] == "http"
+    assert_rate_counts_every_token(row, 3 * 8, wall)
+    # The server's peak is its own process tree's, which holds an engine process with torch
+    # imported: more than a bare `import torch` takes here, less than the machine has.
+    assert torch_import_peak_mib() < row["peak_rss_mib"] < machine_memory_mib()
+    # The API server's and the load generator's CPU per timed run (the engine process not
+    # counted): some, and no more than every core busy for the whole run (plus a clock tick).
+    most = row["median_s"] * os.cpu_count() + 1 / os.sysconf("SC_CLK_TCK")
+    assert 0 < row["server_cpu_s"] <= most and 0 < row["client_cpu_s"] <= most
 
 
 def test_interleaved_rounds_pair_each_system_once(tiny, tmp_path):
@@ -52,7 +94,7 @@ def test_interleaved_rounds_pair_each_system_once(tiny, tmp_path):
     args = parser.parse_args(["--model", str(tiny), "--output-len", "6", "--dtype", "float32", "--rounds", "2",
                               "--interleave"])
     args.cache_dir = str(tmp_path)
-    rounds = run_interleaved(args, ["r1serve", "http"], 2)  # asserts every token came back, each run
+    rounds = run_interleaved(args, ["r1serve", "http"], 2, tmp_path)  # asserts every token came back, each run
     assert [[c["system"] for c in rnd] for rnd in rounds] == [["r1serve", "http"]] * 2
     assert len(paired_ratios(rounds, "http", 2, baseline="r1serve")) == 2
     assert all(len(c["times_s"]) == 1 for rnd in rounds for c in rnd)

@@ -148,7 +148,22 @@ def test_stop_token_ids_end_the_output_at_the_first_occurrence(llm):
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
-def test_eos_stops_and_min_tokens_suppresses_it(llm):
+def greedy_with_eos_held_back(hf, prompt: list[int], eos: int, min_tokens: int, max_tokens: int) -> list[int]:
+    """What min_tokens promises, on the reference logits: EOS cannot be drawn while the output
+    is shorter than min_tokens, and ends the output once it is drawn after that."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        with torch.no_grad():
+            row = hf(torch.tensor([prompt + out])).logits[0, -1]
+        if len(out) < min_tokens:
+            row[eos] = float("-inf")
+        out.append(int(row.argmax()))
+        if out[-1] == eos:
+            break
+    return out
+
+
+def test_eos_stops_and_min_tokens_suppresses_it(llm, hf):
     engine = llm.engine
     plain = gen(llm, PROMPT_IDS, temperature=0, max_tokens=12, ignore_eos=True).token_ids
     eos = plain[2]
@@ -160,11 +175,19 @@ def test_eos_stops_and_min_tokens_suppresses_it(llm):
         assert out.token_ids == plain[:first + 1] and (out.finish_reason, out.stop_reason) == ("stop", None)
         out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=12, ignore_eos=True)
         assert out.token_ids == plain and out.finish_reason == "length"
-        out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=12, min_tokens=first + 3)
-        assert len(out.token_ids) >= first + 3
-        assert eos not in out.token_ids[:first + 3]
-        assert out.token_ids[:first] == plain[:first]  # nothing changes before EOS would come
-        assert out.finish_reason == "length" or out.token_ids[-1] == eos
+        out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=16, min_tokens=first + 3)
+        held = greedy_with_eos_held_back(hf, PROMPT_IDS, eos, first + 3, 16)
+        # This run draws EOS again once min_tokens allows it, before max_tokens: both halves of
+        # the promise show, and the finish reason can only be EOS's.
+        assert eos not in held[:first + 3] and held[-1] == eos and len(held) < 16
+        assert out.token_ids == held and (out.finish_reason, out.stop_reason) == ("stop", None)
+        # At the edge: EOS may come right after the min_tokens-th token, and not one token sooner.
+        last = len(held) - 1
+        out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=16, min_tokens=last)
+        assert out.token_ids == held and out.finish_reason == "stop"
+        out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=16, min_tokens=last + 1)
+        assert out.token_ids == greedy_with_eos_held_back(hf, PROMPT_IDS, eos, last + 1, 16)
+        assert out.token_ids[last] != eos
     finally:
         engine.eos_token_ids = saved
 
