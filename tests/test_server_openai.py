@@ -242,8 +242,6 @@ def test_metrics_exposed(client, smollm2_server):
     assert after["r1serve:kv_cache_usage_perc"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="with a reasoning parser on, a non-streamed chat answer is never timed "
-                                       "(serving_chat.py calls answer_is_first_token only without a parser)")
 def test_non_streamed_answer_without_reasoning_times_its_first_answer_token(client, smollm2_server):
     before = scrape(smollm2_server)
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)

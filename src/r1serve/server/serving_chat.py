@@ -30,11 +30,23 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
     return conv
 
 
+def _render(tok, conv: list[dict], req: ChatCompletionRequest) -> str:
+    kwargs = req.chat_template_kwargs or {}
+    try:
+        return tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt, **kwargs)
+    except (TypeError, AttributeError, LookupError, ArithmeticError) as exc:
+        # A template is code and chat_template_kwargs are its variables: a number where it
+        # adds strings, or a value under a name it calls (namespace), fails inside it.
+        if not kwargs:
+            raise
+        raise APIError(400, f"the chat template failed with these chat_template_kwargs ({type(exc).__name__}: "
+                            f"{exc})", param="chat_template_kwargs") from exc
+
+
 def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> PromptInput:
     tok = model.engine.tokenizer
     conv = conversation(req.messages)
-    text = tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt,
-                                   **(req.chat_template_kwargs or {}))
+    text = _render(tok, conv, req)
     if req.continue_final_message:
         # The reply continues the last (assistant) message: cut what the template wrote after it.
         final = conv[-1]["content"]
@@ -98,10 +110,12 @@ class _Chat(ResponseJob):
     def _choice(self, c: CompletionOutput) -> dict:
         self._count(c)
         message = {"role": "assistant", "content": c.text}
+        reasoned = False
         if self.spec is not None:
             parts = split_reasoning(c.text, self.spec.open_at_start)
             message = {"role": "assistant", "content": parts.content, "reasoning_content": parts.reasoning or None}
-        else:
+            reasoned = bool(parts.reasoning)
+        if not reasoned:  # with no reasoning (parser or not) the answer starts at the first token
             self.timer.answer_is_first_token()
         self.finish_reasons[c.index] = c.finish_reason
         return {"index": c.index, "message": message, "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
