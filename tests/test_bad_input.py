@@ -307,3 +307,100 @@ def test_a_bad_request_while_others_run_leaves_them_alone(llm, baseline):
         done += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in done] == ["good"] and done[0].outputs[0].token_ids == baseline
     assert_idle(llm)
+
+
+# ---- bad API request bodies: refused as the published schema says, never a 500 ---------------------
+
+HI = [{"role": "user", "content": "hi"}]
+CHAT_BODIES = {  # body -> valid?
+    "plain": ({"model": "m", "messages": HI}, True),
+    "null options": ({"model": "m", "messages": HI, "n": None, "stream": None, "logprobs": None}, True),
+    "stream_options with stream": ({"model": "m", "messages": HI, "stream": True,
+                                    "stream_options": {"include_usage": True}}, True),
+    "stream_options alone": ({"model": "m", "messages": HI, "stream_options": {"include_usage": True}}, False),
+    "top_logprobs alone": ({"model": "m", "messages": HI, "top_logprobs": 2}, False),
+    "top_logprobs with logprobs": ({"model": "m", "messages": HI, "top_logprobs": 2, "logprobs": True}, True),
+    "continue without add_generation_prompt false": ({"model": "m", "messages": HI + [
+        {"role": "assistant", "content": "Hel"}], "continue_final_message": True}, False),
+    "tools": ({"model": "m", "messages": HI, "tools": [{"type": "function"}]}, False),
+    "tools, tool_choice none": ({"model": "m", "messages": HI, "tools": [{"type": "function"}],
+                                 "tool_choice": "none"}, True),
+    "json mode": ({"model": "m", "messages": HI, "response_format": {"type": "json_object"}}, False),
+    "user without content": ({"model": "m", "messages": [{"role": "user"}]}, False),
+    "assistant without content": ({"model": "m", "messages": HI + [{"role": "assistant"}]}, True),
+    "empty stop string": ({"model": "m", "messages": HI, "stop": ["a", ""]}, False),
+    "template arguments": ({"model": "m", "messages": HI, "chat_template_kwargs": {"messages": []}}, False),
+}
+COMPLETION_BODIES = {
+    "token ids as 5.0": ({"model": "m", "prompt": [5.0, 17]}, True),
+    "echo with logprobs": ({"model": "m", "prompt": "a", "echo": True, "logprobs": 1}, False),
+    "suffix": ({"model": "m", "prompt": "a", "suffix": "b"}, False),
+    "best_of out of range": ({"model": "m", "prompt": "a", "best_of": 0}, False),
+}
+
+
+def _agree(model, body: dict, valid: bool) -> None:
+    import jsonschema_rs
+    from pydantic import ValidationError
+
+    assert jsonschema_rs.validator_for(model.model_json_schema()).is_valid(body) == valid
+    try:
+        model.model_validate(body)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == valid
+
+
+@pytest.mark.parametrize("case", list(CHAT_BODIES))
+def test_chat_schema_states_what_the_server_checks(case):
+    from r1serve.server.protocol import ChatCompletionRequest
+
+    _agree(ChatCompletionRequest, *CHAT_BODIES[case])
+
+
+@pytest.mark.parametrize("case", list(COMPLETION_BODIES))
+def test_completion_schema_states_what_the_server_checks(case):
+    from r1serve.server.protocol import CompletionRequest
+
+    _agree(CompletionRequest, *COMPLETION_BODIES[case])
+
+
+class _TemplateTokenizer:
+    """The one method chat_prompt's rendering uses, over a template that calls namespace()
+    and adds bos_token to strings, as R1's does."""
+
+    def __init__(self, source: str) -> None:
+        from r1serve.tokenizer.chat_template import ChatTemplate
+
+        self.template = ChatTemplate(source)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens={"bos_token": "<s>"}, **kwargs)
+
+
+R1_LIKE = "{% set ns = namespace(n=0) %}{% for m in messages %}{{ bos_token + m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize("kwargs", [{"namespace": 1}, {"bos_token": 5}])
+def test_template_variables_that_break_the_template_are_a_400(kwargs):
+    from r1serve.server.errors import APIError
+    from r1serve.server.protocol import ChatCompletionRequest
+    from r1serve.server.serving_chat import _render
+
+    req = ChatCompletionRequest(model="m", messages=HI, chat_template_kwargs=kwargs)
+    with pytest.raises(APIError) as ei:
+        _render(_TemplateTokenizer(R1_LIKE), [{"role": "user", "content": "hi"}], req)
+    assert ei.value.status == 400 and ei.value.param == "chat_template_kwargs"
+    assert _render(_TemplateTokenizer(R1_LIKE), [{"role": "user", "content": "hi"}],
+                   ChatCompletionRequest(model="m", messages=HI)) == "<s>hi"
+
+
+def test_a_template_that_fails_on_its_own_is_still_a_server_error():
+    from r1serve.server.protocol import ChatCompletionRequest
+    from r1serve.server.serving_chat import _render
+
+    with pytest.raises(TypeError):  # the model's template is broken: a 500, not the client's fault
+        _render(_TemplateTokenizer("{{ 1 + 'a' }}"), [{"role": "user", "content": "hi"}],
+                ChatCompletionRequest(model="m", messages=HI))

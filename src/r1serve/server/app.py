@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -24,6 +24,8 @@ from r1serve.server.access import Access, Principal
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.metrics import ServerMetrics
+from r1serve.server.openapi import (API_KEY, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
+                                    Health, ModelCard, ModelList, Text, Tokens, publish_stream_models, responses)
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
 from r1serve.server.served_model import ModelSpec, ServedModel, uses_reasoning
@@ -42,11 +44,16 @@ class ServerConfig:
     max_body_bytes: int = 16 * 2**20
     retry_after_s: int = 1
     engine_process: bool = True  # each engine in a process of its own (else a thread of the server's)
+    # Quota holds live under a lease renewed every third of this: a server killed mid-request
+    # gives its holds back to the keys this long after its last renewal.
+    quota_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
         if not names or len(set(names)) != len(names):
             raise InvalidRequestError(f"serve at least one model, each under its own name (got {names})")
+        if not self.quota_lease_s > 0:
+            raise InvalidRequestError(f"--quota-lease {self.quota_lease_s} must be > 0 seconds (default 30)")
 
 
 @dataclass
@@ -119,10 +126,12 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        await asyncio.to_thread(access.start_lease, config.quota_lease_s)
         loading = asyncio.create_task(state.load_all())
         yield
         loading.cancel()
         await state.shutdown()
+        await asyncio.to_thread(access.end_lease)
 
     app = FastAPI(title="r1serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.r1serve = state
@@ -130,6 +139,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None)
     install_error_handlers(app)
     _add_routes(app, state)
     add_platform_routes(app, state.access)
+    publish_stream_models(app)
     # The playground and usage dashboard: plain files, no build step.
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
     return app
@@ -140,7 +150,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def root():
         return RedirectResponse("/ui/")
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health, "description": "loading, "
+                                                                 "draining, or failed (with the error)"}})
     async def health():
         if state.load_error:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
@@ -154,13 +165,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                                 status_code=503)
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=[Depends(state.access.principal)])
+    @app.get("/v1/models", dependencies=[Depends(state.access.principal), API_KEY], responses=responses(ModelList, 401))
     async def list_models():
         data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
                  "max_model_len": m.engine.max_model_len} for m in state.models.values()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(state.access.principal)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(state.access.principal), API_KEY],
+             responses=responses(ModelCard, 401, 404, 503))
     async def get_model(name: str):
         known = [m.name for m in state.config.models]
         if name not in state.models:
@@ -173,19 +185,24 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     caller = Depends(state.access.principal)
 
-    @app.post("/v1/chat/completions")
+    generating = (400, 401, 402, 404, 429, 503)
+
+    @app.post("/v1/chat/completions", dependencies=[API_KEY],
+              responses=responses(ChatCompletion, *generating, stream=ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
         return await _engine_call(create_chat_completion(served, req, raw, state.access, principal))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[API_KEY],
+              responses=responses(Completion, *generating, stream=CompletionChunk))
     async def completions(req: CompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
         return await _engine_call(create_completion(served, req, raw, state.access, principal))
 
-    @app.post("/tokenize", dependencies=[Depends(state.access.principal)])
+    @app.post("/tokenize", dependencies=[Depends(state.access.principal), API_KEY],
+              responses=responses(Tokens, 400, 401, 404, 503))
     async def tokenize(req: TokenizeRequest):
         served = state.model(req.model)
         tok = served.engine.tokenizer
@@ -196,7 +213,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": served.engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize", dependencies=[Depends(state.access.principal)])
+    @app.post("/detokenize", dependencies=[Depends(state.access.principal), API_KEY],
+              responses=responses(Text, 400, 401, 404, 503))
     async def detokenize(req: DetokenizeRequest):
         served = state.model(req.model)
         vocab = served.engine.vocab_size
@@ -205,7 +223,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": served.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

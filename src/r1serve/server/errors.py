@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r1serve.errors import InvalidRequestError
@@ -20,6 +21,19 @@ log = logging.getLogger("r1serve.server")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What error_body() writes: the schema's model of every error response."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):
@@ -44,12 +58,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+_SOURCES = ("body", "query", "path", "header")
+
+
+def _field_path(loc: tuple) -> list[str]:
+    # pydantic puts the tried member of a union in the path ("str", "list[TextPart]",
+    # "constrained-str"); a client's field names never have brackets or dashes.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in _SOURCES else [str(p) for p in loc]
+    return [p for p in parts if p.isidentifier() or p.isdigit()]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # The deepest error is the most specific: for a union, the member the value came closest to.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = _field_path(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('msg')})", None
     if first.get("type") == "missing" and not loc:

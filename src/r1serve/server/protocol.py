@@ -1,7 +1,14 @@
 """The OpenAI / DeepSeek wire format: request bodies validated by pydantic, response shapes.
 
 Unknown request fields are ignored, as the OpenAI API ignores them; known fields with bad
-values are rejected (400, never 422: see errors.py).
+values are rejected (400, never 422: see errors.py). The published schema (/openapi.json)
+states every rule these models check: types and ranges as Field constraints, and the rules
+that tie two fields together as JSON Schema `dependentSchemas` ("when this field is sent
+with this value, that one must be ...") next to the validator that checks them; the
+validators keep their messages, which say what to send instead. A few rules no schema can
+state are checked later, still as a 400: prompt + max_tokens within the context, token ids
+within the vocabulary, an assistant message last for continue_final_message, best_of equal
+to n, a non-empty prompt on models without a BOS token.
 """
 from __future__ import annotations
 
@@ -9,18 +16,47 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1)]
+# What a chat template gets from the request itself; chat_template_kwargs may not override it.
+TEMPLATE_ARGUMENTS = ("messages", "add_generation_prompt", "special_tokens")
 
 
 def _is_id(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+    # As JSON Schema (and pydantic) read JSON: 5.0 is the integer 5.
+    whole = (isinstance(t, int) and not isinstance(t, bool)) or (isinstance(t, float) and t.is_integer())
+    return whole and t >= 0
+
+
+def when(field: str, matches: dict, then: dict, *, sent: tuple[str, ...] = ()) -> dict[str, dict]:
+    """A rule as a `dependentSchemas` entry: a body that sends `field` matching `matches` must
+    match `then` (a schema per property) and send the properties in `sent`."""
+    return {field: {"if": {"properties": {field: matches}},
+                    "then": {"properties": then} | ({"required": list(sent)} if sent else {})}}
+
+
+def with_rules(*rules: dict[str, dict]) -> ConfigDict:
+    """A request model's config whose published schema also states `rules`. (As
+    dependentSchemas, one per field, not an allOf of if/then: Schemathesis's coverage phase
+    finds no valid body for an allOf of several conditions.)"""
+    dependent = {field: rule for r in rules for field, rule in r.items()}
+    return ConfigDict(extra="ignore", protected_namespaces=(), json_schema_extra={"dependentSchemas": dependent})
+
+
+STREAM_OPTIONS_NEED_STREAM = when("stream_options", {"type": "object"}, {"stream": {"const": True}}, sent=("stream",))
 
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @field_validator("n", "stream", "logprobs", "echo", mode="after", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info: ValidationInfo):
+        # OpenAI's schema has these nullable, and clients that pass options through send null.
+        return cls.model_fields[info.field_name].default if v is None else v
 
 
 class StreamOptions(Request):
@@ -31,33 +67,27 @@ class StreamOptions(Request):
 class SamplingFields(Request):
     """What chat and completions share: sampling and stopping, OpenAI names plus vLLM's extras."""
 
-    model: str
+    model_config = with_rules(STREAM_OPTIONS_NEED_STREAM)
+
+    model: str = Field(description="a served model's name (GET /v1/models); empty: the first one")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: no top-k")
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, description="any integer (taken modulo 2**63)")
+    stop: StopString | list[StopString] | None = None
     stop_token_ids: list[NonNegInt] | None = None
-    n: int = Field(1, ge=1, le=128)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = Field(None, description="only with stream true")
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops_not_empty(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
-        return v
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -72,6 +102,11 @@ class TextPart(Request):
 
 
 class ChatMessage(Request):
+    # Only an assistant message may come without content (one that made tool calls, say).
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -90,18 +125,38 @@ class ChatMessage(Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = with_rules(
+        STREAM_OPTIONS_NEED_STREAM,
+        when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, sent=("logprobs",)),
+        when("continue_final_message", {"const": True}, {"add_generation_prompt": {"const": False}},
+             sent=("add_generation_prompt",)),
+        when("tools", {"type": "array", "minItems": 1}, {"tool_choice": {"const": "none"}}, sent=("tool_choice",)))
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="none: all the context left after the prompt")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="only with logprobs true")
     add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    max_reasoning_tokens: int | None = Field(None, ge=0)  # r1serve extension: a thinking budget
-    tools: list[dict] | None = None
+    continue_final_message: bool = Field(False, description="needs add_generation_prompt false and an "
+                                                            "assistant message last")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})
+    max_reasoning_tokens: int | None = Field(None, ge=0, description="r1serve's thinking budget (reasoning "
+                                                                      "models only)")
+    tools: list[dict] | None = Field(None, description="tool calling is not supported yet: none, or "
+                                                       "tool_choice 'none'")
     tool_choice: Any = None
-    response_format: dict | None = None
+    response_format: dict | None = Field(None, json_schema_extra={"properties": {"type": {"const": "text"}}},
+                                         description="only {'type': 'text'}")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_template_arguments(cls, v):
+        taken = sorted(set(v or ()) & set(TEMPLATE_ARGUMENTS))
+        if taken:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)}: the request sets them")
+        return v
 
     @model_validator(mode="after")
     def _check_supported(self):
@@ -121,12 +176,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = with_rules(STREAM_OPTIONS_NEED_STREAM,
+                              when("echo", {"const": True}, {"logprobs": {"type": "null"}}))
+
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    max_tokens: int | None = Field(16, ge=1, description="OpenAI's default, 16; none: all the context left")
+    logprobs: int | None = Field(None, ge=0, le=20, description="the number of alternatives per token")
+    echo: bool | None = Field(False, description="not with logprobs (that needs prompt logprobs)")
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0}, description="not supported: none or ''")
+    best_of: int | None = Field(None, ge=1, le=128, description="only best_of == n (no server-side best-of)")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -163,9 +221,14 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Request):
+    # Exactly one of prompt and messages (null counts as not sent).
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -1,0 +1,288 @@
+"""What /openapi.json says each route answers, beyond the request models in protocol.py.
+
+The handlers build their bodies as dicts (and stream chunks straight to bytes), so the
+models here describe them rather than make them: tests/test_api_fuzz.py checks every
+response it provokes against them. Every error has OpenAI's body (errors.ErrorBody),
+declared per route with the statuses the route can answer, and "4XX" for the rest of
+the client errors (405, 413): FastAPI's 422 never happens here (errors.py) and is not
+published.
+
+A streamed response is declared as `text/event-stream` with a schema per event (OpenAPI
+3.1 reading, as Schemathesis validates it): `data` is a JSON chunk, an error, or `[DONE]`.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+
+from r1serve.server.errors import ErrorBody
+
+REF = "#/components/schemas/{model}"
+
+# Documents the `Authorization: Bearer sk-…` header that access.py reads; it checks
+# nothing itself (an open server takes requests without a key).
+API_KEY = Security(HTTPBearer(auto_error=False, description="an API key, once any exists (see platform.md)"))
+
+WHEN = {
+    400: "a bad value, bad JSON, or a feature this server does not support",
+    401: "no key, or an unknown or revoked one (once any key exists)",
+    402: "the key's quota cannot cover this request's worst case",
+    403: "the route needs an admin key",
+    404: "no such model (or key)",
+    429: "the queue is full, or the key's rpm / tpm are spent (see Retry-After)",
+    503: "the model is loading, the server draining, or the engine stopped",
+    "4XX": "any other client error (405 wrong method, 413 body too large)",
+}
+
+
+class Doc(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(Doc):
+    cached_tokens: int
+
+
+class CompletionTokensDetails(Doc):
+    reasoning_tokens: int
+
+
+class Usage(Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+
+
+class TopLogprob(Doc):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Doc):
+    content: list[TokenLogprob]
+
+
+class ReplyMessage(Doc):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None = None  # reasoning models only
+
+
+class ChatChoice(Doc):
+    index: int
+    message: ReplyMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Doc):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChunkChoice(Doc):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionChunk(Doc):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]  # empty in the usage chunk
+    usage: Usage | None = None  # with stream_options.include_usage: null, then the totals last
+
+
+class CompletionLogprobs(Doc):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Doc):
+    index: int  # prompt_index * n + choice
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
+
+
+class Completion(Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---- models, tokens, health ---------------------------------------------------------------------
+
+
+class ModelCard(Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Tokens(Doc):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Text(Doc):
+    prompt: str
+
+
+class Health(Doc):
+    status: Literal["ok", "loading", "draining", "failed"]
+    error: str | None = None
+
+
+# ---- keys and usage -----------------------------------------------------------------------------
+
+
+class KeyInfo(Doc):
+    id: str
+    name: str
+    prefix: str
+    is_admin: bool
+    quota_tokens: int | None
+    used_tokens: int
+    remaining_tokens: int | None
+    rpm: int | None
+    tpm: int | None
+    created_at: str
+    revoked: bool
+
+
+class NewKeyInfo(KeyInfo):
+    key: str  # the secret: in this response only
+
+
+class KeyList(Doc):
+    object: Literal["list"]
+    data: list[KeyInfo]
+
+
+class UsageRow(Doc):
+    day: str | None = None  # the group's columns: those asked for (`by`)
+    model: str | None = None
+    key: str | None = None
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    charged_tokens: int
+
+
+class OwnUsage(Doc):
+    object: Literal["usage"]
+    key: KeyInfo | None  # null on an open server
+    data: list[UsageRow]
+
+
+class AllUsage(Doc):
+    object: Literal["usage"]
+    data: list[UsageRow]
+
+
+# ---- what a route declares ----------------------------------------------------------------------
+
+
+def _events(chunk: type[BaseModel]) -> dict:
+    data = {"type": "string", "if": {"const": "[DONE]"},
+            "else": {"contentMediaType": "application/json",
+                     "contentSchema": {"anyOf": [{"$ref": REF.format(model=chunk.__name__)},
+                                                 {"$ref": REF.format(model=ErrorBody.__name__)}]}}}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+
+
+def responses(ok: type[BaseModel] | None, *errors: int | str, stream: type[BaseModel] | None = None,
+              ok_status: int = 200) -> dict[int | str, dict[str, Any]]:
+    """A route decorator's `responses`: `ok` as JSON (and `stream` as SSE events), and OpenAI's
+    error body for each status in `errors` plus any other 4xx."""
+    declared: dict[int | str, dict[str, Any]] = {}
+    if ok is not None:
+        declared[ok_status] = {"model": ok}
+        if stream is not None:
+            declared[ok_status] |= {"content": {"text/event-stream": _events(stream)},
+                                    "description": "JSON, or with stream true server-sent events"}
+    for status in (*errors, "4XX"):
+        declared[status] = {"model": ErrorBody, "description": WHEN[status]}
+    return declared
+
+
+STREAMED = (ChatCompletionChunk, CompletionChunk, ErrorBody)
+
+
+def publish_stream_models(app: FastAPI) -> None:
+    """FastAPI publishes the models routes name; the SSE event schemas point at chunk models
+    no route names, so add those to the components too."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        _, defs = models_json_schema([(m, "serialization") for m in STREAMED], ref_template=REF)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
