@@ -58,6 +58,16 @@ class ServerProcess:
         assert values, f"{name} {labels} not in /metrics"
         return sum(values)
 
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no request runs or waits and no KV block is in use (aborts land a step later)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.metric("r1serve:num_requests_running") == 0 and self.metric("r1serve:num_requests_waiting") == 0
+                    and self.metric("r1serve:kv_cache_usage_perc") == 0):
+                return
+            time.sleep(0.2)
+        raise AssertionError("requests still running or KV blocks still in use")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -232,16 +231,6 @@ def test_usage_since_and_until_are_two_bounds(fuzzed_server):
     assert not rows(since=str(today - dt.timedelta(days=30)), until=str(today - dt.timedelta(days=1)))
 
 
-def wait_idle(server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (server.metric("r1serve:num_requests_running") == 0 and server.metric("r1serve:num_requests_waiting") == 0
-                and server.metric("r1serve:kv_cache_usage_perc") == 0):
-            return
-        time.sleep(0.2)
-    raise AssertionError("requests still running or KV blocks still in use after the fuzzing")
-
-
 def test_server_sound_after_fuzzing(fuzzed_server, tally):
     if not tally:
         pytest.skip("needs test_api_from_its_schema to have run first")
@@ -258,5 +247,5 @@ def test_server_sound_after_fuzzing(fuzzed_server, tally):
     r = httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=60,
                    json={"model": MODEL, "messages": HELLO, "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
-    wait_idle(fuzzed_server)
+    fuzzed_server.wait_idle()
     assert "Traceback" not in fuzzed_server.log_text()

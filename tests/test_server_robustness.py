@@ -29,16 +29,6 @@ def assert_openai_error(r: httpx.Response, status: int, *, code: str | None = No
     return err
 
 
-def wait_idle(server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (server.metric("r1serve:num_requests_running") == 0 and server.metric("r1serve:num_requests_waiting") == 0
-                and server.metric("r1serve:kv_cache_usage_perc") == 0):
-            return
-        time.sleep(0.2)
-    raise AssertionError("requests still running or KV blocks still in use")
-
-
 def chat_body(**kw) -> dict:
     return {"model": MODEL, "messages": HELLO, "max_tokens": 4, **kw}
 
@@ -113,7 +103,7 @@ def test_healthy_after_abuse(smollm2_server):
     assert httpx.get(smollm2_server.base + "/health", timeout=10).json() == {"status": "ok"}
     r = httpx.post(smollm2_server.base + CHAT, json=chat_body(temperature=0), timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-    wait_idle(smollm2_server)
+    smollm2_server.wait_idle()
 
 
 @pytest.mark.slow
@@ -143,7 +133,7 @@ def test_32_streams_a_third_leaving_early(smollm2_server):
 
     reasons = asyncio.run(main())
     assert [r for i, r in enumerate(reasons) if i % 3] == ["length"] * 21
-    wait_idle(smollm2_server)
+    smollm2_server.wait_idle()
     # The requests of clients that left are counted as aborted.
     assert smollm2_server.metric("r1serve:request_success_total", finished_reason="abort") >= 11
 
@@ -178,7 +168,7 @@ def test_full_queue_answers_429(tiny_server):
     for r in busy:
         assert r.headers["retry-after"] == "1"
         assert_openai_error(r, 429, code="queue_full")
-    wait_idle(tiny_server)
+    tiny_server.wait_idle()
 
 
 def test_sigterm_lets_running_requests_finish(tiny_server):
