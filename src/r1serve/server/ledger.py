@@ -81,7 +81,7 @@ class Ledger:
             query = query.where(u.key_id == key_id)
         if since is not None:
             query = query.where(u.created_at >= dt.datetime.combine(since, dt.time(), dt.timezone.utc))
-        if until is not None:
+        if until is not None and until < dt.date.max:  # the range ends the day after; the last day has none
             query = query.where(u.created_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time(),
                                                                    dt.timezone.utc))
         with self.engine.begin() as conn:

@@ -55,11 +55,9 @@ def _date(value: str | None, name: str) -> dt.date | None:
     if value is None:
         return None
     try:
-        day = dt.date.fromisoformat(value)
+        return dt.date.fromisoformat(value)
     except ValueError:
         raise APIError(400, f"{name}={value!r} is not a date; use YYYY-MM-DD", param=name) from None
-    # The ledger ends a range at the day after `until`; the last day there is has none.
-    return None if name == "until" and day == dt.date.max else day
 
 
 def _grouping(by: str) -> tuple[str, ...]:
