@@ -151,13 +151,9 @@ class Completion(Doc):
     usage: Usage
 
 
-class CompletionChunk(Doc):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[CompletionChoice]
+class CompletionChunk(Completion):
+    """A streamed completion's event: the same body, with usage only in the last one."""
+
     usage: Usage | None = None
 
 
