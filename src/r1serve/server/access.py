@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from fastapi import Request
 
-from r1serve.server.admission import AdmissionControl, Refused, ServerLease
+from r1serve.server.admission import AdmissionControl, Refused, ServerLease, counted
 from r1serve.server.db import open_database
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
@@ -105,7 +105,7 @@ class Meter:
 
     async def admit(self, worst_case_tokens: int) -> None:
         key = self.principal.key
-        if key is None:
+        if key is None or not counted(key):  # nothing to hold or count: no thread hop, no database
             return
         if self.access.admission is None:
             raise RuntimeError("admission needs the server's lease (Access.start_lease)")

@@ -105,13 +105,18 @@ def _prune(conn: sa.Connection, now: dt.datetime) -> None:
                                               lease.id.not_in(sa.select(a.lease_id))))
 
 
+def counted(key: KeyInfo) -> bool:
+    """Whether the key's requests are held or counted at all (a quota or a limit)."""
+    return key.quota_tokens is not None or key.rpm is not None or key.tpm is not None
+
+
 class AdmissionControl:
     def __init__(self, engine: sa.Engine, lease: ServerLease) -> None:
         self.engine, self.lease = engine, lease
 
     def admit(self, key: KeyInfo, tokens: int) -> Admitted | Refused:
         """Let a request that may use up to `tokens` in, or say why not."""
-        if key.quota_tokens is None and key.rpm is None and key.tpm is None:
+        if not counted(key):
             return Admitted(None)
         with self.engine.begin() as conn:
             now = db_now(conn)
