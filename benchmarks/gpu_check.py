@@ -251,7 +251,7 @@ def kernel_checks(args, peaks: dict) -> list[Callable[[], Result]]:
     def fp8_gemm(M, N, K):
         from r1serve.kernels.fp8_gemm import act_quant_reference, fp8_block_gemm_reference
         from r1serve.kernels.triton.fp8_gemm import fp8_block_gemm_triton
-        from r1serve.layers.fp8_block import quantize_fp8_block
+        from r1serve.kernels.fp8_block import quantize_fp8_block
 
         block = (32, 32) if smoke else (128, 128)
         x_q, x_s = act_quant_reference(torch.randn(M, K, device=dev, dtype=dtype), block[1])
@@ -325,7 +325,7 @@ def decode_meta(B: int, L: int, bs: int, device: str):
     """Decode metadata for B sequences of L positions, their blocks scattered over the pool."""
     import torch
 
-    from r1serve.layers.attention_metadata import AttentionMetadata
+    from r1serve.kernels.attention_metadata import AttentionMetadata
 
     per_seq = -(-L // bs)
     num_blocks = B * per_seq + 1
@@ -337,7 +337,7 @@ def decode_meta(B: int, L: int, bs: int, device: str):
 def quantize_experts(w, block):
     import torch
 
-    from r1serve.layers.fp8_block import quantize_fp8_block
+    from r1serve.kernels.fp8_block import quantize_fp8_block
 
     pairs = [quantize_fp8_block(w[e], block) for e in range(w.shape[0])]
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])

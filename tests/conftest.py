@@ -103,3 +103,25 @@ def any_db(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'platform.db'}"
     return request.getfixturevalue("pg_url")
+
+
+# ---- the CPU kernels, once per vector ISA this machine runs ----------------------------------
+
+
+def _runnable_isas():
+    from r1serve.kernels.cpu_isa import runnable_isas
+
+    return runnable_isas()
+
+
+@pytest.fixture(scope="session", params=_runnable_isas())
+def isa_kernels(request):
+    """The CPU kernels built for each ISA this CPU runs (an AVX512 machine: avx512, avx2 and
+    scalar), so that every path is tested where it can run."""
+    from r1serve.kernels.cpu_extension import cpu_kernels
+
+    module = cpu_kernels(request.param)
+    if module is None:
+        pytest.skip(f"the {request.param} build of the CPU kernels could not be compiled here")
+    assert module.isa() == request.param, f"the {request.param} build compiled to {module.isa()}"
+    return module

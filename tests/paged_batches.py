@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 
 def random_paged_batch(seq_lens, query_lens, H=6, Hkv=2, D=32, bs=4, num_blocks=64, dtype=torch.float32, seed=0,

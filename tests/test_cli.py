@@ -112,6 +112,16 @@ def test_info_prints_model_facts_as_json(capsys, tiny):
     rc, out, _ = run(capsys, "info", *engine_args(tiny))
     assert rc == 0
     info = json.loads(out)
+    kernels, device, linears = info.pop("kernels"), info.pop("device"), info.pop("linears")
+    ops = {k["op"]: k for k in kernels}
+    assert set(ops) == {"add_rms_norm", "paged_attention", "rotary_kv_write", "silu_and_mul"}
+    assert ops["add_rms_norm"]["modules"] == 5 and ops["paged_attention"]["modules"] == 2  # 2 layers
+    if info["platform"] == "cpu":
+        from r1serve.kernels.cpu_isa import best_isa
+
+        assert device["isa"] == best_isa() and ops["silu_and_mul"]["kernel"] == f"csrc/{best_isa()}"
+        assert device["cpu"] and best_isa() in device["runnable_isas"]
+    assert isinstance(linears, list)
     with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
         n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     kv_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, float32

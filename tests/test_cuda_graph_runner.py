@@ -14,7 +14,7 @@ import torch
 from r1serve import LLM, SamplingParams
 from r1serve.engine.cuda_graph_runner import (PAD_SLOT, CudaGraphRunner, DecodeBuffers, bucket_for,
                                               capture_sizes)
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -212,3 +212,29 @@ def test_visible_text_on_a_short_text_with_a_long_stop(tok, prompt):
         d.add_tokens([t])
         assert d.visible_text(finished=False) == d.text[:max(0, len(d.text) - 5)]
     assert d.text == "a b c d" and d.visible_text(finished=True) == "a b c d"
+
+
+def test_text_buffer_is_a_string_read_from_the_end():
+    """Appends, tails and cuts against a plain str, at random."""
+    import random
+
+    from r1serve.engine.detokenizer import TextBuffer
+
+    rng = random.Random(0)
+    buf, plain = TextBuffer(), ""
+    for step in range(2000):
+        action = rng.random()
+        if action < 0.7:
+            piece = "".join(rng.choice("ab é\n") for _ in range(rng.randint(0, 4)))
+            buf.append(piece)
+            plain += piece
+        elif action < 0.8 and plain:
+            n = rng.randint(0, len(plain))
+            buf.truncate(n)
+            plain = plain[:n]
+        elif action < 0.85:
+            assert str(buf) == plain  # joining, then appending again, keeps both right
+        start = rng.randint(0, len(plain))
+        end = rng.randint(start, len(plain))
+        assert len(buf) == len(plain) and buf.tail(start, end) == plain[start:end] and buf.tail(start) == plain[start:]
+    assert str(buf) == plain

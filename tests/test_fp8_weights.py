@@ -1,4 +1,4 @@
-"""Keeping a checkpoint's FP8 weights as FP8 (platforms/fp8_weights.py), on a tiny R1-format model.
+"""Keeping a checkpoint's FP8 weights as FP8 (platforms/cuda/fp8_weights.py), on a tiny R1-format model.
 
 Runs on the CPU with the plain-torch twins; the Triton kernels behind Fp8BlockLinear and
 Fp8Experts are checked against the same twins in test_triton_kernels.py.
@@ -10,10 +10,10 @@ import torch
 
 from r1serve import LLM, SamplingParams
 from r1serve.kernels.fp8_gemm import fp8_linear_reference
-from r1serve.layers.fp8_block import dequantize_fp8_block, quantize_fp8_block
-from r1serve.layers.fp8_linear import Fp8BlockLinear, Fp8Experts
+from r1serve.kernels.fp8_block import dequantize_fp8_block, quantize_fp8_block
+from r1serve.platforms.cuda.fp8_linear import Fp8BlockLinear, Fp8Experts
 from r1serve.models.hf_checkpoint import HFCheckpoint
-from r1serve.platforms.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
+from r1serve.platforms.cuda.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
 
 from tiny_models import make_deepseek_v3, to_fp8_checkpoint
 
@@ -47,8 +47,8 @@ def test_fp8_weights_land_where_the_dequantized_ones_were(fp8_checkpoint):
     kept = keep_fp8_weights(model, iter_fp8_block_weights(HFCheckpoint.open(fp8_checkpoint)), BLOCK)
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Fp8BlockLinear)}
-    experts = {n: m.experts_impl for n, m in model.named_modules() if isinstance(getattr(m, "experts_impl", None),
-                                                                                  Fp8Experts)}
+    experts = {n: m.moe_experts for n, m in model.named_modules() if isinstance(getattr(m, "moe_experts", None),
+                                                                                 Fp8Experts)}
     assert "model.layers.0.mlp.gate_up_proj" in linears  # fused gate | up halves
     assert "model.layers.1.mlp.shared_experts.down_proj" in linears and "model.layers.2.self_attn.o_proj" in linears
     assert set(experts) == {"model.layers.1.mlp", "model.layers.2.mlp"}  # stacked per-expert tensors

@@ -13,7 +13,7 @@ from r1serve.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
 from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
 from r1serve.kernels.onednn_linear import (CANDIDATE_ROWS, PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
                                            packing_available)
-from r1serve.layers.cpu_linear import CpuLinear
+from r1serve.platforms.cpu.linear import CpuLinear
 from r1serve.kernels.paged_attention import paged_attention_reference, write_kv
 
 
@@ -154,10 +154,10 @@ def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
 @needs_cpp
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3, [200, 5]])
-def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
+def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol, isa_kernels):
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype, num_blocks=96)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
-    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
+    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125, isa_kernels).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
@@ -165,14 +165,14 @@ def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("H,Hkv,D,bs", [(9, 3, 64, 16), (12, 2, 128, 16), (4, 4, 256, 8), (8, 1, 32, 4),
                                         (4, 2, 48, 4), (4, 2, 20, 4)])
-def test_paged_decode_kernel_head_shapes(H, Hkv, D, bs, dtype, tol):
+def test_paged_decode_kernel_head_shapes(H, Hkv, D, bs, dtype, tol, isa_kernels):
     """Head sizes with a vector path (32, 64, 128, 256) and without (48, 20), groups of 1 to 8,
     contexts that end inside a block and on a 16-row boundary."""
     seq_lens = [1, 16, 33, 70, 128]
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), H=H, Hkv=Hkv, D=D, bs=bs, dtype=dtype,
                                          num_blocks=sum(-(-s // bs) for s in seq_lens) + 3)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
-    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125).float()
+    got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125, isa_kernels).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
@@ -180,12 +180,13 @@ def test_paged_decode_kernel_head_shapes(H, Hkv, D, bs, dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("with_x", [True, False])
-def test_add_rms_norm_matches_twin(dtype, rows, with_x):
+@pytest.mark.parametrize("D", [200, 576, 90])  # 90: not a whole number of registers on any ISA
+def test_add_rms_norm_matches_twin(dtype, rows, with_x, D, isa_kernels):
     torch.manual_seed(0)
-    res = torch.randn(rows, 200).to(dtype)
-    x = torch.randn(rows, 200).to(dtype) if with_x else None
-    w = (torch.rand(200) + 0.5).to(dtype)
-    got, got_h = add_rms_norm(x, res, w, 1e-5)
+    res = torch.randn(rows, D).to(dtype)
+    x = torch.randn(rows, D).to(dtype) if with_x else None
+    w = (torch.rand(D) + 0.5).to(dtype)
+    got, got_h = add_rms_norm(x, res, w, 1e-5, isa_kernels)
     expected, expected_h = add_rms_norm_reference(x, res, w, 1e-5)
     assert torch.equal(got_h, expected_h)  # the residual stream is exact
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -223,7 +224,7 @@ def test_rotary_kv_write_twin_is_the_layer_code(N, H, Hkv, D, dtype):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,H,Hkv,D", [(1, 9, 3, 64), (5, 4, 2, 16), (40, 6, 6, 32)])
-def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype):
+def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype, isa_kernels):
     from r1serve.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_reference
 
     qkv = torch.randn(N, (H + 2 * Hkv) * D).to(dtype)
@@ -231,7 +232,8 @@ def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype):
     slots = torch.randperm(128)[:N]
     kv = torch.randn(2, 8, 16, Hkv, D).to(dtype)
     kv_twin = kv.clone()
-    assert torch.equal(rotary_kv_write(qkv, cos, sin, kv, slots, H), rotary_kv_write_reference(qkv, cos, sin, kv_twin, slots, H))
+    assert torch.equal(rotary_kv_write(qkv, cos, sin, kv, slots, H, isa_kernels),
+                       rotary_kv_write_reference(qkv, cos, sin, kv_twin, slots, H))
     assert torch.equal(kv, kv_twin)  # the same slots written, nothing else touched
 
 
@@ -251,20 +253,20 @@ def test_rotary_kv_write_refuses_bad_slots_and_shapes():
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,I", [(1, 1536), (7, 33), (40, 100)])
-def test_silu_and_mul_matches_twin(N, I, dtype):
+def test_silu_and_mul_matches_twin(N, I, dtype, isa_kernels):
     """Different exp implementations: float32 within a few ulp, bf16 within one step (rarely off at all)."""
     from r1serve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_reference
 
     x = (torch.randn(N, 2 * I) * 4).to(dtype)
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), rtol=tol, atol=tol)
+    torch.testing.assert_close(silu_and_mul(x, isa_kernels), silu_and_mul_reference(x), rtol=tol, atol=tol)
     with pytest.raises(RuntimeError, match="silu_and_mul"):
-        silu_and_mul(torch.randn(3, 7))
+        silu_and_mul(torch.randn(3, 7), isa_kernels)
 
 
 @needs_cpp
 @pytest.mark.parametrize("V", [1, 7, 16, 33, 49152])
-def test_argmax_rows_matches_torch_ties_nans_and_infs_included(V):
+def test_argmax_rows_matches_torch_ties_nans_and_infs_included(V, isa_kernels):
     from r1serve.kernels.argmax_rows import argmax_rows, argmax_rows_reference
 
     g = torch.Generator().manual_seed(V)
@@ -277,7 +279,7 @@ def test_argmax_rows_matches_torch_ties_nans_and_infs_included(V):
         x[5, 2] = x[5, V - 2] = float("nan")  # the first NaN
         x[6, V - 1] = float("inf")
         x[7, :] = torch.randint(0, 3, (V,), generator=g).float()  # many ties at the maximum
-    got = argmax_rows(x)
+    got = argmax_rows(x, isa_kernels)
     assert got.dtype == torch.int64 and torch.equal(got, argmax_rows_reference(x))
 
 

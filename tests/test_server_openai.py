@@ -12,7 +12,7 @@ from r1serve.config import EngineConfig
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def post(server, path: str, body: dict) -> dict:

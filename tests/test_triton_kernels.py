@@ -34,9 +34,9 @@ from r1serve.kernels.triton.mla_decode_attention import mla_decode_attention_tri
 from r1serve.kernels.triton.paged_decode_attention import (choose_num_splits,  # noqa: E402
                                                           paged_decode_attention_triton)
 from r1serve.kernels.triton.rotary_kv_write import rotary_kv_write_triton  # noqa: E402
-from r1serve.layers.attention_metadata import AttentionMetadata  # noqa: E402
-from r1serve.layers.fp8_block import quantize_fp8_block  # noqa: E402
-from r1serve.layers.fp8_linear import Fp8BlockLinear  # noqa: E402
+from r1serve.kernels.attention_metadata import AttentionMetadata  # noqa: E402
+from r1serve.kernels.fp8_block import quantize_fp8_block  # noqa: E402
+from r1serve.platforms.cuda.fp8_linear import Fp8BlockLinear  # noqa: E402
 
 
 DIFFERS = triton_interpreter.problems() if DEVICE == "cpu" else []
@@ -220,7 +220,7 @@ def test_fp8_linear_with_kernels_matches_twins():
     x = torch.randn(2, 3, 96).to(torch.bfloat16)
     reference = Fp8BlockLinear(w_q, w_s, (32, 32), bias=torch.randn(64).to(torch.bfloat16))
     kernel = Fp8BlockLinear(w_q, w_s, (32, 32), bias=reference.bias)
-    kernel.act_quant, kernel.gemm = act_quant_triton, fp8_block_gemm_triton
+    kernel.fp8_act_quant, kernel.fp8_block_gemm = act_quant_triton, fp8_block_gemm_triton
     close(kernel(x), reference(x), torch.bfloat16)
 
 
@@ -293,7 +293,8 @@ def tiny_deepseek(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_deepseek"])
 def test_models_on_the_triton_kernels_generate_as_on_the_twins(arch, request):
     from r1serve import LLM, SamplingParams
-    from r1serve.platforms.cuda_kernels import use_triton_kernels
+    from r1serve.platforms.base import bind_kernels
+    from r1serve.platforms.cuda.kernel_table import triton_table
 
     path = request.getfixturevalue(arch)
     prompts = [{"prompt_token_ids": [5, 17, 42, 99, 3]}, {"prompt_token_ids": [11, 12, 300, 7]}]
@@ -301,7 +302,7 @@ def test_models_on_the_triton_kernels_generate_as_on_the_twins(arch, request):
     opts = dict(dtype="float32", num_kv_blocks=32, block_size=8, kernel="reference", device=DEVICE)
     want = LLM(model=str(path), **opts).generate(prompts, params)
     llm = LLM(model=str(path), **opts)
-    use_triton_kernels(llm.engine.loaded.model)  # what the cuda platform's prepare_model does
+    bind_kernels(llm.engine.loaded.model, triton_table())  # what the cuda platform's bind does
     got = llm.generate(prompts, params)
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
@@ -310,24 +311,33 @@ def test_models_on_the_triton_kernels_generate_as_on_the_twins(arch, request):
         assert got_lp == pytest.approx(want_lp, abs=1e-4)
 
 
-def test_cuda_platform_picks_the_kernels_unless_reference(tiny_llama):
+def test_cuda_kernel_table_binds_every_op_unless_reference(tiny_llama, tiny_deepseek):
     from r1serve import LLM
+    from r1serve.layers.attention import PagedAttention
     from r1serve.layers.norm import RMSNorm
-    from r1serve.platforms import cuda, cuda_kernels
+    from r1serve.platforms.base import bind_kernels
+    from r1serve.platforms.cuda import kernel_table
 
-    assert cuda._attention("reference") is paged_attention_reference
-    assert cuda._attention("auto") is cuda_kernels.paged_attention
     model = LLM(model=str(tiny_llama), dtype="float32", num_kv_blocks=8, block_size=8, kernel="reference",
                 device=DEVICE).engine.loaded.model
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    cuda._prepare_model(model, torch.float32, "reference", None)
-    assert all(m.impl is add_rms_norm_reference for m in norms)
-    cuda._prepare_model(model, torch.float32, "auto", None)
-    assert all(m.impl is cuda_kernels.add_rms_norm for m in norms)
+    assert all(m.add_rms_norm is add_rms_norm_reference for m in norms)  # kernel="reference": the twins
+    bound = {b.op: b.kernel for b in bind_kernels(model, kernel_table.triton_table())}
+    assert bound == {"add_rms_norm": "triton", "paged_attention": "triton", "rotary_kv_write": "triton",
+                     "silu_and_mul": "reference"}
+    assert all(m.add_rms_norm is kernel_table.add_rms_norm for m in norms)
+    assert all(m.paged_attention is kernel_table.paged_attention for m in model.modules()
+               if isinstance(m, PagedAttention))
+    deepseek = LLM(model=str(tiny_deepseek), dtype="float32", num_kv_blocks=8, block_size=8, kernel="reference",
+                   device=DEVICE).engine.loaded.model
+    bound = {b.op: b.kernel for b in bind_kernels(deepseek, kernel_table.triton_table())}
+    # DeepSeek-V3's dense layers and shared experts are the same GatedMLP as Llama's
+    assert bound["mla_absorbed"] == bound["mla_write_latent"] == bound["moe_experts"] == "triton"
+    assert "silu_and_mul" in bound
 
 
 def test_rotary_fallback_for_odd_head_sizes_still_skips_padding_slots():
-    from r1serve.platforms.cuda_kernels import rotary_kv_write
+    from r1serve.platforms.cuda.kernel_table import rotary_kv_write
 
     g = torch.Generator(DEVICE).manual_seed(9)
     H, Hkv, D, N = 4, 2, 24, 3  # 24: no power of two, the fused kernel's tiles do not take it

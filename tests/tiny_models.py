@@ -52,7 +52,7 @@ def to_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (32, 32)) -
 
     from safetensors.torch import load_file, save_file
 
-    from r1serve.layers.fp8_block import quantize_fp8_block
+    from r1serve.kernels.fp8_block import quantize_fp8_block
 
     shutil.copytree(src, dst)
     weights = load_file(src / "model.safetensors")

@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("model", nargs="+" if many else None,
                    help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or an installed platform plugin's name")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, dest="kv_cache_memory_gib", help="GiB for the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -36,8 +36,10 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--int8-small-batch", default="auto", choices=["auto", "on", "off"],
                    help="int8 weight copies for small decode batches on the CPU (auto: on for GGUF models)")
     p.add_argument("--group-quant", default="auto", choices=["auto", "int4", "int8", "off"],
-                   help="int4/int8 group-quantized weights for small decode batches on the CPU "
-                        "(auto: each linear as its GGUF stores it, e.g. Q4_1 -> int4)")
+                   help="int4/int8 group-quantized weights on the CPU (auto: each linear as its GGUF stores it, "
+                        "e.g. Q4_1 -> int4; 'off' keeps dense float weights)")
+    p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"],
+                   help="vector ISA of the CPU kernels (auto: the CPU's best; a lower one measures what such CPUs run)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
 
@@ -62,7 +64,8 @@ def engine_options(args) -> dict:
     return dict(device=args.device, max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
-                int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager)
+                int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager,
+                cpu_isa=args.cpu_isa)
 
 
 def build_llm(args):
@@ -146,8 +149,31 @@ def cmd_info(args) -> None:
         return
     e = build_llm(args).engine
     info = e.numbers().as_dict() | {"kv_blocks": e.num_kv_blocks, "max_model_len": e.max_model_len,
-                                    "platform": e.platform.name}
+                                    "platform": e.platform.name, "dtype": str(e.loaded.dtype).removeprefix("torch."),
+                                    "device": e.platform.describe,
+                                    "kernels": [{"op": b.op, "kernel": b.kernel, "modules": b.modules}
+                                                for b in e.loaded.kernels],
+                                    "linears": linear_report(e.loaded.model)}
     print(json.dumps(info, indent=2))
+
+
+def linear_report(model) -> list[dict]:
+    """How the model's linears compute, grouped by what they keep (platforms/cpu/linear.py)."""
+    from collections import Counter
+
+    from r1serve.platforms.cpu.linear import ALL_ROWS, CpuLinear
+
+    kinds: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, CpuLinear):
+            grouped = f"int{m.grouped.bits} groups up to {'all' if m.group_max_rows == ALL_ROWS else m.group_max_rows} rows" \
+                if m.grouped is not None else None
+            dense = "packed bf16" if m.packed is not None else "F.linear" if m.weight is not None else None
+            kinds[" + ".join(x for x in (grouped, f"int8 up to {m.int8_max_rows} rows" if m.int8_max_rows else None,
+                                         dense) if x)] += 1
+        elif type(m).__name__ in ("Linear", "Fp8BlockLinear"):
+            kinds[type(m).__name__] += 1
+    return [{"linear": kind, "count": n} for kind, n in sorted(kinds.items())]
 
 
 def _config_only_info(path: Path, args) -> dict:

@@ -16,7 +16,7 @@ class EngineConfig:
     model: str
     cache_dir: Path
     dtype: str = "auto"
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | a platform plugin's name (platforms/__init__.py)
     max_model_len: int | None = None  # None: the checkpoint's own limit, capped by the KV cache
     block_size: int = 16
     kv_cache_memory_gib: float = 1.0  # KV cache size when num_kv_blocks is not given
@@ -31,14 +31,20 @@ class EngineConfig:
     # quantized below 8 bits (most GGUF files), off for full-precision ones.
     int8_small_batch: str = "auto"  # "auto" | "on" | "off"
     int8_max_rows: int = 4
-    # Weights in int4 or int8 groups of 32 (kernels/group_quant_linear.py) for batches of at
-    # most group_quant_max_rows tokens, in place of the int8 per-channel copies. "auto": each
-    # linear in the form its checkpoint stores it, which the copy reproduces: int4 where
-    # stored in 4 bits or fewer (GGUF Q4_0, Q4_1, Q4_K, ...), int8 where in 5 to 8 (Q5_x,
-    # Q6_K, Q8_0), none for 16-bit weights. "int4" / "int8": every linear in that form
-    # (lossy where the checkpoint holds more bits). "off": none.
+    # Weights in int4 or int8 groups of 32 (kernels/group_quant_linear.py), in place of the
+    # int8 per-channel copies. "auto": each linear in the form its checkpoint stores it,
+    # which the copy reproduces: int4 where stored in 4 bits or fewer (GGUF Q4_0, Q4_1, Q4_K,
+    # ...), int8 where in 5 to 8 (Q5_x, Q6_K, Q8_0), none for 16-bit weights, except where
+    # dtype auto gives float32 on a CPU without native bf16 (int8 then, not float32 copies).
+    # "int4" / "int8": every linear in that form (lossy where the checkpoint holds more bits).
+    # "off": none. With bf16 activations they serve batches of up to group_quant_max_rows
+    # tokens (None: measured per weight shape at load, platforms/cpu/linear.py); with float32
+    # activations, every batch.
     group_quant: str = "auto"  # "auto" | "int4" | "int8" | "off"
-    group_quant_max_rows: int = 4
+    group_quant_max_rows: int | None = None
+    # The vector ISA of the CPU kernels (kernels/cpu_isa.py): "auto" is the CPU's best;
+    # "avx2" or "scalar" on an AVX512 CPU measures what those CPUs would run.
+    cpu_isa: str = "auto"  # "auto" | "avx512" | "avx2" | "neon" | "scalar"
     num_threads: int | None = None
     # CUDA: replay captured graphs for decode batches (engine/cuda_graph_runner.py) unless set.
     enforce_eager: bool = False
@@ -46,7 +52,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} is not supported; use auto, cpu or cuda")
+        _require(bool(self.device) and self.device.isidentifier(),
+                 f"device={self.device!r} must be auto, cpu, cuda or a platform plugin's name")
         _require(self.block_size in (8, 16, 32, 64, 128), f"block_size={self.block_size} must be one of 8, 16, 32, 64, 128")
         _require(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs} must be >= 1")
         _require(self.max_num_batched_tokens >= self.block_size,
@@ -60,7 +67,10 @@ class EngineConfig:
         _require(self.group_quant in ("auto", "int4", "int8", "off"),
                  f"group_quant={self.group_quant!r} must be 'auto', 'int4', 'int8' or 'off'")
         _require(self.int8_max_rows >= 0, f"int8_max_rows={self.int8_max_rows} must be >= 0")
-        _require(self.group_quant_max_rows >= 0, f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0")
+        _require(self.group_quant_max_rows is None or self.group_quant_max_rows >= 0,
+                 f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0 (or None: measured)")
+        _require(self.cpu_isa in ("auto", "avx512", "avx2", "neon", "scalar"),
+                 f"cpu_isa={self.cpu_isa!r} must be auto, avx512, avx2, neon or scalar")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -17,7 +17,16 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="transformers' dtype (auto: each candidate timed on this machine, the fastest kept)")
     p.add_argument("--systems", default="r1serve,transformers",
-                   help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients)")
+                   help="r1serve (offline engine), transformers, http (a real `r1serve serve`, streaming clients), "
+                        "llama-server (any running OpenAI-compatible server: --llama-server-url)")
+    p.add_argument("--llama-server-url", default=None,
+                   help="API root of the llama-server system, e.g. http://127.0.0.1:8080/v1 (llama.cpp's "
+                        "`llama-server -m FILE.gguf -np 32 -c 16384`, same GGUF file)")
+    p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"],
+                   help="r1serve's CPU kernel ISA (a lower one than the CPU's measures what such CPUs run; "
+                        "set ATEN_CPU_CAPABILITY for torch and the transformers peer alike)")
+    p.add_argument("--llama-server-pid", type=int, default=None,
+                   help="its process id, to read its peak memory from /proc (optional)")
     p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")
     p.add_argument("--out", default="results/bench_offline.json")
     p.add_argument("--interleave", action="store_true",

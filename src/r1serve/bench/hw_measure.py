@@ -145,7 +145,7 @@ def tensor_bytes(obj) -> int:
 
 def weight_bytes_read(model: nn.Module, rows: int) -> int:
     """Weight bytes a forward over `rows` tokens reads: for linears with small-batch copies
-    (layers/cpu_linear.py) the copy that serves that many rows; for embeddings the rows."""
+    (platforms/cpu/linear.py) the copy that serves that many rows; for embeddings the rows."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Embedding):

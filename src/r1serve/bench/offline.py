@@ -132,7 +132,11 @@ def spawn_worker(args, systems: str, conc: int, peer: PeerDtype | None):
         cmd += ["--cache-dir", args.cache_dir]
     cmd += ["bench", "offline", "--model", args.model, "--output-len", str(args.output_len),
             "--repeats", str(args.repeats), "--dtype", args.dtype, "--peer-dtype", peer.dtype if peer else "auto",
-            "--worker", f"{systems}:{conc}"]
+            "--worker", f"{systems}:{conc}", "--cpu-isa", args.cpu_isa]
+    if args.llama_server_url:
+        cmd += ["--llama-server-url", args.llama_server_url]
+    if args.llama_server_pid:
+        cmd += ["--llama-server-pid", str(args.llama_server_pid)]
     if args.interleave:
         cmd += ["--interleave", "--rounds", str(args.rounds)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.interleave else subprocess.PIPE,
@@ -170,15 +174,23 @@ def run_interleaved(args, systems: list[str], conc: int, cache_dir: Path) -> lis
 
 
 def open_runner(args, system: str, cache_dir: Path):
-    from r1serve.bench.server_runner import HttpRunner
+    from r1serve.bench.server_runner import EndpointRunner, HttpRunner
 
     if system == "transformers" and args.peer_dtype == "auto":
         raise ValueError("a transformers cell needs its dtype chosen first (peer_dtype), not 'auto'")
-    runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir),
+    runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir, args.cpu_isa),
               "transformers": lambda: TransformersRunner(args.model, args.peer_dtype, cache_dir),
-              "http": lambda: HttpRunner(args)}[system]()
+              "http": lambda: HttpRunner(args),
+              "llama-server": lambda: EndpointRunner(_llama_server_url(args), args.llama_server_pid)}[system]()
     runner.generate(prompts(1), 4)  # warm-up: first-call allocations and kernel selection
     return runner
+
+
+def _llama_server_url(args) -> str:
+    if not args.llama_server_url:
+        raise ValueError("the llama-server system needs --llama-server-url (the API root of a running server, "
+                         "e.g. http://127.0.0.1:8080/v1)")
+    return args.llama_server_url
 
 
 def timed_run(runner, ps: list[str], output_len: int) -> dict:
@@ -210,10 +222,10 @@ def cell_row(args, system: str, conc: int, runner, runs: list[dict], peak_mib: f
 
 
 class R1ServeRunner:
-    def __init__(self, model: str, dtype: str, cache_dir: Path) -> None:
+    def __init__(self, model: str, dtype: str, cache_dir: Path, cpu_isa: str = "auto") -> None:
         from r1serve.llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, cache_dir=cache_dir)
+        self.llm = LLM(model, dtype=dtype, cache_dir=cache_dir, cpu_isa=cpu_isa)
         self.dtype = str(self.llm.engine.loaded.dtype).removeprefix("torch.")
 
     def generate(self, ps: list[str], n: int) -> int:
@@ -298,7 +310,11 @@ def this_machine() -> dict:
 
     proc = Path("/proc/cpuinfo")
     info = cpuinfo(proc.read_text() if proc.exists() else "")
-    return {"model": info["model"], "isa": sorted(info["flags"] & set(SHOWN_FLAGS))}
+    import torch
+
+    # torch's dispatch level (ATEN_CPU_CAPABILITY lowers it, to measure what a smaller CPU runs)
+    return {"model": info["model"], "isa": sorted(info["flags"] & set(SHOWN_FLAGS)),
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def summarize(cells: list[dict]) -> dict:

@@ -83,6 +83,19 @@ def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool =
     return path
 
 
+def write_llama(path: Path, sizes: dict, *, max_position_embeddings: int = 4096, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM with the byte-level tokenizer above."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max_position_embeddings,
+                                   bos_token_id=None, eos_token_id=0, tie_word_embeddings=True, **sizes)
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path)
+    return path
+
+
 def main(args) -> None:
     sizes = {"deepseek-v3": DEEPSEEK_V3_BENCH, "deepseek-v3-tiny": DEEPSEEK_V3_TINY}[args.kind]
     path = write_deepseek_v3(Path(args.out), sizes)

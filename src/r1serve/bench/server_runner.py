@@ -1,5 +1,7 @@
 """The offline benchmark's "http" system: the same prompts sent to a real `r1serve serve`
-process as concurrent streaming completions, to measure what the HTTP layer costs."""
+process as concurrent streaming completions, to measure what the HTTP layer costs; and its
+"llama-server" system: the same requests to any OpenAI-compatible endpoint already
+running (llama.cpp's `llama-server` on the same GGUF file, say)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httptools
 import httpx
@@ -30,7 +33,7 @@ class HttpRunner:
         if getattr(args, "cache_dir", None):
             cmd += ["--cache-dir", args.cache_dir]
         cmd += ["serve", args.model, "--served-model-name", "bench", "--dtype", args.dtype, "--port", str(self.port),
-                "--log-level", "warning"]
+                "--log-level", "warning", "--cpu-isa", getattr(args, "cpu_isa", "auto")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._wait_ready()
         self.dtype = args.dtype
@@ -83,6 +86,40 @@ class HttpRunner:
         # ru_maxrss of children is one process's peak, and a fork of this process counts its
         # size at the fork: only the fallback.
         return peak / 1024 if peak else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+class EndpointRunner:
+    """Streaming completions against a running OpenAI-compatible server given by URL. Its
+    peak memory is read from /proc when its pid is given (the server must run on this
+    machine for that), else reported as 0."""
+
+    def __init__(self, base_url: str, pid: int | None, model: str = "bench") -> None:
+        url = urlsplit(base_url.rstrip("/"))
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"--llama-server-url {base_url!r} must be an http:// URL of the API root, e.g. "
+                             "http://127.0.0.1:8080/v1")
+        self.host, self.port, self.path = url.hostname, url.port or 80, url.path + "/completions"
+        self.pid, self.model = pid, model
+        self.dtype = "gguf"  # the server's own choice; llama.cpp computes with the file's quantized weights
+
+    def generate(self, ps: list[str], n: int) -> int:
+        return sum(r.usage()["completion_tokens"] for r in self._stream(ps, n, READ_EVERY_S))
+
+    def ttft(self, prompt: str) -> float:
+        return self._stream([prompt], 1, None)[0].first_body_s or 0.0
+
+    def _stream(self, ps: list[str], n: int, read_every_s: float | None) -> list[StreamedResponse]:
+        # ignore_eos is llama.cpp's (and vLLM's, and r1serve's) extension: every run the same length
+        bodies = [{"model": self.model, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                   "stream": True, "stream_options": {"include_usage": True}} for p in ps]
+        responses = stream_all(self.host, self.port, self.path, bodies, read_every_s)
+        for r in responses:
+            if r.status != 200:
+                raise RuntimeError(f"{self.host}:{self.port} answered {r.status}: {r.tail[-500:]!r}")
+        return responses
+
+    def close(self) -> float:
+        return _peak_rss_kib(self.pid) / 1024 if self.pid else 0.0
 
 
 def _process_tree(pid: int) -> list[int]:

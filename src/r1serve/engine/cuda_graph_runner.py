@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 log = logging.getLogger("r1serve.engine")
 

@@ -1,6 +1,8 @@
 """Maps requests to KV blocks: block tables, prefix-cache lookups, allocation and release."""
 from __future__ import annotations
 
+from array import array
+
 from dataclasses import dataclass
 
 from r1serve.engine.block_pool import BlockPool, KVBlock, hash_block
@@ -24,13 +26,20 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
+        # Kept beside _blocks so that a step costs what changed, not the context's length (an
+        # R1 answer runs to 32k tokens: 2k blocks per request).
+        # The block table as the model runner reads it: int64s it copies into a tensor at C speed.
+        self._block_ids: dict[str, array] = {}
+        self._published: dict[str, int] = {}  # how many leading blocks are in the prefix cache
         self._hashes: dict[str, list[bytes]] = {}  # chain hashes of the request's full blocks
 
     def usage(self) -> float:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
-    def block_table(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+    def block_table(self, request_id: str) -> array:
+        """The request's block ids in order, int64 (the manager's own array: read it within
+        the step, do not keep it)."""
+        return self._block_ids.get(request_id, array("q"))
 
     def num_blocks_held(self, request_id: str) -> int:
         return len(self._blocks.get(request_id, ()))
@@ -42,7 +51,8 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return []
-        hashes = self._block_hashes(request, (request.num_tokens - 1) // self.block_size)
+        n = (request.num_tokens - 1) // self.block_size
+        hashes = self._block_hashes(request, n)[:n]
         hit = []
         for h in hashes:
             block = self.pool.lookup(h)
@@ -57,18 +67,19 @@ class KVCacheManager:
         """Give the request room for `num_new_tokens` more tokens after its computed ones
         (and after `cached`, prefix blocks it is about to adopt). False if blocks ran out."""
         held = self._blocks.setdefault(request.request_id, [])
+        ids = self._block_ids.setdefault(request.request_id, array("q"))
         total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         need = -(-total // self.block_size) - len(held) - len(cached)
         # Adopting a cached block that is free takes it off the free list too.
         reclaimed = sum(1 for b in cached if b.ref_count == 0)
         if max(need, 0) + reclaimed > self.pool.num_free:
             if not held:
-                del self._blocks[request.request_id]
+                del self._blocks[request.request_id], self._block_ids[request.request_id]
             return False
         self.pool.touch(list(cached))
-        held.extend(cached)
-        if need > 0:
-            held.extend(self.pool.allocate(need))
+        new = list(cached) + (self.pool.allocate(need) if need > 0 else [])
+        held.extend(new)
+        ids.extend(b.block_id for b in new)
         return True
 
     def cache_full_blocks(self, request: Request) -> None:
@@ -76,20 +87,27 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         n_full = request.num_computed_tokens // self.block_size
-        held = self._blocks[request.request_id]
-        for block, h in zip(held[:n_full], self._block_hashes(request, n_full)):
-            self.pool.cache(block, h)
+        done = self._published.get(request.request_id, 0)
+        if n_full <= done:
+            return
+        held, hashes = self._blocks[request.request_id], self._block_hashes(request, n_full)
+        for i in range(done, n_full):
+            self.pool.cache(held[i], hashes[i])
+        self._published[request.request_id] = n_full
 
     def free(self, request: Request) -> None:
         blocks = self._blocks.pop(request.request_id, [])
         self.pool.release(blocks[::-1])
+        self._block_ids.pop(request.request_id, None)
+        self._published.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
 
     def _block_hashes(self, request: Request, n_blocks: int) -> list[bytes]:
-        # Hashes are extended incrementally: each full block is hashed once per request.
+        # Hashes are extended incrementally: each full block is hashed once per request. The
+        # first n_blocks of the returned list are the ones asked for (it may hold more).
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         while len(hashes) < n_blocks:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, request.token_ids[i * bs:(i + 1) * bs]))
-        return hashes[:n_blocks]
+        return hashes

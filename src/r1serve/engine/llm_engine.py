@@ -47,7 +47,7 @@ class ParentRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_path) -> None:
         self.config = config
-        self.platform = get_platform(config.device)
+        self.platform = get_platform(config)
         if config.num_threads and self.platform.name == "cpu":
             torch.set_num_threads(config.num_threads)
         self.loaded: LoadedModel = load_model(model_path, self.platform, config)
@@ -236,11 +236,15 @@ class LLMEngine:
 
     def _completion(self, index: int, child: Request, detok: IncrementalDetokenizer,
                     sent: list[int] | None) -> CompletionOutput:
-        """One choice's output; with `sent` ([chars, tokens] already handed out), only what is new."""
-        text, token_ids = detok.visible_text(child.finished), child.output_token_ids
+        """One choice's output; with `sent` ([chars, tokens] already handed out), only what is
+        new: that costs the new part, not the whole output (an R1 answer runs to 32k tokens)."""
         logprobs = child.logprobs
-        if sent is not None:
-            text, token_ids, logprobs = text[sent[0]:], token_ids[sent[1]:], logprobs and logprobs[sent[1]:]
+        if sent is None:
+            text, token_ids = detok.visible_text(child.finished), child.output_token_ids
+        else:
+            text = detok.visible_text(child.finished, start=sent[0])
+            token_ids = child.token_ids[child.num_prompt_tokens + sent[1]:]
+            logprobs = logprobs and logprobs[sent[1]:]
             sent[0] += len(text)
             sent[1] += len(token_ids)
         return CompletionOutput(index, text, token_ids, child.finish_reason, child.stop_reason,

@@ -93,10 +93,11 @@ class Request:
         return token_id
 
     def _track_reasoning(self) -> None:
+        # Constant work per token: only the output's first and last few ids are looked at.
         spec = self.params.reasoning
-        out = self.token_ids[len(self.prompt_token_ids):]
+        n_prompt, n_out = len(self.prompt_token_ids), self.num_output_tokens
         if self.reasoning_state is ReasoningState.UNKNOWN:
-            head = tuple(out[:len(spec.start_ids)])
+            head = tuple(self.token_ids[n_prompt:n_prompt + min(n_out, len(spec.start_ids))])
             if head != spec.start_ids[:len(head)]:
                 self.reasoning_state, self.num_reasoning_tokens = ReasoningState.NONE, 0
                 return
@@ -105,7 +106,8 @@ class Request:
         if self.reasoning_state in (ReasoningState.NONE, ReasoningState.CLOSED):
             return
         self.num_reasoning_tokens += 1
-        if tuple(out[-len(spec.end_ids):]) == spec.end_ids:
+        end = len(spec.end_ids)
+        if n_out >= end and tuple(self.token_ids[-end:]) == spec.end_ids:
             self.reasoning_state = ReasoningState.CLOSED
             self.forced_token_ids.clear()
 

@@ -1,6 +1,8 @@
 """What the scheduler decided for one step: the hand-off from scheduler to model runner."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from dataclasses import dataclass
 
 from r1serve.engine.request import Request
@@ -11,7 +13,7 @@ class ScheduledChunk:
     request: Request
     start: int  # first position computed this step (= num_computed_tokens when scheduled)
     num_tokens: int  # tokens computed this step for this request
-    block_table: list[int]  # the request's KV blocks, covering start + num_tokens tokens
+    block_table: Sequence[int]  # the request's KV blocks, covering start + num_tokens tokens (an int64 array)
     samples: bool  # the chunk reaches the request's last known token, so a new token is sampled
 
     @property

@@ -20,14 +20,15 @@ import torch.nn.functional as F
 
 from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.cpu_paged_decode import paged_decode_attention
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 
 def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    # q: (N, H, D) -> (N, H, D)
+                  meta: AttentionMetadata, scale: float, kernels=None) -> torch.Tensor:
+    # q: (N, H, D) -> (N, H, D); kernels: the compiled module of one ISA (default: the CPU's best)
+    kernels = kernels or cpu_kernels()
     if meta.is_decode_only:
-        return _decode(q, k_cache, v_cache, meta, list(range(meta.num_seqs)), scale)
+        return _decode(q, k_cache, v_cache, meta, list(range(meta.num_seqs)), scale, kernels)
     out = torch.empty_like(q)
     starts = [0]
     for n in meta.query_lens:
@@ -35,7 +36,7 @@ def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     decodes = [b for b, n in enumerate(meta.query_lens) if n == 1]
     if decodes:
         rows = torch.tensor([starts[b] for b in decodes], device=q.device)
-        out[rows] = _decode(q[rows], k_cache, v_cache, meta, decodes, scale)
+        out[rows] = _decode(q[rows], k_cache, v_cache, meta, decodes, scale, kernels)
     for b, (n, s) in enumerate(zip(meta.query_lens, meta.seq_lens)):
         if n > 1:
             out[starts[b]:starts[b + 1]] = prefill_attention(q[starts[b]:starts[b + 1]], k_cache, v_cache,
@@ -44,14 +45,14 @@ def cpu_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            seqs: list[int], scale: float) -> torch.Tensor:
+            seqs: list[int], scale: float, kernels) -> torch.Tensor:
     # q: (len(seqs), H, D), one query token for each of the sequences `seqs`
-    if cpu_kernels() is not None:  # the hand-written kernel reads the paged cache in place
+    if kernels is not None:  # the hand-written kernel reads the paged cache in place
         if len(seqs) == meta.num_seqs:  # all of them (decode-only steps): no gather of the tables
             tables, lens = meta.block_tables, meta.seq_lens_tensor
         else:
             tables, lens = meta.block_tables[seqs].contiguous(), meta.seq_lens_tensor[seqs]
-        return paged_decode_attention(q.contiguous(), k_cache, v_cache, tables, lens, scale)
+        return paged_decode_attention(q.contiguous(), k_cache, v_cache, tables, lens, scale, kernels)
     L = max(meta.seq_lens[b] for b in seqs)  # the longest sequence sets the key length
     return decode_attention(q, k_cache, v_cache, meta.key_slots[seqs, :L], meta.attn_mask[seqs, :, :1, :L], scale)
 

@@ -1,7 +1,7 @@
 """FP8 block-scaled GEMM as DeepSeek-V3/R1 runs its linears: the plain-torch twins.
 
     weight   (N, K) float8_e4m3fn, weight_scale_inv (ceil(N / b0), ceil(K / b1)) float32
-             (layers/fp8_block.py: R1's checkpoint format, b0 x b1 = 128 x 128)
+             (kernels/fp8_block.py: R1's checkpoint format, b0 x b1 = 128 x 128)
     input    (M, K) quantized per token and group of b1 columns: x_q (M, K) float8_e4m3fn,
              x_scale (M, K / b1) float32, chosen so each group's largest |x| maps to FP8_MAX
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from r1serve.layers.fp8_block import FP8_MAX, dequantize_fp8_block
+from r1serve.kernels.fp8_block import FP8_MAX, dequantize_fp8_block
 
 # Smallest group maximum that is scaled: an all-zero group would otherwise divide by zero.
 GROUP_AMAX_EPS = 1e-10

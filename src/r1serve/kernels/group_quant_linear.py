@@ -139,12 +139,12 @@ def group_quant_linear_reference(x: torch.Tensor, w: GroupQuantWeight, bias: tor
 
 
 def group_quant_kernel_available() -> bool:
-    """The kernel is compiled only for CPUs with AVX512-VNNI and AVX512-BF16."""
-    kernels = cpu_kernels()
-    return kernels is not None and kernels.group_quant_linear_available()
+    """Built for every CPU (csrc/vec.h), where a compiler is."""
+    return cpu_kernels() is not None
 
 
-def group_quant_linear(x: torch.Tensor, w: GroupQuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    # x: (M, K) bf16 -> (M, N) bf16. w was checked when built; the C++ checks x and bias again.
-    assert x.dim() == 2 and x.shape[1] == w.in_features and x.dtype == torch.bfloat16, (x.shape, x.dtype)
-    return cpu_kernels().group_quant_linear(x, w.packed, w.out_features, w.bits, bias)
+def group_quant_linear(x: torch.Tensor, w: GroupQuantWeight, bias: torch.Tensor | None, kernels=None) -> torch.Tensor:
+    # x: (M, K) float32 or bf16 -> (M, N) of x's dtype. w was checked when built; the C++
+    # checks x and bias again. kernels: the compiled module of one ISA (default: the best).
+    assert x.dim() == 2 and x.shape[1] == w.in_features and x.dtype in (torch.float32, torch.bfloat16), (x.shape, x.dtype)
+    return (kernels or cpu_kernels()).group_quant_linear(x, w.packed, w.out_features, w.bits, bias)

@@ -6,7 +6,7 @@ whole model from memory for a handful of rows of activations. An int8 copy of ea
 `_weight_int8pack_mm` multiplies bf16 activations by it directly (a hand-written int8 GEMV
 was tried and streamed weights at 7.8 GB/s against this op's 10.3). For larger batches
 the dense bf16 weight (AMX / AVX512-BF16) is faster: the CPU platform's Linear
-(layers/cpu_linear.py) keeps both and the row count picks one.
+(platforms/cpu/linear.py) keeps both and the row count picks one.
 
 Twin: `int8_linear_reference` (dequantize, then a plain matmul).
 """

@@ -31,6 +31,6 @@ def rotary_kv_write_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def rotary_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, num_heads: int, kernels=None) -> torch.Tensor:
     # The C++ checks shapes, dtypes, contiguity and slot bounds, with messages.
-    return cpu_kernels().rotary_kv_write(qkv, cos, sin, kv_cache, slot_mapping, num_heads)
+    return (kernels or cpu_kernels()).rotary_kv_write(qkv, cos, sin, kv_cache, slot_mapping, num_heads)

@@ -1,7 +1,7 @@
 """silu(gate) * up over the fused gate/up projection, in one C++ pass (csrc/silu_and_mul.cpp).
 
 Twin: `silu_and_mul_reference`, the MLP's own torch code. The kernel's exp is its own
-AVX512 polynomial (within ~2 float32 ulp), not torch's, so float32 results differ in the
+polynomial (within ~2 float32 ulp), not torch's, so float32 results differ in the
 last bits and bf16 ones, rarely, in the last bit.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    # The C++ checks the shape and contiguity, with a message.
-    return cpu_kernels().silu_and_mul(x)
+def silu_and_mul(x: torch.Tensor, kernels=None) -> torch.Tensor:
+    # kernels: the compiled module of one ISA (default: the CPU's best); the C++ checks the
+    # shape and contiguity, with a message.
+    return (kernels or cpu_kernels()).silu_and_mul(x)

@@ -13,9 +13,11 @@ SiluAndMulImpl = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SiluAndMul(nn.Module):
+    kernel_ops = ("silu_and_mul",)  # what a platform's bind may swap (platforms/base.py)
+
     def __init__(self) -> None:
         super().__init__()
-        self.impl: SiluAndMulImpl = silu_and_mul_reference
+        self.silu_and_mul: SiluAndMulImpl = silu_and_mul_reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.impl(x)
+        return self.silu_and_mul(x)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from r1serve.kernels.mla_attention import mla_absorbed_reference, mla_expanded_reference, write_latent
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import apply_rotary_interleaved
 
@@ -44,13 +44,14 @@ class MLAConfig:
 
 
 class MLAAttention(nn.Module):
+    kernel_ops = ("mla_write_latent", "mla_absorbed")  # what a platform's bind may swap (platforms/base.py)
+
     def __init__(self, c: MLAConfig) -> None:
         super().__init__()
         self.c = c
         self.form = "auto"  # "auto" | "absorbed" | "expanded"
-        # A platform may swap in kernels (platforms/cuda.py: Triton) for these twins.
-        self.write_latent_impl = write_latent  # (cache, latent (N, L + R), slot_mapping) -> None
-        self.absorbed_impl = mla_absorbed_reference  # (q_lat, q_pe, cache, meta, kv_lora_rank, scale) -> (N, H, L)
+        self.mla_write_latent = write_latent  # (cache, latent (N, L + R), slot_mapping) -> None
+        self.mla_absorbed = mla_absorbed_reference  # (q_lat, q_pe, cache, meta, kv_lora_rank, scale) -> (N, H, L)
         H = c.num_heads
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, H * c.qk_head_dim, bias=False)
@@ -86,7 +87,7 @@ class MLAAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv.contiguous())  # (N, L)
         q_pe = apply_rotary_interleaved(q_pe, rope)
         k_pe = apply_rotary_interleaved(k_pe[:, None], rope)[:, 0]  # (N, R)
-        self.write_latent_impl(kv_cache, torch.cat((c_kv, k_pe), dim=-1), meta.slot_mapping)
+        self.mla_write_latent(kv_cache, torch.cat((c_kv, k_pe), dim=-1), meta.slot_mapping)
         if self._absorbed(meta):
             out = self.absorbed(q_nope, q_pe, kv_cache, meta)
         else:
@@ -104,5 +105,5 @@ class MLAAttention(nn.Module):
     def absorbed(self, q_nope, q_pe, kv_cache, meta) -> torch.Tensor:
         c = self.c
         q_lat = torch.einsum("nhp,hpl->nhl", q_nope, self.w_uk)  # (N, H, L)
-        o_lat = self.absorbed_impl(q_lat, q_pe, kv_cache, meta, c.kv_lora_rank, c.softmax_scale)
+        o_lat = self.mla_absorbed(q_lat, q_pe, kv_cache, meta, c.kv_lora_rank, c.softmax_scale)
         return torch.einsum("nhl,hvl->nhv", o_lat, self.w_uv)  # (N, H, V)

@@ -17,6 +17,7 @@ from torch import nn
 
 from r1serve.errors import ModelLoadError
 from r1serve.kernels.fused_moe import fused_moe_reference
+from r1serve.layers.mlp import GatedMLP
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,6 @@ class MoEConfig:
                                  "use noaux_tc, greedy or group_limited_greedy")
         if self.n_routed_experts % self.n_group:
             raise ModelLoadError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}")
-
-
-class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up fused
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
 
 
 class MoERouter(nn.Module):
@@ -97,6 +87,8 @@ class MoERouter(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
+    kernel_ops = ("moe_experts",)  # what a platform's bind may swap (platforms/base.py)
+
     def __init__(self, c: MoEConfig) -> None:
         super().__init__()
         self.c = c
@@ -104,10 +96,10 @@ class DeepseekMoE(nn.Module):
         self.gate = MoERouter(c)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # experts.{e}.gate_proj / up_proj
         self.w2 = nn.Parameter(torch.empty(E, Hd, I))  # experts.{e}.down_proj
-        self.shared_experts = DenseMLP(Hd, I * c.n_shared_experts) if c.n_shared_experts else None
-        self.experts_impl = fused_moe_reference  # a platform may swap in a fused kernel
+        self.shared_experts = GatedMLP(Hd, I * c.n_shared_experts) if c.n_shared_experts else None
+        self.moe_experts = fused_moe_reference  # (x, w13, w2, weights, ids) -> (N, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.experts_impl(x, self.w13, self.w2, weights, ids)
+        out = self.moe_experts(x, self.w13, self.w2, weights, ids)
         return out if self.shared_experts is None else out + self.shared_experts(x)

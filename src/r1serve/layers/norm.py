@@ -13,14 +13,16 @@ AddRMSNormImpl = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, floa
 
 
 class RMSNorm(nn.Module):
+    kernel_ops = ("add_rms_norm",)  # what a platform's bind may swap (platforms/base.py)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.impl: AddRMSNormImpl = add_rms_norm_reference
+        self.add_rms_norm: AddRMSNormImpl = add_rms_norm_reference
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
         if residual is None:
-            return self.impl(None, x, self.weight, self.eps)[0]
-        return self.impl(x, residual, self.weight, self.eps)
+            return self.add_rms_norm(None, x, self.weight, self.eps)[0]
+        return self.add_rms_norm(x, residual, self.weight, self.eps)

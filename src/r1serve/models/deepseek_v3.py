@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from r1serve.errors import ModelLoadError
-from r1serve.layers.attention import AttentionImpl
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.mla import MLAAttention, MLAConfig
-from r1serve.layers.moe import DeepseekMoE, DenseMLP, MoEConfig
+from r1serve.layers.mlp import GatedMLP
+from r1serve.layers.moe import DeepseekMoE, MoEConfig
 from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
@@ -84,7 +84,7 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.self_attn = MLAAttention(c.mla)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = DeepseekMoE(c.moe) if c.is_moe_layer(i) else DenseMLP(a.hidden_size, a.intermediate_size)
+        self.mlp = DeepseekMoE(c.moe) if c.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size)
 
 
 class DeepseekV3Model(nn.Module):
@@ -110,7 +110,7 @@ _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    def __init__(self, arch: ArchConfig, attn_impl: AttentionImpl | None = None) -> None:
+    def __init__(self, arch: ArchConfig) -> None:
         config = DeepseekV3Config.from_arch(arch)
         super().__init__(arch, DeepseekV3Model(config))
         self.config = config
@@ -132,7 +132,7 @@ class DeepseekV3ForCausalLM(CausalLM):
                 continue
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            target = self._place(name, params)
+            target = self.weight_slice(name, params)
             if target.shape != tensor.shape:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(target.shape)}")
@@ -160,7 +160,7 @@ class DeepseekV3ForCausalLM(CausalLM):
                 return checkpoint_name.replace(f".{part}.", f".{fused}.")
         return checkpoint_name
 
-    def _place(self, name: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def weight_slice(self, name: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The slice of a parameter a checkpoint tensor fills."""
         target = self.param_name(name)
         if target not in params:

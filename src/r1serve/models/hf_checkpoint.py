@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from r1serve.errors import ModelLoadError
-from r1serve.layers.fp8_block import dequantize_fp8_block
+from r1serve.kernels.fp8_block import dequantize_fp8_block
 
 
 class HFCheckpoint:

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from r1serve.errors import ModelLoadError
-from r1serve.layers.activation import SiluAndMul
-from r1serve.layers.attention import AttentionImpl, PagedAttention, RotaryKVWrite
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.layers.attention import PagedAttention, RotaryKVWrite
+from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.decoder_layer import PreNormDecoderLayer
+from r1serve.layers.mlp import GatedMLP
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
@@ -23,7 +23,7 @@ from r1serve.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v projections fused into one GEMM; load_weights fills the three slices.
@@ -31,7 +31,7 @@ class LlamaAttention(nn.Module):
                                   bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.rotary_kv_write = RotaryKVWrite(self.n_heads)
-        self.attn = PagedAttention(self.n_heads, self.n_kv_heads, self.head_dim, attn_impl)
+        self.attn = PagedAttention(self.n_heads, self.n_kv_heads, self.head_dim)
 
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q, k, v from one GEMM; q and k rotated; k and v stored in the cache (one fused kernel on the CPU)
@@ -39,32 +39,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, kv_cache, meta))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up fused
-        self.act = SiluAndMul()  # silu(gate) * up
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, attn_impl)
+        self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
+    def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, attn_impl) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
@@ -81,8 +70,8 @@ class LlamaForCausalLM(CausalLM):
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
-        super().__init__(cfg, LlamaModel(cfg, attn_impl))
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__(cfg, LlamaModel(cfg))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.key_value(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)

@@ -9,10 +9,14 @@ from torch import nn
 
 from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError
-from r1serve.layers.cpu_linear import SmallBatchWeights
+import logging
+
+from r1serve.platforms.cpu.linear import SmallBatchWeights
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.registry import model_class
-from r1serve.platforms.base import Platform
+from r1serve.platforms.base import BoundOp, Platform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class LoadedModel:
     path: Path
     num_parameters: int  # counted before platform rewrites (packing drops nn.Parameters)
     weight_bytes: int
+    kernels: list[BoundOp]  # which kernel serves each op the model's layers declare (platform.bind)
 
 
 def open_checkpoint(path: Path):
@@ -51,7 +56,7 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     # Build without allocating or initialising weights, then materialise on the device:
     # random init of billions of parameters would cost more than loading them.
     with torch.device("meta"):
-        model = cls(arch, platform.attention(kernel))
+        model = cls(arch)
     model = model.to(torch_dtype).to_empty(device=platform.device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -64,35 +69,47 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     if platform.fp8_block_gemm and kernel != "reference" and getattr(ckpt, "fp8_block", None):
         # FP8 matmuls on this device: swap the dequantized copies back for R1's FP8 weights.
-        from r1serve.platforms.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
+        from r1serve.platforms.cuda.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
 
         keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
-    platform.prepare_model(model, torch_dtype, kernel, _small_batch_weights(config, platform, torch_dtype, ckpt, model))
+    # The plain-torch twins run untouched under --kernel reference: no weight rewrite either.
+    if kernel != "reference":
+        widened = dtype == "auto" and stored in ("bfloat16", "float16") and torch_dtype == torch.float32
+        plan = _small_batch_weights(config, platform, torch_dtype, ckpt, model, widened)
+        platform.prepare_weights(model, torch_dtype, plan)
+    bound = platform.bind(model, kernel)
     model.eval()
-    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path, num_parameters, weight_bytes)
+    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path, num_parameters, weight_bytes, bound)
 
 
 def _small_batch_weights(config: EngineConfig, platform: Platform, dtype: torch.dtype, ckpt,
-                         model: nn.Module) -> SmallBatchWeights:
+                         model: nn.Module, widened: bool) -> SmallBatchWeights:
     quantized = getattr(ckpt, "is_quantized", False)
     int8_rows = config.int8_max_rows if _wants_int8(config, platform, dtype, quantized) else 0
-    group_bits = _group_quant_bits(config, platform, dtype, ckpt, model)
-    return SmallBatchWeights(int8_rows, config.group_quant_max_rows if group_bits else 0, group_bits)
+    group_bits = _group_quant_bits(config, platform, dtype, ckpt, model, widened)
+    return SmallBatchWeights(int8_rows, config.group_quant_max_rows if group_bits else 0, group_bits)  # None: measured
 
 
 def _group_quant_bits(config: EngineConfig, platform: Platform, dtype: torch.dtype, ckpt,
-                      model: nn.Module) -> dict[str, int]:
-    usable = platform.group_quant_gemm and dtype == torch.bfloat16
+                      model: nn.Module, widened: bool) -> dict[str, int]:
+    # widened: dtype auto made a 16-bit checkpoint float32 (a CPU without native bf16).
+    usable = platform.group_quant_gemm and dtype in (torch.bfloat16, torch.float32)
     if config.group_quant in ("int4", "int8") and not usable:
-        raise ModelLoadError(f"group_quant={config.group_quant!r} needs dtype bfloat16 on a platform with the "
-                             f"group-quantized GEMM (a CPU with AVX512-VNNI and AVX512-BF16); "
+        raise ModelLoadError(f"group_quant={config.group_quant!r} needs dtype bfloat16 or float32 on a platform "
+                             f"with the group-quantized GEMM (the cpu platform with its kernels built); "
                              f"got dtype {dtype} on {platform.name}")
     if not usable or config.group_quant == "off" or config.group_quant_max_rows == 0:
         return {}
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if config.group_quant != "auto":
-        bits = 4 if config.group_quant == "int4" else 8
-        return {name: bits for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    return _stored_bits(ckpt, model)
+        return dict.fromkeys(linears, 4 if config.group_quant == "int4" else 8)
+    stored = _stored_bits(ckpt, model)
+    if not stored and widened:
+        log.info("dtype auto on a CPU without native bf16: the 16-bit weights serve from int8 groups (Q8_0's form, "
+                 "within half a step of 255 levels per 32 weights) rather than float32 copies at twice the bytes; "
+                 "--group-quant off keeps float32")
+        return dict.fromkeys(linears, 8)
+    return stored
 
 
 def _stored_bits(ckpt, model: nn.Module) -> dict[str, int]:

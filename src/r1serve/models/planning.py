@@ -43,5 +43,5 @@ def numbers_for(model: nn.Module, arch: ArchConfig, dtype: torch.dtype, kv_cache
 def numbers_from_config(hf_config: dict, dtype: torch.dtype, kv_cache_bytes: int) -> ModelNumbers:
     arch = ArchConfig.from_hf(hf_config)
     with torch.device("meta"):
-        model = model_class(arch.architecture)(arch, None)
+        model = model_class(arch.architecture)(arch)
     return numbers_for(model, arch, dtype, kv_cache_bytes)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from r1serve.layers.attention import AttentionImpl
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: ArchConfig, attn_impl: AttentionImpl) -> None:
-        super().__init__(replace(cfg, attention_bias=True), attn_impl)
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__(replace(cfg, attention_bias=True))

@@ -1,36 +1,85 @@
-"""What the engine needs to know about a device family, in one small object."""
+"""What the engine needs to know about a device family, in one small object, and the one
+step that binds a loaded model to the platform's kernels.
+
+Layers declare the ops a platform may swap: a class attribute `kernel_ops` names instance
+attributes that hold the plain-torch twin by default (RMSNorm.add_rms_norm,
+PagedAttention.paged_attention, ...). A platform supplies one table from op name to
+Kernel; `bind` walks the model once and points every declared op at the table's kernel
+where the kernel accepts that module (its shapes, its dtype), leaving the twin elsewhere.
+It returns what it chose, which `r1serve info` prints. Nothing else in r1serve picks a
+kernel for a layer.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from r1serve.layers.attention import AttentionImpl
+
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    impl: Callable  # called exactly as the twin it replaces
+    name: str  # what `r1serve info` shows: "csrc/avx2", "triton", ...
+    accepts: Callable[[nn.Module], bool] = _always  # whether it takes this module (shapes, dtype)
+
+
+KernelTable = dict[str, Kernel]
+
+
+@dataclass(frozen=True)
+class BoundOp:
+    op: str
+    kernel: str  # a Kernel's name, or "reference" where the twin stays
+    modules: int  # how many modules of the model declare the op and got this kernel
+
+
+def bind_kernels(model: nn.Module, table: KernelTable) -> list[BoundOp]:
+    """Point every op the model's modules declare at the table's kernel (or leave the twin)."""
+    chosen: Counter[tuple[str, str]] = Counter()
+    for module in model.modules():
+        for op in getattr(type(module), "kernel_ops", ()):
+            kernel = table.get(op)
+            if kernel is not None and kernel.accepts(module):
+                setattr(module, op, kernel.impl)
+            chosen[op, kernel.name if kernel is not None and kernel.accepts(module) else "reference"] += 1
+    return [BoundOp(op, name, n) for (op, name), n in sorted(chosen.items())]
+
+
+def _no_weight_rewrite(model: nn.Module, dtype: torch.dtype, plan: object) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class Platform:
-    name: str  # "cpu" | "cuda" | "npu"
+    name: str  # "cpu" | "cuda" | a plugin's name ("npu", ...)
     device: torch.device
     supported_dtypes: tuple[torch.dtype, ...]
-    # Picks the attention kernel; "reference" always gives the plain-torch twin.
-    attention: Callable[[str], AttentionImpl]
     dist_backend: str  # torch.distributed backend for multi-device serving
     # dtype "auto" resolves to this for checkpoints stored in 16-bit floats.
     preferred_half: torch.dtype
+    # op -> kernel for this device; `bind` applies it (built on demand: it may compile or import).
+    kernel_table: Callable[[], KernelTable] = dict
+    # Rewrites a loaded model's weights for this platform's GEMMs, before `bind`: (model,
+    # dtype, the platform's weight plan). The CPU's plan is platforms/cpu/linear.py's
+    # SmallBatchWeights (which quantized copies to keep).
+    prepare_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
     # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
     int8_weight_gemm: bool = False
-    # Has the int4/int8 group-quantized weight GEMM for bf16 activations (kernels/group_quant_linear.py).
+    # Has the int4/int8 group-quantized weight GEMM (kernels/group_quant_linear.py).
     group_quant_gemm: bool = False
-    # Has an FP8 block-scaled GEMM: a checkpoint's FP8 weights stay FP8 (platforms/fp8_weights.py).
+    # Has an FP8 block-scaled GEMM: a checkpoint's FP8 weights stay FP8 (platforms/cuda/fp8_weights.py).
     fp8_block_gemm: bool = False
-    # Rewrites a loaded model for this platform's kernels: (model, dtype, kernel, the
-    # SmallBatchWeights of layers/cpu_linear.py: which quantized copies to keep).
-    prepare_model: Callable[[nn.Module, torch.dtype, str, object], None] = lambda *args: None
     alloc_zeros: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] = \
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    # What `r1serve info` shows about the device beyond its name (the CPU: model, ISA, flags).
+    describe: dict = field(default_factory=dict)
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":
@@ -43,6 +92,10 @@ class Platform:
             supported = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
             raise ValueError(f"dtype {dtype} is not supported on {self.name}; use one of {supported}")
         return dtype
+
+    def bind(self, model: nn.Module, kernel: str = "auto") -> list[BoundOp]:
+        """Apply the kernel table to a loaded model; kernel "reference" keeps every twin."""
+        return bind_kernels(model, {} if kernel == "reference" else self.kernel_table())
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zero-filled tensor for the KV cache (the CPU platform maps its pages lazily)."""

@@ -1,6 +1,8 @@
 // The CPU kernels as one Python module; each kernel lives in its own file.
 #include <torch/extension.h>
 
+#include "vec.h"
+
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                                   at::Tensor seq_lens, double scale);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const std::optional<at::Tensor>& x, const at::Tensor& residual,
@@ -9,7 +11,6 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
                            const at::Tensor& slots, int64_t num_heads);
 at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor argmax_rows(const at::Tensor& logits);
-bool group_quant_linear_available();
 at::Tensor group_quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t bits,
                               const std::optional<at::Tensor>& bias);
 
@@ -19,9 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release_gil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release_gil());
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm; returns (normed, new residual)", release_gil());
-  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32", release_gil());
+  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32 (x float32 or bf16)", release_gil());
   m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q", release_gil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]", release_gil());
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (NaN counts as the maximum)", release_gil());
-  m.def("group_quant_linear_available", &group_quant_linear_available, "whether this build has group_quant_linear");
+  m.def("isa", [] { return std::string(r1serve_vec::kIsa); }, "the vector ISA this build's kernels use");
+  m.def("isa_extensions", [] { return std::string(r1serve_vec::isa_extensions()); },
+        "the extensions beyond the base ISA it uses (bf16, vnni, dotprod, ...)");
 }

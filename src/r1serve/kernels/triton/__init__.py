@@ -8,7 +8,7 @@
                          module docstring (tests/test_triton_kernels.py runs every kernel
                          under TRITON_INTERPRET=1 on the CPU; benchmarks/gpu_check.py on a GPU)
 
-The package never imports these modules itself: platforms/cuda.py imports them only when
+The package never imports these modules itself: platforms/cuda/__init__.py imports them only when
 `triton_available()`, so r1serve imports and every non-CUDA path runs where triton is absent.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from r1serve.kernels.fp8_gemm import GROUP_AMAX_EPS
-from r1serve.layers.fp8_block import FP8_MAX
+from r1serve.kernels.fp8_block import FP8_MAX
 
 
 @triton.jit

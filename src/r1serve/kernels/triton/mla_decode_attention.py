@@ -28,7 +28,7 @@ import triton.language as tl
 from r1serve.kernels.triton import next_power_of_2
 from r1serve.kernels.triton.paged_decode_attention import (check_block_tables, choose_num_splits, dot_precision,
                                                           merge_splits_kernel)
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 BLOCK_H = 16  # heads per program: the smallest M a tensor-core dot takes
 BLOCK_N = 32  # context positions per tile: (32, 512) bf16 latents = 32 KiB of shared memory

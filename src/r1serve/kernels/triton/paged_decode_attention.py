@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from r1serve.kernels.triton import next_power_of_2
-from r1serve.layers.attention_metadata import AttentionMetadata
+from r1serve.kernels.attention_metadata import AttentionMetadata
 
 BLOCK_N = 32  # context positions per tile
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds

@@ -3,7 +3,7 @@
 The loader dequantizes FP8 tensors as it reads them (models/hf_checkpoint.py), which every
 platform can run. Where `platform.fp8_block_gemm` is set, the loader then hands the FP8
 tensors over again, between `model.load_weights(...)` (which still needs every tensor: the
-absorbed MLA weights and its completeness check come from it) and `platform.prepare_model`:
+absorbed MLA weights and its completeness check come from it) and `platform.bind`:
 
     if platform.fp8_block_gemm and getattr(ckpt, "fp8_block", None):
         keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
@@ -11,10 +11,10 @@ absorbed MLA weights and its completeness check come from it) and `platform.prep
 Each FP8 tensor and its scales go where load_weights put the dequantized copy, including
 the fused (gate_up_proj) and stacked (experts' w13 / w2) parameters. Then every nn.Linear
 whose weight is wholly FP8 becomes an Fp8BlockLinear and every DeepseekMoE's experts an
-Fp8Experts (layers/fp8_linear.py), and the 16-bit copies are freed. Linears whose input
+Fp8Experts (platforms/cuda/fp8_linear.py), and the 16-bit copies are freed. Linears whose input
 width is not a whole number of column blocks keep their dequantized weight (activations are
-quantized per block of columns), as do fused parameters of models without `_place` (their
-FP8 checkpoints are not published). prepare_model then sets the Triton kernels on them.
+quantized per block of columns), as do fused parameters of models without `weight_slice` (their
+FP8 checkpoints are not published). bind then sets the Triton kernels on them.
 
 Until the swap both copies are resident (the FP8 one is half the size of a bf16 one): a
 loader that streams each FP8 tensor straight into an FP8 parameter would avoid that, and
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 
 from r1serve.errors import ModelLoadError
-from r1serve.layers.fp8_linear import Fp8BlockLinear, Fp8Experts
+from r1serve.platforms.cuda.fp8_linear import Fp8BlockLinear, Fp8Experts
 from r1serve.layers.moe import DeepseekMoE
 
 log = logging.getLogger("r1serve.platforms")
@@ -94,8 +94,8 @@ def _place(model: nn.Module, name: str, target: str, entry: _Fp8Param, weight: t
     """Copy one checkpoint tensor and its scales into its slice of the FP8 parameter."""
     if target == name and entry.weight.dim() == 2:
         w_dst, s_dst = entry.weight, entry.scale
-    elif hasattr(model, "_place"):  # the model's own loader slicing: fused halves, stacked experts
-        w_dst = model._place(name, {target: entry.weight})
+    elif hasattr(model, "weight_slice"):  # the model's own loader slicing: fused halves, stacked experts
+        w_dst = model.weight_slice(name, {target: entry.weight})
         s_dst = _scale_slice(entry, w_dst, block)
         if s_dst is None:
             log.info("%s: its part of %s starts inside a %s block; kept dequantized", name, target, block)
@@ -148,7 +148,7 @@ def _swap_experts(model: nn.Module, store: dict[str, _Fp8Param], kept: list[str]
         if moe.w13.shape[-1] % block[1] or moe.w2.shape[-1] % block[1]:
             log.info("%s: expert widths are not multiples of %d; kept dequantized", name, block[1])
             continue
-        moe.experts_impl = Fp8Experts(store[w13].weight, store[w13].scale, store[w2].weight, store[w2].scale, block)
+        moe.moe_experts = Fp8Experts(store[w13].weight, store[w13].scale, store[w2].weight, store[w2].scale, block)
         for attr in ("w13", "w2"):  # the dequantized copies go; the FP8 experts never read them
             old = getattr(moe, attr)
             setattr(moe, attr, nn.Parameter(old.new_empty(0, *old.shape[1:]), requires_grad=False))

@@ -1,6 +1,6 @@
 """Which Triton kernel serves which layer on the cuda platform, and when a twin serves instead.
 
-Imported by platforms/cuda.py only where triton imports. Each dispatcher takes the kernel
+Imported by platforms/cuda/__init__.py only where triton imports. Each dispatcher takes the kernel
 where its shapes fit (decode-only steps, power-of-two head sizes) and the plain-torch twin
 otherwise: prefill attention stays on the twin (SDPA over the gathered pages), and so do
 head sizes a kernel's tiles cannot take (head_dim 80 or 96, the tiny test models' 8-wide
@@ -24,13 +24,10 @@ from r1serve.kernels.triton.kv_cache_write import write_kv_triton, write_latent_
 from r1serve.kernels.triton.mla_decode_attention import mla_decode_attention_triton
 from r1serve.kernels.triton.paged_decode_attention import paged_decode_attention_triton
 from r1serve.kernels.triton.rotary_kv_write import rotary_kv_write_triton
-from r1serve.layers.attention import PagedAttention, RotaryKVWrite
-from r1serve.layers.attention_metadata import AttentionMetadata
-from r1serve.layers.fp8_linear import Fp8BlockLinear, Fp8Experts
-from r1serve.layers.mla import MLAAttention
-from r1serve.layers.moe import DeepseekMoE
-from r1serve.layers.norm import RMSNorm
+from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.rotary import apply_rotary
+from r1serve.platforms.base import Kernel, KernelTable
+from r1serve.platforms.cuda.fp8_linear import Fp8Experts
 
 
 def _pow2(n: int, least: int) -> bool:
@@ -72,21 +69,24 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
-def use_triton_kernels(model: nn.Module) -> None:
-    """Point every layer with a kernel at it (the twins stay for what the kernels do not take)."""
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.impl = paged_attention
-        elif isinstance(module, RotaryKVWrite):
-            module.impl = rotary_kv_write
-        elif isinstance(module, MLAAttention):
-            module.write_latent_impl = write_latent_triton
-            module.absorbed_impl = mla_absorbed
-        elif isinstance(module, RMSNorm) and module.weight.shape[0] <= MAX_HIDDEN:
-            module.impl = add_rms_norm
-        elif isinstance(module, DeepseekMoE) and not isinstance(module.experts_impl, Fp8Experts):
-            module.experts_impl = fused_moe_triton
-        elif isinstance(module, Fp8Experts):
-            module.impl = fused_moe_fp8_triton
-        elif isinstance(module, Fp8BlockLinear):
-            module.act_quant, module.gemm = act_quant_triton, fp8_block_gemm_triton
+def _small_norm(module: nn.Module) -> bool:
+    return module.weight.shape[0] <= MAX_HIDDEN
+
+
+def _bf16_experts(module: nn.Module) -> bool:
+    return not isinstance(module.moe_experts, Fp8Experts)  # FP8 experts bind their own op
+
+
+def triton_table() -> KernelTable:
+    """op -> Triton kernel (the dispatchers above keep the twins for what a kernel does not take)."""
+    return {
+        "paged_attention": Kernel(paged_attention, "triton"),
+        "rotary_kv_write": Kernel(rotary_kv_write, "triton"),
+        "mla_write_latent": Kernel(write_latent_triton, "triton"),
+        "mla_absorbed": Kernel(mla_absorbed, "triton"),
+        "add_rms_norm": Kernel(add_rms_norm, "triton", _small_norm),
+        "moe_experts": Kernel(fused_moe_triton, "triton", _bf16_experts),
+        "fp8_moe": Kernel(fused_moe_fp8_triton, "triton"),
+        "fp8_act_quant": Kernel(act_quant_triton, "triton"),
+        "fp8_block_gemm": Kernel(fp8_block_gemm_triton, "triton"),
+    }

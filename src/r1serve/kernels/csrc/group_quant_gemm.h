@@ -1,0 +1,203 @@
+// Weight-only GEMM for a few rows (decode) with weights in int4 or int8 groups of 32: the
+// kernel's core, without ATen.
+//
+// Decoding one sequence reads every weight once per token, so the time is the time to
+// stream the weights. Int4 halves the bytes of int8; the arithmetic must then stay well
+// below the memory time, which is what the choices here are for:
+//
+// * Activations are quantized to int8 once per call, per group of 32 (as llama.cpp's Q8_1),
+//   so the inner loop is integer dot products (vec.h's vdot_*: VPDPBUSD on AVX512-VNNI,
+//   VPMADDUBSW + VPMADDWD on AVX2, SDOT on ARM) and never converts a weight to float.
+// * The int32 lanes are output rows: a (row block, group) tile is a 16 x 32 patch of the
+//   weight, interleaved so each register load (16 / kLanes per 64 bytes) feeds dot
+//   products with no shuffle and no horizontal sum. Scales are applied once per 32
+//   products, in float.
+// * Each thread's share of the weight is one contiguous run of memory (scales inline),
+//   streamed with software prefetch a few tiles ahead, and read from memory once per call:
+//   every activation row, four at a time, passes over a row block while it is in L1.
+//
+// Weight layout, `packed`: uint8 (NB, G, T) with NB = ceil(N / 16), G = ceil(K / 32), and
+// T = 320 (4-bit codes) or 576 (8-bit). One (block nb, group g) tile covers rows
+// 16nb..16nb+15 and columns 32g..32g+31; with u[r][i] the code of row 16nb + r, column 32g + i:
+//
+//   4 bits: bytes 0..255 are 4 chunks of 64; chunk c holds columns 8c..8c+7:
+//             byte 64c + 4r + j   low nibble  = u[r][8c + j]      (j < 4)
+//                                 high nibble = u[r][8c + 4 + j]
+//   8 bits: bytes 0..511 are 8 chunks of 64; chunk c holds columns 4c..4c+3:
+//             byte 64c + 4r + j   = u[r][4c + j]
+//   then    scale[r], float16, r = 0..15   (32 bytes)
+//           min[r],   float16              (32 bytes)
+//
+//   weight[n][k] ~= scale * u + min   (4 bits: u in 0..15, Q4_1's form;
+//                                      8 bits: u in 1..255, min = -128 scale, Q8_0's form)
+//
+// With x ~= dx * a (a int8, per group), one group's contribution to row n is
+//   sum_k (scale u_k + min) dx a_k = (scale dx) * sum_k u_k a_k + min * (dx sum_k a_k)
+// Where vdot_bytes gives sum (u - 128) a (kByteDotOffset), the 8-bit min term becomes
+// (min + 128 scale) = 0: Q8_0's codes are signed bytes.
+// The padding rows (N..16NB) are not stored; padding columns (K..32G) meet zero activations.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "vec.h"
+
+namespace r1serve_kernels {
+using namespace r1serve_vec;
+
+constexpr int64_t kRows = 16, kGroup = 32;
+constexpr int kRegs = kRows / kLanes;  // registers per 16 output rows
+constexpr int kRowsPerPass = 4;  // activation rows per pass over a row block
+// Software prefetch this many tiles ahead (2.5 KB for int4); the hardware prefetcher alone
+// left the one-row case ~20% short on the largest matrix. 8 to 24 tiles measured alike.
+constexpr int64_t kPrefetchTiles = 8;
+
+template <int kBits>
+constexpr int64_t tile_bytes() {
+  return kRows * kGroup * kBits / 8 + 2 * kRows * 2;  // codes, then fp16 scales and mins
+}
+
+// One row of activations quantized per group: a (int8, padded to G*32), dx, sx = dx*sum(a).
+struct QuantRow {
+  std::vector<int8_t> a;
+  std::vector<float> dx, sx;
+};
+
+// Rounding is to nearest even, as torch.round in the twin; the scales are computed with the
+// same float32 operations, so the twin reproduces the int8 values exactly.
+template <typename T>
+void quantize_row(const T* x, int64_t K, int64_t G, QuantRow& out) {
+  out.a.assign(G * kGroup, 0);
+  out.dx.assign(G, 0.f);
+  out.sx.assign(G, 0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * kGroup, n = std::min(kGroup, K - k0);
+    float amax = 0.f;
+    for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(to_float(x[k0 + k])));
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(x[k0 + k]) * id));
+      out.a[k0 + k] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out.dx[g] = d;
+    out.sx[g] = d * static_cast<float>(sum);
+  }
+}
+
+inline int32_t four(const int8_t* a) {
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return v;
+}
+
+// s[m][r] (lane l: row r * kLanes + l of the tile) += the tile's 32 columns dotted with a_m.
+template <int kBits, int M>
+inline void tile_dots(const uint8_t* t, const int8_t* const a[M], vi s[M][kRegs]) {
+  constexpr int kRegBytes = 4 * kLanes;
+  if constexpr (kBits == 4) {
+    for (int c = 0; c < 4; ++c)
+      for (int r = 0; r < kRegs; ++r) {
+        const vbytes v = vload_bytes(t + 64 * c + kRegBytes * r);
+        const vbytes lo = vlow_nibbles(v), hi = vhigh_nibbles(v);
+        for (int m = 0; m < M; ++m) {
+          s[m][r] = vdot_nibbles(s[m][r], lo, four(a[m] + 8 * c));
+          s[m][r] = vdot_nibbles(s[m][r], hi, four(a[m] + 8 * c + 4));
+        }
+      }
+  } else {
+    for (int c = 0; c < 8; ++c)
+      for (int r = 0; r < kRegs; ++r) {
+        const vbytes v = vload_bytes(t + 64 * c + kRegBytes * r);
+        for (int m = 0; m < M; ++m) s[m][r] = vdot_bytes(s[m][r], v, four(a[m] + 4 * c));
+      }
+  }
+}
+
+// One row block (16 output rows) for M activation rows: out[m][r] holds rows r * kLanes...
+template <int kBits, int M>
+void row_block(const uint8_t* tiles, int64_t G, const QuantRow* xs, vf out[M][kRegs]) {
+  constexpr int64_t T = tile_bytes<kBits>(), kCodeBytes = T - 64;
+  constexpr float kMinShift = kBits == 8 ? static_cast<float>(kByteDotOffset) : 0.f;
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kRegs; ++r) out[m][r] = vzero();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* t = tiles + g * T;
+    for (int64_t line = 0; line < T; line += 64) __builtin_prefetch(t + kPrefetchTiles * T + line, 0, 3);
+    const int8_t* a[M];
+    vi s[M][kRegs];
+    for (int m = 0; m < M; ++m) {
+      a[m] = xs[m].a.data() + g * kGroup;
+      for (int r = 0; r < kRegs; ++r) s[m][r] = vizero();
+    }
+    tile_dots<kBits, M>(t, a, s);
+    const uint16_t* halves = reinterpret_cast<const uint16_t*>(t + kCodeBytes);
+    for (int r = 0; r < kRegs; ++r) {
+      const vf scale = vload_half(halves + kLanes * r);
+      const vf mn = vfmadd(vset1(kMinShift), scale, vload_half(halves + kRows + kLanes * r));
+      for (int m = 0; m < M; ++m) {
+        out[m][r] = vfmadd(vcvt(s[m][r]), vmul(scale, vset1(xs[m].dx[g])), out[m][r]);
+        out[m][r] = vfmadd(mn, vset1(xs[m].sx[g]), out[m][r]);
+      }
+    }
+  }
+}
+
+// y[m][n0 .. n0 + n) = out[m] (+ bias), n <= 16 rows of one block.
+template <typename T, int M>
+inline void store_block(T* y, int64_t ldy, vf out[M][kRegs], const T* bias, int64_t n) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kRegs; ++r) {
+      const int64_t left = n - r * kLanes;
+      if (left <= 0) break;
+      vf v = out[m][r];
+      if (bias != nullptr) {
+        if (left >= kLanes) {
+          v = vadd(v, vload(bias + r * kLanes));
+        } else {
+          float b[kLanes] = {0.f};
+          for (int64_t i = 0; i < left; ++i) b[i] = to_float(bias[r * kLanes + i]);
+          v = vadd(v, vload(b));
+        }
+      }
+      if (left >= kLanes)
+        vstore(y + m * ldy + r * kLanes, v);
+      else
+        vstore_first(y + m * ldy + r * kLanes, v, static_cast<int>(left));
+    }
+}
+
+template <typename T, int kBits, int M>
+void blocks_rows(const uint8_t* packed, int64_t N, int64_t G, int64_t nb, const QuantRow* xs, const T* bias, T* y,
+                 int64_t ldy) {
+  vf out[M][kRegs];
+  row_block<kBits, M>(packed + nb * G * tile_bytes<kBits>(), G, xs, out);
+  const int64_t n0 = nb * kRows;
+  store_block<T, M>(y + n0, ldy, out, bias ? bias + n0 : nullptr, std::min(kRows, N - n0));
+}
+
+// Row blocks nb0..nb1 of y (M, N) = x W^T (+ bias), for all M rows: each block, once read
+// from memory, serves every row (kRowsPerPass at a time) while it is in L1.
+template <typename T, int kBits>
+void gemm_blocks(const uint8_t* packed, int64_t N, int64_t G, const std::vector<QuantRow>& xs, const T* bias, T* y,
+                 int64_t nb0, int64_t nb1) {
+  const int64_t M = static_cast<int64_t>(xs.size());
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t m = 0;
+    for (; m + kRowsPerPass <= M; m += kRowsPerPass)
+      blocks_rows<T, kBits, kRowsPerPass>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N);
+    switch (M - m) {
+      case 3: blocks_rows<T, kBits, 3>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
+      case 2: blocks_rows<T, kBits, 2>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
+      case 1: blocks_rows<T, kBits, 1>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace r1serve_kernels

@@ -1,0 +1,67 @@
+// The one vector layer every CPU kernel is written over. The compiler's target picks one
+// header: AVX512 (F, BW, DQ, VL; plus BF16 and VNNI where present), AVX2 + FMA + F16C (plus
+// AVX-VNNI where present), ARM64 NEON (plus dotprod where present), or a portable scalar
+// one. Each defines, in namespace r1serve_vec:
+//
+//   kLanes, kIsa                  floats per register; the ISA's name ("avx512", ...)
+//   vf                            kLanes floats
+//     vzero vset1 vload(float* | bf16*) vload_half(fp16 bits*) vstore(float* | bf16*, v)
+//     vround(v, T*)               v rounded to T and back (identity for float)
+//     vadd vsub vmul vdiv vfmadd(a, b, c) = a * b + c  vmax  vexp  vhsum vhmax
+//   vmask                         a per-lane condition: vgt(a, b) visnan(v) vany(m) vselect(m, t, f)
+//   vi                            kLanes int32: vizero vcvt(vi) -> vf
+//   vbytes                        4 * kLanes bytes (kLanes rows of 4 codes each)
+//     vload_bytes vlow_nibbles vhigh_nibbles
+//     vdot_nibbles(acc, u, a4)    acc + per lane sum_j u[4 lane + j] * a4[j], u in 0..15
+//     vdot_bytes(acc, u, a4)      the same for u in 0..255, less kByteDotOffset * sum_j a4[j]
+//                                 (the ISAs without an unsigned x signed dot product take
+//                                 u - 128 as a signed byte)
+//
+// The kernels are written once over these and hold no #ifdef of their own. Define
+// R1SERVE_VEC_SCALAR to build the scalar header on any CPU (the test build of it).
+#pragma once
+
+#include "vec_types.h"
+
+#if defined(R1SERVE_VEC_SCALAR)
+#include "vec_scalar.h"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include "vec_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "vec_avx2.h"
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include "vec_neon.h"
+#else
+#include "vec_scalar.h"
+#endif
+
+namespace r1serve_vec {
+
+// The extensions beyond the base ISA this build uses, for `r1serve info`.
+inline const char* isa_extensions() {
+#if defined(R1SERVE_VEC_SCALAR)
+  return "";
+#elif defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  return "bf16 vnni";
+#elif defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return "vnni";
+#elif defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "bf16";
+#elif defined(__AVX2__) && defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+  return "dotprod";
+#else
+  return "";
+#endif
+}
+
+// A store of the first n (< kLanes) lanes, for row tails.
+template <typename T>
+inline void vstore_first(T* p, vf v, int n) {
+  T tmp[kLanes];
+  vstore(tmp, v);
+  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+}
+
+}  // namespace r1serve_vec

@@ -1,0 +1,110 @@
+// vec.h for AVX2 + FMA + F16C (every x86-64 CPU since Haswell and Zen 1): 8 floats per
+// register. Integer dot products use AVX-VNNI where present, else VPMADDUBSW pairs summed
+// by VPMADDWD.
+#pragma once
+
+#include <immintrin.h>
+
+namespace r1serve_vec {
+
+constexpr int kLanes = 8;
+constexpr const char* kIsa = "avx2";
+
+using vf = __m256;
+using vmask = __m256;
+using vi = __m256i;
+using vbytes = __m256i;
+
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vf vload_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+
+// Round to nearest even in integers, NaN to 0x7FC0 (as vec_types.h's to_bf16): 8 x 16 bits.
+inline __m128i to_bf16_bits(vf v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // packus works within 128-bit halves: [r0..3 r0..3 | r4..7 r4..7] -> quadwords 0 and 2
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  return _mm256_castsi256_si128(packed);
+}
+inline void vstore(bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(v)); }
+inline vf vround(vf v, const float*) { return v; }
+inline vf vround(vf v, const bf16*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline float vhsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vhmax(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline vf vexp(vf x) {
+  using namespace exp_poly;
+  x = _mm256_min_ps(_mm256_max_ps(x, vset1(kLo)), vset1(kHi));
+  const vf n = _mm256_round_ps(vmul(x, vset1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = _mm256_fnmadd_ps(n, vset1(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, vset1(kLn2Lo), r);
+  vf p = vset1(kP0);
+  p = vfmadd(p, r, vset1(kP1));
+  p = vfmadd(p, r, vset1(kP2));
+  p = vfmadd(p, r, vset1(kP3));
+  p = vfmadd(p, r, vset1(kP4));
+  p = vfmadd(p, r, vset1(kP5));
+  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
+  // 2^n built in the exponent field: n is in -126..127 after the clamp above
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return vmul(p, _mm256_castsi256_ps(e));
+}
+
+inline vmask vgt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+inline vmask visnan(vf v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
+inline bool vany(vmask m) { return _mm256_movemask_ps(m) != 0; }
+inline vf vselect(vmask m, vf t, vf f) { return _mm256_blendv_ps(f, t, m); }
+
+inline vi vizero() { return _mm256_setzero_si256(); }
+inline vf vcvt(vi v) { return _mm256_cvtepi32_ps(v); }
+inline vbytes vload_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vbytes vlow_nibbles(vbytes v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline vbytes vhigh_nibbles(vbytes v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+constexpr int kByteDotOffset = 128;
+#if defined(__AVXVNNI__)
+inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return _mm256_dpbusd_avx_epi32(acc, u, _mm256_set1_epi32(a4)); }
+#else
+// Pairs of u8 x s8 products in int16 (no saturation: |15 * 127 * 2| < 2^15), then summed in fours.
+inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi32(a4));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+// u - 128 as a signed byte s (|s| <= 127 for the codes 1..255), multiplied as |s| times a
+// with s's sign so that VPMADDUBSW's pairs stay below 2^15.
+inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) {
+  const __m256i s = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(_mm256_set1_epi32(a4), s));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+}  // namespace r1serve_vec

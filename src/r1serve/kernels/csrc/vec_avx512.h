@@ -1,0 +1,105 @@
+// vec.h for AVX512 (F, BW, DQ, VL): 16 floats per register. BF16 stores use the
+// AVX512-BF16 conversion where present; integer dot products use VNNI where present.
+#pragma once
+
+#include <immintrin.h>
+
+namespace r1serve_vec {
+
+constexpr int kLanes = 16;
+constexpr const char* kIsa = "avx512";
+
+using vf = __m512;
+using vmask = __mmask16;
+using vi = __m512i;
+using vbytes = __m512i;
+
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const bf16* p) {  // bf16 -> float is a 16-bit shift
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vf vload_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+
+inline __m256i to_bf16_bits(vf v) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else  // round to nearest even in integers, NaN to 0x7FC0 (as vec_types.h's to_bf16)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+#endif
+}
+inline void vstore(bf16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v)); }
+inline vf vround(vf v, const float*) { return v; }
+inline vf vround(vf v, const bf16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
+
+inline vf vexp(vf x) {
+  using namespace exp_poly;
+  x = _mm512_min_ps(_mm512_max_ps(x, vset1(kLo)), vset1(kHi));
+  const vf n = _mm512_roundscale_ps(vmul(x, vset1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = _mm512_fnmadd_ps(n, vset1(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, vset1(kLn2Lo), r);
+  vf p = vset1(kP0);
+  p = vfmadd(p, r, vset1(kP1));
+  p = vfmadd(p, r, vset1(kP2));
+  p = vfmadd(p, r, vset1(kP3));
+  p = vfmadd(p, r, vset1(kP4));
+  p = vfmadd(p, r, vset1(kP5));
+  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline vmask vgt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+inline vmask visnan(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
+inline bool vany(vmask m) { return m != 0; }
+inline vf vselect(vmask m, vf t, vf f) { return _mm512_mask_mov_ps(f, m, t); }
+
+inline vi vizero() { return _mm512_setzero_si512(); }
+inline vf vcvt(vi v) { return _mm512_cvtepi32_ps(v); }
+inline vbytes vload_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline vbytes vlow_nibbles(vbytes v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+inline vbytes vhigh_nibbles(vbytes v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+
+#if defined(__AVX512VNNI__)
+constexpr int kByteDotOffset = 0;  // VPDPBUSD multiplies unsigned by signed bytes
+inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
+inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
+#else
+constexpr int kByteDotOffset = 128;
+// Pairs of u8 x s8 products in int16 (no saturation: |15 * 127 * 2| < 2^15), then summed in fours.
+inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) {
+  const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(a4));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+// u - 128 as a signed byte s, |s| <= 127 for the codes 1..255: |s| times a with s's sign.
+inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) {
+  const __m512i s = _mm512_xor_si512(u, _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __m512i a = _mm512_set1_epi32(a4);
+  const __mmask64 neg = _mm512_movepi8_mask(s);
+  const __m512i a_signed = _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a);
+  const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(s), a_signed);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+#endif
+
+}  // namespace r1serve_vec

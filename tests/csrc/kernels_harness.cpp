@@ -1,0 +1,229 @@
+// The CPU kernels' cores against scalar oracles, without torch: built for the machine, for
+// the portable scalar header, and cross-compiled for ARM64 and run under qemu-aarch64 by
+// tests/test_kernel_isas.py. Prints "ok <isa> <extensions>" or the first failures.
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "argmax_rows.h"
+#include "group_quant_gemm.h"
+#include "paged_decode_attention.h"
+#include "rms_norm.h"
+#include "silu_and_mul.h"
+
+using namespace r1serve_vec;
+using namespace r1serve_kernels;
+
+static int failures = 0;
+static std::mt19937 rng(1234);
+
+#define CHECK(cond, ...)                       \
+  do {                                         \
+    if (!(cond)) {                             \
+      if (++failures <= 20) {                  \
+        std::printf("FAIL %s:%d ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);              \
+        std::printf("\n");                     \
+      }                                        \
+    }                                          \
+  } while (0)
+
+static float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+template <typename T>
+static std::vector<T> random_vec(size_t n, float lo = -2.f, float hi = 2.f) {
+  std::vector<T> v(n);
+  for (auto& x : v) x = from_float<T>(uniform(lo, hi));
+  return v;
+}
+
+static bool close(float a, float b, float atol, float rtol) { return std::fabs(a - b) <= atol + rtol * std::fabs(b); }
+
+static void test_exp() {
+  for (float x = -80.f; x < 80.f; x += 0.37f) {
+    float in[kLanes], out[kLanes];
+    for (int i = 0; i < kLanes; ++i) in[i] = x + 0.01f * i;
+    vstore(out, vexp(vload(in)));
+    for (int i = 0; i < kLanes; ++i) CHECK(close(out[i], std::exp(in[i]), 0.f, 3e-7f), "exp(%g) = %g", in[i], out[i]);
+  }
+}
+
+static void test_bf16_and_half() {
+  std::vector<float> xs = {0.f, -0.f, 1.f, 1.00390625f, 1.01171875f, std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(), std::nanf(""), 3.4e38f, 1e-40f};
+  while (xs.size() % kLanes || xs.size() < 4096) xs.push_back(uniform(-1e4f, 1e4f));
+  for (size_t i = 0; i < xs.size(); i += kLanes) {
+    bf16 got[kLanes];
+    vstore(got, vload(xs.data() + i));
+    for (int j = 0; j < kLanes; ++j) {
+      // AVX512-BF16's conversion reads float32 subnormals as zero (denormals-are-zero)
+      const bool flushed = std::fabs(xs[i + j]) < std::numeric_limits<float>::min() && (got[j].bits & 0x7FFF) == 0;
+      CHECK(got[j].bits == to_bf16(xs[i + j]).bits || flushed, "bf16(%g): %x vs %x", xs[i + j], got[j].bits,
+            to_bf16(xs[i + j]).bits);
+    }
+    float back[kLanes];
+    vstore(back, vload(got));
+    for (int j = 0; j < kLanes; ++j)
+      CHECK(std::isnan(back[j]) || back[j] == to_float(got[j]), "bf16 load %x", got[j].bits);
+  }
+  for (uint32_t h0 = 0; h0 < 65536; h0 += kLanes) {
+    uint16_t h[kLanes];
+    for (int j = 0; j < kLanes; ++j) h[j] = static_cast<uint16_t>(h0 + j);
+    float got[kLanes];
+    vstore(got, vload_half(h));
+    for (int j = 0; j < kLanes; ++j) {
+      const float want = half_to_float(h[j]);
+      CHECK((std::isnan(want) && std::isnan(got[j])) || got[j] == want, "half %x: %g vs %g", h[j], got[j], want);
+    }
+  }
+}
+
+template <typename T>
+static void test_attention(int64_t H, int64_t Hkv, int64_t D, float tol) {
+  const int64_t B = 3, bs = 16, max_blocks = 5, num_blocks = 16;
+  std::vector<int64_t> lens = {1, 37, 80}, table(B * max_blocks);
+  for (auto& t : table) t = std::uniform_int_distribution<int64_t>(0, num_blocks - 1)(rng);
+  auto q = random_vec<T>(B * H * D), k = random_vec<T>(num_blocks * bs * Hkv * D), v = random_vec<T>(k.size());
+  std::vector<T> out_vec(q.size()), out_ref(q.size());
+  DecodeAttention<T> a{q.data(), k.data(), v.data(), table.data(), lens.data(), out_vec.data(),
+                       B, H, Hkv, D, bs, max_blocks, 1.f / std::sqrt(static_cast<float>(D))};
+  decode_tasks(a, 0, B * Hkv);
+  a.out = out_ref.data();
+  decode_tasks(a, 0, B * Hkv, /*vector=*/false);
+  for (size_t i = 0; i < q.size(); ++i)
+    CHECK(close(to_float(out_vec[i]), to_float(out_ref[i]), tol, tol), "attention H=%ld Hkv=%ld D=%ld [%zu]: %g vs %g",
+          (long)H, (long)Hkv, (long)D, i, to_float(out_vec[i]), to_float(out_ref[i]));
+}
+
+template <typename T>
+static void test_rms_norm(int64_t D, float tol) {
+  const int64_t N = 5;
+  auto x = random_vec<T>(N * D), res = random_vec<T>(N * D), w = random_vec<T>(D);
+  std::vector<T> h1(N * D), h2(N * D), o1(N * D), o2(N * D);
+  add_rms_rows(x.data(), res.data(), h1.data(), w.data(), o1.data(), D, 1e-6f, 0, N);
+  add_rms_rows(x.data(), res.data(), h2.data(), w.data(), o2.data(), D, 1e-6f, 0, N, /*vector=*/false);
+  for (int64_t i = 0; i < N * D; ++i) {
+    CHECK(to_float(h1[i]) == to_float(h2[i]), "rms residual D=%ld [%ld]", (long)D, (long)i);
+    CHECK(close(to_float(o1[i]), to_float(o2[i]), tol, tol), "rms out D=%ld [%ld]: %g vs %g", (long)D, (long)i,
+          to_float(o1[i]), to_float(o2[i]));
+  }
+}
+
+template <typename T>
+static void test_silu(int64_t I, float tol) {
+  const int64_t N = 3;
+  auto x = random_vec<T>(N * 2 * I, -8.f, 8.f);
+  std::vector<T> o1(N * I), o2(N * I);
+  silu_and_mul_rows(x.data(), o1.data(), I, 0, N);
+  silu_and_mul_rows(x.data(), o2.data(), I, 0, N, /*vector=*/false);
+  for (int64_t i = 0; i < N * I; ++i)
+    CHECK(close(to_float(o1[i]), to_float(o2[i]), tol, tol), "silu I=%ld [%ld]: %g vs %g", (long)I, (long)i,
+          to_float(o1[i]), to_float(o2[i]));
+}
+
+static void test_argmax() {
+  for (int64_t V : {1, 7, 64, 1000, 4099}) {
+    for (int trial = 0; trial < 6; ++trial) {
+      std::vector<float> row(V);
+      for (auto& x : row) x = std::floor(uniform(-4.f, 4.f));  // many ties
+      if (trial == 1) row[V / 2] = std::nanf("");
+      if (trial == 2) row[V - 1] = std::nanf("");
+      if (trial == 3)
+        for (auto& x : row) x = -std::numeric_limits<float>::infinity();
+      if (trial == 4) row[V - 1] = 100.f;
+      CHECK(argmax_vec(row.data(), V) == argmax_scalar(row.data(), V), "argmax V=%ld trial %d: %ld vs %ld", (long)V,
+            trial, (long)argmax_vec(row.data(), V), (long)argmax_scalar(row.data(), V));
+    }
+  }
+}
+
+// Packs codes u (N, K) and per-group scale/min into the layout group_quant_gemm.h draws.
+template <int kBits>
+static std::vector<uint8_t> pack(const std::vector<uint8_t>& u, const std::vector<uint16_t>& scale,
+                                 const std::vector<uint16_t>& mn, int64_t N, int64_t K) {
+  const int64_t NB = (N + 15) / 16, G = (K + 31) / 32, T = tile_bytes<kBits>();
+  std::vector<uint8_t> p(NB * G * T, 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < G * 32; ++k) {
+      const int64_t nb = n / 16, r = n % 16, g = k / 32, i = k % 32;
+      uint8_t* t = p.data() + (nb * G + g) * T;
+      const uint8_t code = k < K ? u[n * K + k] : 0;
+      if (kBits == 4) {
+        const int64_t c = i / 8, j = i % 4, high = (i % 8) / 4;
+        t[64 * c + 4 * r + j] |= static_cast<uint8_t>(code << (4 * high));
+      } else {
+        t[64 * (i / 4) + 4 * r + i % 4] = code;
+      }
+      if (i == 0) {
+        std::memcpy(t + T - 64 + 2 * r, &scale[n * G + g], 2);
+        std::memcpy(t + T - 32 + 2 * r, &mn[n * G + g], 2);
+      }
+    }
+  return p;
+}
+
+template <typename T, int kBits>
+static void test_group_gemm(int64_t M, int64_t N, int64_t K) {
+  const int64_t G = (K + 31) / 32;
+  std::vector<uint8_t> u(N * K);
+  std::vector<uint16_t> scale(N * G), mn(N * G);
+  for (auto& c : u) c = static_cast<uint8_t>(kBits == 4 ? rng() % 16 : 1 + rng() % 255);
+  for (int64_t i = 0; i < N * G; ++i) {
+    scale[i] = static_cast<uint16_t>(0x2000 + rng() % 0x800);  // halves ~ 0.008 .. 0.03
+    // 8 bits: min = -128 scale (Q8_0's form); 4 bits: any negative half
+    mn[i] = kBits == 8 ? static_cast<uint16_t>(scale[i] + (7 << 10)) | 0x8000 : static_cast<uint16_t>(0xA000 + rng() % 0x800);
+  }
+  const auto packed = pack<kBits>(u, scale, mn, N, K);
+  auto x = random_vec<T>(M * K);
+  auto bias = random_vec<T>(N);
+  std::vector<QuantRow> xs(M);
+  for (int64_t m = 0; m < M; ++m) quantize_row(x.data() + m * K, K, G, xs[m]);
+  std::vector<T> y(M * N);
+  gemm_blocks<T, kBits>(packed.data(), N, G, xs, bias.data(), y.data(), 0, (N + 15) / 16);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = to_float(bias[n]);
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t dot = 0;
+        for (int64_t k = g * 32; k < std::min(K, g * 32 + 32); ++k) dot += int64_t(u[n * K + k]) * xs[m].a[k];
+        want += double(half_to_float(scale[n * G + g])) * xs[m].dx[g] * dot +
+                double(half_to_float(mn[n * G + g])) * xs[m].sx[g];
+      }
+      const float tol = std::is_same<T, bf16>::value ? 1e-2f : 1e-4f;
+      CHECK(close(to_float(y[m * N + n]), static_cast<float>(want), tol, tol), "group gemm %d bits M=%ld [%ld, %ld]: %g vs %g",
+            kBits, (long)M, (long)m, (long)n, to_float(y[m * N + n]), want);
+    }
+}
+
+int main() {
+  test_exp();
+  test_bf16_and_half();
+  for (int64_t D : {32, 64, 128, 256, 48}) {
+    test_attention<float>(8, 2, D, 1e-4f);
+    test_attention<bf16>(9, 3, D, 2e-2f);
+    test_attention<float>(4, 4, D, 1e-4f);
+  }
+  for (int64_t D : {64, 576, 20}) {
+    test_rms_norm<float>(D, 1e-5f);
+    test_rms_norm<bf16>(D, 1e-2f);
+  }
+  for (int64_t I : {64, 1536, 13}) {
+    test_silu<float>(I, 1e-5f);
+    test_silu<bf16>(I, 1e-2f);
+  }
+  test_argmax();
+  for (int64_t M : {1, 3, 4, 6}) {
+    test_group_gemm<float, 4>(M, 40, 96);
+    test_group_gemm<float, 8>(M, 40, 96);
+    test_group_gemm<bf16, 4>(M, 33, 70);
+    test_group_gemm<bf16, 8>(M, 16, 64);
+  }
+  if (failures) {
+    std::printf("%d failures (%s)\n", failures, kIsa);
+    return 1;
+  }
+  std::printf("ok %s %s\n", kIsa, isa_extensions());
+  return 0;
+}
