@@ -117,3 +117,28 @@ def test_streamed_response_reads_usage_from_the_last_event():
 def test_ratios_against_another_baseline():
     rounds = [[cell("r1serve", 32, 400.0), cell("http", 32, 380.0)]]
     assert paired_ratios(rounds, "http", 32, baseline="r1serve") == [0.95]
+
+
+def test_llama_server_cell_runs_against_any_openai_endpoint(tiny, tmp_path):
+    """The llama-server system needs nothing of llama.cpp: a running `r1serve serve` stands
+    in for it here (any OpenAI-compatible server with streamed usage and ignore_eos)."""
+    from r1serve.bench.server_runner import EndpointRunner
+    from server_process import ServerProcess
+
+    server = ServerProcess([str(tiny), "--dtype", "float32", "--served-model-name", "bench"], tmp_path / "server.log")
+    try:
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--llama-server-url",
+                                  f"{server.base}/v1", "--llama-server-pid", str(server.proc.pid)])
+        args.cache_dir = str(tmp_path)
+        row = run_cell(args, "llama-server", 3, tmp_path)  # asserts every one of the 3 x 8 tokens came back
+        assert row["system"] == "llama-server" and row["dtype"] == "gguf" and row["output_tok_s"] > 0
+        assert 0 < row["peak_rss_mib"] < machine_memory_mib()  # read from the given pid's /proc status
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="must be an http:// URL"):
+        EndpointRunner("localhost:8080", None)
+    args.llama_server_url = None
+    with pytest.raises(ValueError, match="needs --llama-server-url"):
+        run_cell(args, "llama-server", 1, tmp_path)

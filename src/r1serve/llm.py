@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,6 +49,9 @@ class LLM:
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
                                       "give one, or one per prompt")
+        # Only finished outputs are returned: a cumulative one built every step would cost the
+        # whole text so far each time (as vLLM's LLM.generate, outputs are final-only).
+        params = [replace(p, output_kind="final_only") if p.output_kind == "cumulative" else p for p in params]
         ids = self._add_all(prompts, params)
         return self._run(ids, use_tqdm)
 

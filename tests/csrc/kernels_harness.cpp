@@ -7,6 +7,9 @@
 #include <random>
 #include <vector>
 
+// First: its fp-contract pragma must precede the vector layer's functions, as in its own build.
+#include "rotary_kv_write.h"
+// clang-format off
 #include "argmax_rows.h"
 #include "group_quant_gemm.h"
 #include "paged_decode_attention.h"
@@ -164,12 +167,16 @@ static std::vector<uint8_t> pack(const std::vector<uint8_t>& u, const std::vecto
   return p;
 }
 
+// extreme: every code and activation at the end of its range, where int16 partial sums are
+// closest to overflowing (8 x 2 x 15 x 127 and 2 x 127 x 127 < 2^15).
 template <typename T, int kBits>
-static void test_group_gemm(int64_t M, int64_t N, int64_t K) {
+static void test_group_gemm(int64_t M, int64_t N, int64_t K, bool extreme = false) {
   const int64_t G = (K + 31) / 32;
   std::vector<uint8_t> u(N * K);
   std::vector<uint16_t> scale(N * G), mn(N * G);
   for (auto& c : u) c = static_cast<uint8_t>(kBits == 4 ? rng() % 16 : 1 + rng() % 255);
+  if (extreme)
+    for (size_t i = 0; i < u.size(); ++i) u[i] = kBits == 4 ? 15 : (i % 2 ? 255 : 1);
   for (int64_t i = 0; i < N * G; ++i) {
     scale[i] = static_cast<uint16_t>(0x2000 + rng() % 0x800);  // halves ~ 0.008 .. 0.03
     // 8 bits: min = -128 scale (Q8_0's form); 4 bits: any negative half
@@ -177,6 +184,8 @@ static void test_group_gemm(int64_t M, int64_t N, int64_t K) {
   }
   const auto packed = pack<kBits>(u, scale, mn, N, K);
   auto x = random_vec<T>(M * K);
+  if (extreme)
+    for (size_t i = 0; i < x.size(); ++i) x[i] = from_float<T>((i / 2) % 2 ? 1.f : -1.f);  // every |a| = 127
   auto bias = random_vec<T>(N);
   std::vector<QuantRow> xs(M);
   for (int64_t m = 0; m < M; ++m) quantize_row(x.data() + m * K, K, G, xs[m]);
@@ -197,6 +206,47 @@ static void test_group_gemm(int64_t M, int64_t N, int64_t K) {
     }
 }
 
+// Activations to int8 per group of 32, vector path against the plain loop: bit for bit.
+template <typename T>
+static void test_quantize_row(int64_t K) {
+  const int64_t G = (K + 31) / 32;
+  auto x = random_vec<T>(K, -3.f, 3.f);
+  for (int64_t k = 0; k < std::min<int64_t>(K, 32); ++k) x[k] = from_float<T>(0.f);  // an all-zero group
+  if (K > 40) x[40] = from_float<T>(2.5f), x[41] = from_float<T>(-2.5f);  // ties at .5 after scaling, both signs
+  QuantRow q;
+  quantize_row(x.data(), K, G, q);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * 32, n = std::min<int64_t>(32, K - k0);
+    float amax = 0.f;
+    for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(to_float(x[k0 + k])));
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t want = static_cast<int32_t>(std::nearbyint(to_float(x[k0 + k]) * id));
+      CHECK(q.a[k0 + k] == want, "quantize K=%ld [%ld]: %d vs %d", (long)K, (long)(k0 + k), q.a[k0 + k], want);
+      sum += want;
+    }
+    CHECK(q.dx[g] == d && q.sx[g] == d * static_cast<float>(sum), "quantize K=%ld group %ld scales", (long)K, (long)g);
+  }
+}
+
+// Rotary + cache write, vector path against the scalar one: bit for bit (both round as the
+// eager ops do).
+template <typename T>
+static void test_rotary(int64_t H, int64_t Hkv, int64_t D) {
+  const int64_t N = 3, slots_n = 40;
+  auto qkv = random_vec<T>(N * (H + 2 * Hkv) * D), cos = random_vec<T>(N * D / 2, -1.f, 1.f),
+       sin = random_vec<T>(N * D / 2, -1.f, 1.f);
+  std::vector<int64_t> slots = {7, 0, 39};
+  std::vector<T> k1(slots_n * Hkv * D), v1(k1.size()), k2(k1.size()), v2(k1.size()), q1(N * H * D), q2(q1.size());
+  rotary_kv_write_rows(qkv.data(), cos.data(), sin.data(), k1.data(), v1.data(), slots.data(), q1.data(), H, Hkv, D, 0, N);
+  rotary_kv_write_rows(qkv.data(), cos.data(), sin.data(), k2.data(), v2.data(), slots.data(), q2.data(), H, Hkv, D, 0, N,
+                       /*vector=*/false);
+  for (size_t i = 0; i < q1.size(); ++i) CHECK(to_float(q1[i]) == to_float(q2[i]), "rotary q D=%ld [%zu]", (long)D, i);
+  for (size_t i = 0; i < k1.size(); ++i)
+    CHECK(to_float(k1[i]) == to_float(k2[i]) && to_float(v1[i]) == to_float(v2[i]), "rotary cache D=%ld [%zu]", (long)D, i);
+}
+
 int main() {
   test_exp();
   test_bf16_and_half();
@@ -214,11 +264,21 @@ int main() {
     test_silu<bf16>(I, 1e-2f);
   }
   test_argmax();
+  for (int64_t D : {64, 128, 16, 12}) {
+    test_rotary<float>(4, 2, D);
+    test_rotary<bf16>(9, 3, D);
+  }
+  for (int64_t K : {32, 96, 576, 70}) {
+    test_quantize_row<float>(K);
+    test_quantize_row<bf16>(K);
+  }
   for (int64_t M : {1, 3, 4, 6}) {
     test_group_gemm<float, 4>(M, 40, 96);
     test_group_gemm<float, 8>(M, 40, 96);
     test_group_gemm<bf16, 4>(M, 33, 70);
     test_group_gemm<bf16, 8>(M, 16, 64);
+    test_group_gemm<float, 4>(M, 32, 64, /*extreme=*/true);
+    test_group_gemm<float, 8>(M, 32, 64, /*extreme=*/true);
   }
   if (failures) {
     std::printf("%d failures (%s)\n", failures, kIsa);

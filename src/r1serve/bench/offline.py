@@ -50,7 +50,7 @@ def main(args, cache_dir: Path) -> None:
                           f"{rounds[i][-1]['output_tok_s']:8.1f} tok/s", file=sys.stderr)
     for cell in (c for rnd in rounds for c in rnd):
         cell["dtype_why"] = peers[cell["concurrency"]].why if cell["system"] == "transformers" \
-            else engine_dtype_why(args.dtype)
+            else LLAMA_SERVER_DTYPE if cell["system"] == "llama-server" else engine_dtype_why(args.dtype)
     report(rounds, args)
 
 
@@ -184,6 +184,9 @@ def open_runner(args, system: str, cache_dir: Path):
               "llama-server": lambda: EndpointRunner(_llama_server_url(args), args.llama_server_pid)}[system]()
     runner.generate(prompts(1), 4)  # warm-up: first-call allocations and kernel selection
     return runner
+
+
+LLAMA_SERVER_DTYPE = "the server's own: llama.cpp multiplies by the GGUF file's quantized weights"
 
 
 def _llama_server_url(args) -> str:

@@ -22,8 +22,8 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    @property
-    def is_decode_only(self) -> bool:
+    @cached_property
+    def is_decode_only(self) -> bool:  # asked by every attention layer: computed once a step
         return all(q == 1 for q in self.query_lens)
 
     @classmethod

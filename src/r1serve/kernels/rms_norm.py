@@ -23,4 +23,4 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
                  kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
     # kernels: the compiled module of one ISA (default: the CPU's best); the C++ checks
     # shapes, dtypes and contiguity, with messages.
-    return tuple((kernels or cpu_kernels()).add_rms_norm(x, residual, weight, eps))
+    return (kernels or cpu_kernels()).add_rms_norm(x, residual, weight, eps)  # a tuple already

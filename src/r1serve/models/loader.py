@@ -63,6 +63,11 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
             module.init_buffers()
     if arch.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
+    plan = None
+    if kernel != "reference":  # the plain-torch twins run untouched: no weight rewrite either
+        widened = dtype == "auto" and stored in ("bfloat16", "float16") and torch_dtype == torch.float32
+        plan = _small_batch_weights(config, platform, torch_dtype, ckpt, model, widened)
+        platform.stage_weights(model, torch_dtype, plan)
     model.load_weights(ckpt.iter_weights())
     params = list(model.parameters())  # shared (tied) parameters are listed once
     num_parameters = sum(p.numel() for p in params)
@@ -72,10 +77,7 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
         from r1serve.platforms.cuda.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
 
         keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
-    # The plain-torch twins run untouched under --kernel reference: no weight rewrite either.
-    if kernel != "reference":
-        widened = dtype == "auto" and stored in ("bfloat16", "float16") and torch_dtype == torch.float32
-        plan = _small_batch_weights(config, platform, torch_dtype, ckpt, model, widened)
+    if plan is not None:
         platform.prepare_weights(model, torch_dtype, plan)
     bound = platform.bind(model, kernel)
     model.eval()

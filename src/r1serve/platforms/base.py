@@ -70,6 +70,9 @@ class Platform:
     # dtype, the platform's weight plan). The CPU's plan is platforms/cpu/linear.py's
     # SmallBatchWeights (which quantized copies to keep).
     prepare_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
+    # The same arguments, before the weights are loaded (the CPU: which weights to hold in bf16
+    # until they are quantized).
+    stage_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
     # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
     int8_weight_gemm: bool = False
     # Has the int4/int8 group-quantized weight GEMM (kernels/group_quant_linear.py).

@@ -67,6 +67,23 @@ struct QuantRow {
   std::vector<float> dx, sx;
 };
 
+// A whole group a register at a time: the same operations as the scalar loop below.
+template <typename T>
+void quantize_group_vec(const T* x, int8_t* a, float& dx, float& sx) {
+  constexpr int NV = kGroup / kLanes;
+  vf v[NV], amax = vzero();
+  for (int j = 0; j < NV; ++j) amax = vmax(amax, vabs(v[j] = vload(x + kLanes * j)));
+  const float m = vhmax(amax), d = m / 127.f, id = m > 0.f ? 127.f / m : 0.f;
+  vf sum = vzero();
+  for (int j = 0; j < NV; ++j) {
+    const vf q = vrint(vmul(v[j], vset1(id)));
+    vstore_i8(a + kLanes * j, q);
+    sum = vadd(sum, q);  // integers below 2^12: exact in float
+  }
+  dx = d;
+  sx = d * vhsum(sum);
+}
+
 // Rounding is to nearest even, as torch.round in the twin; the scales are computed with the
 // same float32 operations, so the twin reproduces the int8 values exactly.
 template <typename T>
@@ -76,6 +93,10 @@ void quantize_row(const T* x, int64_t K, int64_t G, QuantRow& out) {
   out.sx.assign(G, 0.f);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t k0 = g * kGroup, n = std::min(kGroup, K - k0);
+    if (n == kGroup) {
+      quantize_group_vec(x + k0, out.a.data() + k0, out.dx[g], out.sx[g]);
+      continue;
+    }
     float amax = 0.f;
     for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(to_float(x[k0 + k])));
     const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
@@ -96,24 +117,29 @@ inline int32_t four(const int8_t* a) {
   return v;
 }
 
-// s[m][r] (lane l: row r * kLanes + l of the tile) += the tile's 32 columns dotted with a_m.
+// s[m][r] (lane l: row r * kLanes + l of the tile) = the tile's 32 columns dotted with a_m.
 template <int kBits, int M>
 inline void tile_dots(const uint8_t* t, const int8_t* const a[M], vi s[M][kRegs]) {
   constexpr int kRegBytes = 4 * kLanes;
-  if constexpr (kBits == 4) {
+  if constexpr (kBits == 4) {  // 8 vnib_dot per group: the most a vnib holds exactly
+    vnib p[M][kRegs];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < kRegs; ++r) p[m][r] = vnib_zero();
     for (int c = 0; c < 4; ++c)
       for (int r = 0; r < kRegs; ++r) {
         const vbytes v = vload_bytes(t + 64 * c + kRegBytes * r);
         const vbytes lo = vlow_nibbles(v), hi = vhigh_nibbles(v);
         for (int m = 0; m < M; ++m) {
-          s[m][r] = vdot_nibbles(s[m][r], lo, four(a[m] + 8 * c));
-          s[m][r] = vdot_nibbles(s[m][r], hi, four(a[m] + 8 * c + 4));
+          p[m][r] = vnib_dot(p[m][r], lo, four(a[m] + 8 * c));
+          p[m][r] = vnib_dot(p[m][r], hi, four(a[m] + 8 * c + 4));
         }
       }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < kRegs; ++r) s[m][r] = vnib_finish(p[m][r]);
   } else {
     for (int c = 0; c < 8; ++c)
       for (int r = 0; r < kRegs; ++r) {
-        const vbytes v = vload_bytes(t + 64 * c + kRegBytes * r);
+        const vcodes8 v = vprep_bytes(vload_bytes(t + 64 * c + kRegBytes * r));
         for (int m = 0; m < M; ++m) s[m][r] = vdot_bytes(s[m][r], v, four(a[m] + 4 * c));
       }
   }

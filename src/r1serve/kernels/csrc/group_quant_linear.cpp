@@ -18,7 +18,9 @@ static void run(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_
   const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup, NB = (N + kRows - 1) / kRows;
   std::vector<r1serve_kernels::QuantRow> xs(M);
   const auto* xp = as_vec<T>(x);
-  for (int64_t m = 0; m < M; ++m) r1serve_kernels::quantize_row(xp + m * K, K, G, xs[m]);
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) r1serve_kernels::quantize_row(xp + m * K, K, G, xs[m]);
+  });
   const auto* b = bias ? as_vec<T>(*bias) : nullptr;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   auto* yp = as_vec_mut<T>(y);

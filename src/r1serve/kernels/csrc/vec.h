@@ -7,15 +7,24 @@
 //   vf                            kLanes floats
 //     vzero vset1 vload(float* | bf16*) vload_half(fp16 bits*) vstore(float* | bf16*, v)
 //     vround(v, T*)               v rounded to T and back (identity for float)
-//     vadd vsub vmul vdiv vfmadd(a, b, c) = a * b + c  vmax  vexp  vhsum vhmax
+//     vadd vsub vmul vdiv vfmadd(a, b, c) = a * b + c  vmax  vabs  vexp  vhsum vhmax
+//     vrint(v)                    rounded to the nearest integer, ties to even (as torch.round)
+//     vstore_i8(int8_t*, v)       kLanes integral values in -128..127 as int8
 //   vmask                         a per-lane condition: vgt(a, b) visnan(v) vany(m) vselect(m, t, f)
 //   vi                            kLanes int32: vizero vcvt(vi) -> vf
 //   vbytes                        4 * kLanes bytes (kLanes rows of 4 codes each)
 //     vload_bytes vlow_nibbles vhigh_nibbles
 //     vdot_nibbles(acc, u, a4)    acc + per lane sum_j u[4 lane + j] * a4[j], u in 0..15
-//     vdot_bytes(acc, u, a4)      the same for u in 0..255, less kByteDotOffset * sum_j a4[j]
-//                                 (the ISAs without an unsigned x signed dot product take
-//                                 u - 128 as a signed byte)
+//     vprep_bytes(u) -> vcodes8   8-bit codes made ready for vdot_bytes (once per load, for
+//                                 every activation row)
+//     vdot_bytes(acc, c, a4)      acc + sum_j u[4 lane + j] a4[j] for u in 0..255, less
+//                                 kByteDotOffset * sum_j a4[j] (the ISAs without an unsigned x
+//                                 signed dot product take u - 128 as a signed byte)
+//   vnib                          a group's partial sums of nibble products, exact for up to
+//                                 8 vnib_dot calls (|u a| <= 15 * 127): int16 pairs where the
+//                                 ISA multiplies bytes into int16 (AVX2, NEON without dotprod),
+//                                 int32 lanes where it has a 4-way dot product
+//     vnib_zero vnib_dot(acc, u, a4) vnib_finish(acc) -> vi
 //
 // The kernels are written once over these and hold no #ifdef of their own. Define
 // R1SERVE_VEC_SCALAR to build the scalar header on any CPU (the test build of it).

@@ -50,6 +50,11 @@ inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vabs(vf v) { return _mm512_abs_ps(v); }
+inline vf vrint(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void vstore_i8(int8_t* p, vf v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
 inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 
@@ -83,7 +88,13 @@ inline vbytes vhigh_nibbles(vbytes v) { return _mm512_and_si512(_mm512_srli_epi1
 #if defined(__AVX512VNNI__)
 constexpr int kByteDotOffset = 0;  // VPDPBUSD multiplies unsigned by signed bytes
 inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
-inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
+using vcodes8 = __m512i;
+inline vcodes8 vprep_bytes(vbytes u) { return u; }
+inline vi vdot_bytes(vi acc, vcodes8 u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
+using vnib = __m512i;  // int32 lanes: VPDPBUSD sums its fours itself
+inline vnib vnib_zero() { return _mm512_setzero_si512(); }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return vdot_nibbles(acc, u, a4); }
+inline vi vnib_finish(vnib acc) { return acc; }
 #else
 constexpr int kByteDotOffset = 128;
 // Pairs of u8 x s8 products in int16 (no saturation: |15 * 127 * 2| < 2^15), then summed in fours.
@@ -92,14 +103,26 @@ inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) {
   return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
 }
 // u - 128 as a signed byte s, |s| <= 127 for the codes 1..255: |s| times a with s's sign.
-inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) {
+struct vcodes8 {
+  __m512i abs;  // |u - 128|
+  __mmask64 neg;  // u - 128 < 0
+};
+inline vcodes8 vprep_bytes(vbytes u) {
   const __m512i s = _mm512_xor_si512(u, _mm512_set1_epi8(static_cast<char>(0x80)));
+  return {_mm512_abs_epi8(s), _mm512_movepi8_mask(s)};
+}
+inline vi vdot_bytes(vi acc, vcodes8 c, int32_t a4) {
   const __m512i a = _mm512_set1_epi32(a4);
-  const __mmask64 neg = _mm512_movepi8_mask(s);
-  const __m512i a_signed = _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a);
-  const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(s), a_signed);
+  const __m512i a_signed = _mm512_mask_sub_epi8(a, c.neg, _mm512_setzero_si512(), a);
+  const __m512i pairs = _mm512_maddubs_epi16(c.abs, a_signed);
   return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
 }
+using vnib = __m512i;  // int16 pair sums, widened to fours once per group
+inline vnib vnib_zero() { return _mm512_setzero_si512(); }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) {
+  return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, _mm512_set1_epi32(a4)));
+}
+inline vi vnib_finish(vnib acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)); }
 #endif
 
 }  // namespace r1serve_vec

@@ -41,6 +41,12 @@ inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
 inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
 inline vf vfmadd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
 inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
+inline vf vabs(vf v) { return vabsq_f32(v); }
+inline vf vrint(vf v) { return vrndnq_f32(v); }
+inline void vstore_i8(int8_t* p, vf v) {
+  const int16x4_t i16 = vmovn_s32(vcvtnq_s32_f32(v));
+  vst1_lane_s32(reinterpret_cast<int32_t*>(p), vreinterpret_s32_s8(vmovn_s16(vcombine_s16(i16, i16))), 0);
+}
 inline float vhsum(vf v) { return vaddvq_f32(v); }
 inline float vhmax(vf v) { return vmaxvq_f32(v); }
 
@@ -83,10 +89,28 @@ inline vi dot4_signed(vi acc, int8x16_t s, int32_t a4) {
 #endif
 }
 
+#if defined(__ARM_FEATURE_DOTPROD)
+using vnib = int32x4_t;  // SDOT sums its fours itself
+inline vnib vnib_zero() { return vdupq_n_s32(0); }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return dot4_signed(acc, vreinterpretq_s8_u8(u), a4); }
+inline vi vnib_finish(vnib acc) { return acc; }
+#else
+// Products accumulated in int16 (8 x 15 x 127 < 2^15), rows' fours summed once per group.
+struct vnib {
+  int16x8_t lo, hi;  // rows 0-1 and 2-3, four products each
+};
+inline vnib vnib_zero() { return {vdupq_n_s16(0), vdupq_n_s16(0)}; }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) {
+  const int8x16_t s = vreinterpretq_s8_u8(u), a = vreinterpretq_s8_s32(vdupq_n_s32(a4));
+  return {vmlal_s8(acc.lo, vget_low_s8(s), vget_low_s8(a)), vmlal_high_s8(acc.hi, s, a)};
+}
+inline vi vnib_finish(vnib acc) { return vpaddlq_s16(vpaddq_s16(acc.lo, acc.hi)); }
+#endif
+
 constexpr int kByteDotOffset = 128;  // SDOT is signed x signed: codes 1..255 go in as u - 128
 inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return dot4_signed(acc, vreinterpretq_s8_u8(u), a4); }
-inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) {
-  return dot4_signed(acc, vreinterpretq_s8_u8(veorq_u8(u, vdupq_n_u8(0x80))), a4);
-}
+using vcodes8 = int8x16_t;  // u - 128
+inline vcodes8 vprep_bytes(vbytes u) { return vreinterpretq_s8_u8(veorq_u8(u, vdupq_n_u8(0x80))); }
+inline vi vdot_bytes(vi acc, vcodes8 s, int32_t a4) { return dot4_signed(acc, s, a4); }
 
 }  // namespace r1serve_vec

@@ -50,6 +50,11 @@ inline vf vmul(vf a, vf b) { return vmap([&](int i) { return a.v[i] * b.v[i]; })
 inline vf vdiv(vf a, vf b) { return vmap([&](int i) { return a.v[i] / b.v[i]; }); }
 inline vf vfmadd(vf a, vf b, vf c) { return vmap([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); }); }
 inline vf vmax(vf a, vf b) { return vmap([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
+inline vf vabs(vf v) { return vmap([&v](int i) { return std::fabs(v.v[i]); }); }
+inline vf vrint(vf v) { return vmap([&v](int i) { return std::nearbyint(v.v[i]); }); }
+inline void vstore_i8(int8_t* p, vf v) {
+  for (int i = 0; i < kLanes; ++i) p[i] = static_cast<int8_t>(v.v[i]);
+}
 inline float vhsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v.v[i];
@@ -120,6 +125,12 @@ inline vi vdot_u8(vi acc, vbytes u, int32_t a4) {
   return acc;
 }
 inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return vdot_u8(acc, u, a4); }
-inline vi vdot_bytes(vi acc, vbytes u, int32_t a4) { return vdot_u8(acc, u, a4); }
+using vnib = vi;
+inline vnib vnib_zero() { return vi{}; }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return vdot_u8(acc, u, a4); }
+inline vi vnib_finish(vnib acc) { return acc; }
+using vcodes8 = vbytes;
+inline vcodes8 vprep_bytes(vbytes u) { return u; }
+inline vi vdot_bytes(vi acc, vcodes8 u, int32_t a4) { return vdot_u8(acc, u, a4); }
 
 }  // namespace r1serve_vec

@@ -20,7 +20,7 @@ from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.kernels.rotary_kv_write import rotary_kv_write
 from r1serve.kernels.silu_and_mul import silu_and_mul
 from r1serve.platforms.base import Kernel, KernelTable, Platform
-from r1serve.platforms.cpu.linear import SmallBatchWeights, use_cpu_linears
+from r1serve.platforms.cpu.linear import SmallBatchWeights, stage_weights, use_cpu_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -79,6 +79,7 @@ def cpu_platform(isa: str = "auto") -> Platform:
         preferred_half=torch.bfloat16 if has_native_bf16(isa) else torch.float32,
         kernel_table=functools.partial(_kernel_table, isa),
         prepare_weights=functools.partial(_prepare_weights, isa),
+        stage_weights=stage_weights,
         int8_weight_gemm=True,
         group_quant_gemm=kernels is not None,
         alloc_zeros=_lazy_zeros,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.group_quant_linear import group_quant_linear, to_group_quant
 from r1serve.kernels.int8_weight_linear import int8_linear, quantize_per_channel
 from r1serve.kernels.onednn_linear import (PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
@@ -63,6 +64,9 @@ class CpuLinear(nn.Module):
         w = dense.weight.detach()
         self.grouped = to_group_quant(w, group_bits) if group_max_rows > 0 else None
         self.group_max_rows = group_max_rows
+        # The compiled kernel itself; group_quant_linear(x, self.grouped, ...) is the same call
+        # with its argument checks (the C++ checks them again).
+        self._grouped_gemm = (kernels or cpu_kernels()).group_quant_linear if self.grouped is not None else None
         keep_dense = keep_dense or self.grouped is None
         # An int8 per-channel copy only where it serves batch sizes the grouped one does not.
         self.int8_max_rows = int8_max_rows if int8_max_rows > group_max_rows and keep_dense else 0
@@ -78,8 +82,9 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (M, K) -> (M, N)
         rows = x.shape[0]
-        if rows <= self.group_max_rows:
-            return group_quant_linear(x.contiguous(), self.grouped, self.bias, self.kernels)
+        if rows <= self.group_max_rows:  # the kernel straight from here: this runs ~120 times a token
+            g = self.grouped
+            return self._grouped_gemm(x.contiguous(), g.packed, g.out_features, g.bits, self.bias)
         if rows <= self.int8_max_rows:
             y = int8_linear(x, self.qweight, self.scales)
             return y if self.bias is None else y + self.bias
@@ -92,6 +97,21 @@ class CpuLinear(nn.Module):
                 return packed_linear(F.pad(x, (0, 0, 0, PAD_TO_ROWS - rows)), self.packed, self.bias)[:rows]
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def stage_weights(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype) -> None:
+    """Before loading: a float32 model's linears that will serve from groups alone hold their
+    weights in bf16 until use_cpu_linears quantizes them, so loading never holds a float32
+    copy of the whole model (540 MB for a 135M model whose file is 90 MB). The group codes
+    come back the same: a GGUF block's values are scale * code + min, and rounding them to
+    bf16 keeps each within half a level (tests/test_group_quant_linear.py). A tied LM head
+    shares the embedding's float32 weight and keeps it."""
+    if dtype != torch.float32 or not plan.group_bits:
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name in plan.group_bits and id(module.weight) not in shared:
+            module.weight = nn.Parameter(torch.empty_like(module.weight, dtype=torch.bfloat16), requires_grad=False)
 
 
 def use_cpu_linears(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype, kernels=None) -> int:
