@@ -1,5 +1,5 @@
-"""Weight-only GEMM for small batches on the CPU with weights in int4 or int8 groups of 32
-(csrc/group_quant_linear.cpp).
+"""Weight-only GEMM on the CPU with weights in int4 or int8 groups of 32 (csrc/group_quant_gemm.h,
+over the vector layer: VNNI, AVX2, NEON dot products).
 
 Decoding one or a few sequences streams every weight once per token. Stored as integer
 codes in groups of 32 with a float16 scale and minimum per group, the weights take
@@ -16,7 +16,7 @@ its inner loop is integer dot products; the twin, `group_quant_linear_reference`
 the same arithmetic in plain torch, and `dequantize_groups` gives the float weight.
 
     packed (NB, G, T) uint8, NB = ceil(N / 16), G = ceil(K / 32), T = 320 (int4) or 576
-    (int8): one tile per 16 rows x 32 columns; the byte layout is drawn in the .cpp file.
+    (int8): one tile per 16 rows x 32 columns; the byte layout is drawn in csrc/group_quant_gemm.h.
 """
 from __future__ import annotations
 

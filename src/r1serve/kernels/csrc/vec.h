@@ -7,7 +7,8 @@
 //   vf                            kLanes floats
 //     vzero vset1 vload(float* | bf16*) vload_half(fp16 bits*) vstore(float* | bf16*, v)
 //     vround(v, T*)               v rounded to T and back (identity for float)
-//     vadd vsub vmul vdiv vfmadd(a, b, c) = a * b + c  vmax  vabs  vexp  vhsum vhmax
+//     vadd vsub vmul vdiv vfmadd(a, b, c) = a * b + c  vmax vmin  vabs  vhsum vhmax
+//     vpow2i(n)                   2^n for integral n in -126..127
 //     vrint(v)                    rounded to the nearest integer, ties to even (as torch.round)
 //     vstore_i8(int8_t*, v)       kLanes integral values in -128..127 as int8
 //   vmask                         a per-lane condition: vgt(a, b) visnan(v) vany(m) vselect(m, t, f)
@@ -45,6 +46,25 @@
 #endif
 
 namespace r1serve_vec {
+
+// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for
+// precision); a Cephes polynomial, ~2 ulp of float32. The C library's scalar exp made the
+// kernels using it several times slower.
+inline vf vexp(vf x) {
+  using namespace exp_poly;
+  x = vmin(vmax(x, vset1(kLo)), vset1(kHi));
+  const vf n = vrint(vmul(x, vset1(kLog2e)));
+  vf r = vfmadd(n, vset1(-kLn2Hi), x);
+  r = vfmadd(n, vset1(-kLn2Lo), r);
+  vf p = vset1(kP0);
+  p = vfmadd(p, r, vset1(kP1));
+  p = vfmadd(p, r, vset1(kP2));
+  p = vfmadd(p, r, vset1(kP3));
+  p = vfmadd(p, r, vset1(kP4));
+  p = vfmadd(p, r, vset1(kP5));
+  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
+  return vmul(p, vpow2i(n));
+}
 
 // The extensions beyond the base ISA this build uses, for `r1serve info`.
 inline const char* isa_extensions() {

@@ -67,22 +67,10 @@ inline float vhmax(vf v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline vf vexp(vf x) {
-  using namespace exp_poly;
-  x = _mm256_min_ps(_mm256_max_ps(x, vset1(kLo)), vset1(kHi));
-  const vf n = _mm256_round_ps(vmul(x, vset1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = _mm256_fnmadd_ps(n, vset1(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, vset1(kLn2Lo), r);
-  vf p = vset1(kP0);
-  p = vfmadd(p, r, vset1(kP1));
-  p = vfmadd(p, r, vset1(kP2));
-  p = vfmadd(p, r, vset1(kP3));
-  p = vfmadd(p, r, vset1(kP4));
-  p = vfmadd(p, r, vset1(kP5));
-  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
-  // 2^n built in the exponent field: n is in -126..127 after the clamp above
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return vmul(p, _mm256_castsi256_ps(e));
+inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+// 2^n for integral n in -126..127, built in the exponent field
+inline vf vpow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 
 inline vmask vgt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }

@@ -58,21 +58,8 @@ inline void vstore_i8(int8_t* p, vf v) {
 inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 
-inline vf vexp(vf x) {
-  using namespace exp_poly;
-  x = _mm512_min_ps(_mm512_max_ps(x, vset1(kLo)), vset1(kHi));
-  const vf n = _mm512_roundscale_ps(vmul(x, vset1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = _mm512_fnmadd_ps(n, vset1(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, vset1(kLn2Lo), r);
-  vf p = vset1(kP0);
-  p = vfmadd(p, r, vset1(kP1));
-  p = vfmadd(p, r, vset1(kP2));
-  p = vfmadd(p, r, vset1(kP3));
-  p = vfmadd(p, r, vset1(kP4));
-  p = vfmadd(p, r, vset1(kP5));
-  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf vpow2i(vf n) { return _mm512_scalef_ps(vset1(1.f), n); }  // 2^n, n integral
 
 inline vmask vgt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 inline vmask visnan(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }

@@ -50,22 +50,9 @@ inline void vstore_i8(int8_t* p, vf v) {
 inline float vhsum(vf v) { return vaddvq_f32(v); }
 inline float vhmax(vf v) { return vmaxvq_f32(v); }
 
-inline vf vexp(vf x) {
-  using namespace exp_poly;
-  x = vminq_f32(vmaxq_f32(x, vset1(kLo)), vset1(kHi));
-  const vf n = vrndnq_f32(vmul(x, vset1(kLog2e)));
-  vf r = vfmsq_f32(x, n, vset1(kLn2Hi));  // x - n * ln2_hi
-  r = vfmsq_f32(r, n, vset1(kLn2Lo));
-  vf p = vset1(kP0);
-  p = vfmadd(p, r, vset1(kP1));
-  p = vfmadd(p, r, vset1(kP2));
-  p = vfmadd(p, r, vset1(kP3));
-  p = vfmadd(p, r, vset1(kP4));
-  p = vfmadd(p, r, vset1(kP5));
-  p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.f)));
-  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-  return vmul(p, vreinterpretq_f32_s32(e));
-}
+inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+// 2^n for integral n in -126..127, built in the exponent field
+inline vf vpow2i(vf n) { return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)); }
 
 inline vmask vgt(vf a, vf b) { return vcgtq_f32(a, b); }
 inline vmask visnan(vf v) { return vmvnq_u32(vceqq_f32(v, v)); }

@@ -65,23 +65,8 @@ inline float vhmax(vf v) {
   for (int i = 1; i < kLanes; ++i) m = v.v[i] > m ? v.v[i] : m;
   return m;
 }
-inline vf vexp(vf x) {  // the same polynomial as the vector headers, lane by lane
-  using namespace exp_poly;
-  return vmap([&x](int i) {
-    const float xc = std::fmin(std::fmax(x.v[i], kLo), kHi);
-    const float n = std::nearbyint(xc * kLog2e);
-    float r = std::fma(-n, kLn2Hi, xc);
-    r = std::fma(-n, kLn2Lo, r);
-    float p = kP0;
-    p = std::fma(p, r, kP1);
-    p = std::fma(p, r, kP2);
-    p = std::fma(p, r, kP3);
-    p = std::fma(p, r, kP4);
-    p = std::fma(p, r, kP5);
-    p = std::fma(p, r * r, r + 1.f);
-    return std::ldexp(p, static_cast<int>(n));
-  });
-}
+inline vf vmin(vf a, vf b) { return vmap([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
+inline vf vpow2i(vf n) { return vmap([&n](int i) { return std::ldexp(1.f, static_cast<int>(n.v[i])); }); }
 
 inline vmask vgt(vf a, vf b) {
   vmask m;

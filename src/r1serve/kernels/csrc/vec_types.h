@@ -69,8 +69,7 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// Cephes' exp coefficients, shared by every ISA's vexp: exp(x) = 2^n exp(r) with
-// n = round(x / ln 2) and r = x - n ln 2 (ln 2 split in two for precision); ~2 ulp.
+// Cephes' exp coefficients (vec.h's vexp).
 namespace exp_poly {
 constexpr float kLo = -87.3f, kHi = 88.3f, kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;

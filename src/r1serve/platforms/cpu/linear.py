@@ -120,10 +120,13 @@ def use_cpu_linears(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtyp
     int8_rows = plan.int8_max_rows if dtype == torch.bfloat16 else 0
     if not pack and int8_rows == 0 and not plan.group_bits:
         return 0
-    # float32 activations: groups serve every batch and the float32 weight goes.
+    # float32 activations: groups serve every batch and the float32 weight goes. bf16: up to
+    # the plan's rows, or (None) the most a candidate can be until tune_group_rows measures.
     groups_serve_all = dtype == torch.float32
-    group_rows = ALL_ROWS if groups_serve_all else (plan.group_max_rows or 0) if plan.group_max_rows is not None \
-        else GROUP_ROW_CANDIDATES[-1]
+    if groups_serve_all:
+        group_rows = ALL_ROWS
+    else:
+        group_rows = GROUP_ROW_CANDIDATES[-1] if plan.group_max_rows is None else plan.group_max_rows
     targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     for name, dense in targets:
         parent, _, attr = name.rpartition(".")
