@@ -15,13 +15,13 @@
 //   vi                            kLanes int32: vizero vcvt(vi) -> vf
 //   vbytes                        4 * kLanes bytes (kLanes rows of 4 codes each)
 //     vload_bytes vlow_nibbles vhigh_nibbles
-//     vdot_nibbles(acc, u, a4)    acc + per lane sum_j u[4 lane + j] * a4[j], u in 0..15
 //     vprep_bytes(u) -> vcodes8   8-bit codes made ready for vdot_bytes (once per load, for
 //                                 every activation row)
 //     vdot_bytes(acc, c, a4)      acc + sum_j u[4 lane + j] a4[j] for u in 0..255, less
 //                                 kByteDotOffset * sum_j a4[j] (the ISAs without an unsigned x
 //                                 signed dot product take u - 128 as a signed byte)
-//   vnib                          a group's partial sums of nibble products, exact for up to
+//   vnib                          a group's partial sums of nibble products (per lane:
+//                                 sum_j u[4 lane + j] * a4[j], u in 0..15), exact for up to
 //                                 8 vnib_dot calls (|u a| <= 15 * 127): int16 pairs where the
 //                                 ISA multiplies bytes into int16 (AVX2, NEON without dotprod),
 //                                 int32 lanes where it has a 4-way dot product

@@ -74,21 +74,15 @@ inline vbytes vhigh_nibbles(vbytes v) { return _mm512_and_si512(_mm512_srli_epi1
 
 #if defined(__AVX512VNNI__)
 constexpr int kByteDotOffset = 0;  // VPDPBUSD multiplies unsigned by signed bytes
-inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
 using vcodes8 = __m512i;
 inline vcodes8 vprep_bytes(vbytes u) { return u; }
 inline vi vdot_bytes(vi acc, vcodes8 u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
 using vnib = __m512i;  // int32 lanes: VPDPBUSD sums its fours itself
 inline vnib vnib_zero() { return _mm512_setzero_si512(); }
-inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return vdot_nibbles(acc, u, a4); }
+inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(a4)); }
 inline vi vnib_finish(vnib acc) { return acc; }
 #else
 constexpr int kByteDotOffset = 128;
-// Pairs of u8 x s8 products in int16 (no saturation: |15 * 127 * 2| < 2^15), then summed in fours.
-inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) {
-  const __m512i pairs = _mm512_maddubs_epi16(u, _mm512_set1_epi32(a4));
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
-}
 // u - 128 as a signed byte s, |s| <= 127 for the codes 1..255: |s| times a with s's sign.
 struct vcodes8 {
   __m512i abs;  // |u - 128|

@@ -95,7 +95,6 @@ inline vi vnib_finish(vnib acc) { return vpaddlq_s16(vpaddq_s16(acc.lo, acc.hi))
 #endif
 
 constexpr int kByteDotOffset = 128;  // SDOT is signed x signed: codes 1..255 go in as u - 128
-inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return dot4_signed(acc, vreinterpretq_s8_u8(u), a4); }
 using vcodes8 = int8x16_t;  // u - 128
 inline vcodes8 vprep_bytes(vbytes u) { return vreinterpretq_s8_u8(veorq_u8(u, vdupq_n_u8(0x80))); }
 inline vi vdot_bytes(vi acc, vcodes8 s, int32_t a4) { return dot4_signed(acc, s, a4); }

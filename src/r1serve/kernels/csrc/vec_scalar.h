@@ -109,7 +109,6 @@ inline vi vdot_u8(vi acc, vbytes u, int32_t a4) {
     for (int j = 0; j < 4; ++j) acc.v[i] += static_cast<int32_t>(u.v[4 * i + j]) * a[j];
   return acc;
 }
-inline vi vdot_nibbles(vi acc, vbytes u, int32_t a4) { return vdot_u8(acc, u, a4); }
 using vnib = vi;
 inline vnib vnib_zero() { return vi{}; }
 inline vnib vnib_dot(vnib acc, vbytes u, int32_t a4) { return vdot_u8(acc, u, a4); }
