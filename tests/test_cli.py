@@ -114,7 +114,8 @@ def test_info_prints_model_facts_as_json(capsys, tiny):
     info = json.loads(out)
     kernels, device, linears = info.pop("kernels"), info.pop("device"), info.pop("linears")
     ops = {k["op"]: k for k in kernels}
-    assert set(ops) == {"add_rms_norm", "paged_attention", "rotary_kv_write", "silu_and_mul"}
+    assert set(ops) == {"add_rms_norm", "argmax_rows", "paged_attention", "rotary_kv_write", "silu_and_mul"}
+    assert ops["argmax_rows"]["modules"] == 1  # the sampler's
     assert ops["add_rms_norm"]["modules"] == 5 and ops["paged_attention"]["modules"] == 2  # 2 layers
     if info["platform"] == "cpu":
         from r1serve.kernels.cpu_isa import best_isa
@@ -131,6 +132,7 @@ def test_info_prints_model_facts_as_json(capsys, tiny):
         "parameters": n_params,
         "active_parameters": n_params,  # dense: every parameter works on every token
         "dtype": "float32",
+        "kv_cache_dtype": "float32",
         "weight_bytes": 4 * n_params,
         "kv_bytes_per_token": kv_per_token,
         "kv_cache_bytes": blocks * 16 * kv_per_token,

@@ -80,7 +80,7 @@ def test_activation_quantization_is_q8_1():
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 19])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_matches_twin(bits, N, K, rows, dtype, isa_kernels):
     """Kernel and twin do the same integer dot products and differ only in the order of the

@@ -141,21 +141,28 @@ def test_measure_padding_answers_a_candidate_or_never():
     assert measure_padding([w, w], 96, rounds=2) in (0,) + CANDIDATE_ROWS
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# (activations, cache) dtypes: the same, or a cache narrower or wider (kv_cache_dtype)
+CACHE_DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
+                (torch.float32, torch.bfloat16, 1e-5), (torch.bfloat16, torch.float32, 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,tol", CACHE_DTYPES)
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3])
-def test_torch_decode_path_matches_twin(seq_lens, dtype, tol):
+def test_torch_decode_path_matches_twin(seq_lens, dtype, cache_dtype, tol):
     """The fallback used where the C++ kernel cannot be compiled."""
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
     got = decode_attention(q, kc, vc, meta.key_slots, meta.attn_mask[:, :, :1, :], 0.125).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,cache_dtype,tol", CACHE_DTYPES)
 @pytest.mark.parametrize("seq_lens", [[1], [7, 1, 30, 64], [50] * 3, [200, 5]])
-def test_paged_decode_kernel_matches_twin(seq_lens, dtype, tol, isa_kernels):
+def test_paged_decode_kernel_matches_twin(seq_lens, dtype, cache_dtype, tol, isa_kernels):
     q, kc, vc, meta = random_paged_batch(seq_lens, [1] * len(seq_lens), dtype=dtype, num_blocks=96)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
     expected = paged_attention_reference(q, kc, vc, meta, 0.125).float()
     got = paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens_tensor, 0.125, isa_kernels).float()
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
@@ -222,15 +229,15 @@ def test_rotary_kv_write_twin_is_the_layer_code(N, H, Hkv, D, dtype):
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,cache_dtype,tol", CACHE_DTYPES)
 @pytest.mark.parametrize("N,H,Hkv,D", [(1, 9, 3, 64), (5, 4, 2, 16), (40, 6, 6, 32)])
-def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype, isa_kernels):
+def test_rotary_kv_write_kernel_is_bit_identical_to_twin(N, H, Hkv, D, dtype, cache_dtype, tol, isa_kernels):
     from r1serve.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_reference
 
     qkv = torch.randn(N, (H + 2 * Hkv) * D).to(dtype)
     cos, sin = rope_tables(N, D, dtype)
     slots = torch.randperm(128)[:N]
-    kv = torch.randn(2, 8, 16, Hkv, D).to(dtype)
+    kv = torch.randn(2, 8, 16, Hkv, D).to(cache_dtype)
     kv_twin = kv.clone()
     assert torch.equal(rotary_kv_write(qkv, cos, sin, kv, slots, H, isa_kernels),
                        rotary_kv_write_reference(qkv, cos, sin, kv_twin, slots, H))

@@ -109,6 +109,7 @@ def test_quantized_paths_stay_within_the_documented_tolerance(smollm2_gguf, hf_m
     linears = [m for m in fast.engine.runner.model.modules() if type(m).__name__ == "CpuLinear"]
     assert linears and all(m.grouped is not None for m in linears)  # the quantized paths are on
     engine = fast.engine
+    assert engine.kv_dtype == torch.bfloat16  # kv_cache_dtype auto under the rounded activations too
     for conv, continuation in zip(CONVERSATIONS[2:], reference[2:]):
         prompt = llm.chat_prompt(conv)["prompt_token_ids"]
         seq = prompt + continuation

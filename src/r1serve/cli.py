@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "e.g. Q4_1 -> int4; 'off' keeps dense float weights)")
     p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"],
                    help="vector ISA of the CPU kernels (auto: the CPU's best; a lower one measures what such CPUs run)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the KV cache's dtype (auto: the activations', bf16 under float32 ones that the "
+                        "quantized linears already round, on a CPU without native bf16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
 
@@ -65,7 +68,7 @@ def engine_options(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
                 int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager,
-                cpu_isa=args.cpu_isa)
+                cpu_isa=args.cpu_isa, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def build_llm(args):
@@ -150,9 +153,10 @@ def cmd_info(args) -> None:
     e = build_llm(args).engine
     info = e.numbers().as_dict() | {"kv_blocks": e.num_kv_blocks, "max_model_len": e.max_model_len,
                                     "platform": e.platform.name, "dtype": str(e.loaded.dtype).removeprefix("torch."),
+                                    "kv_cache_dtype": str(e.kv_dtype).removeprefix("torch."),
                                     "device": e.platform.describe,
                                     "kernels": [{"op": b.op, "kernel": b.kernel, "modules": b.modules}
-                                                for b in e.loaded.kernels],
+                                                for b in e.kernels],
                                     "linears": linear_report(e.loaded.model)}
     print(json.dumps(info, indent=2))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from r1serve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class EngineConfig:
     # The vector ISA of the CPU kernels (kernels/cpu_isa.py): "auto" is the CPU's best;
     # "avx2" or "scalar" on an AVX512 CPU measures what those CPUs would run.
     cpu_isa: str = "auto"  # "auto" | "avx512" | "avx2" | "neon" | "scalar"
+    # The paged KV cache's dtype. "auto": the activations', except under float32 activations
+    # whose linears already round them to int8 (a quantized checkpoint on a CPU without native
+    # bf16), where it is bf16: half the bytes an attention step streams and the cache holds,
+    # as llama.cpp keeps a 16-bit cache by default. A narrower cache than the activations is
+    # a CPU feature (its kernels widen rows as they read them); elsewhere it must match.
+    kv_cache_dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
     num_threads: int | None = None
     # CUDA: replay captured graphs for decode batches (engine/cuda_graph_runner.py) unless set.
     enforce_eager: bool = False
@@ -69,6 +76,8 @@ class EngineConfig:
         _require(self.int8_max_rows >= 0, f"int8_max_rows={self.int8_max_rows} must be >= 0")
         _require(self.group_quant_max_rows is None or self.group_quant_max_rows >= 0,
                  f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0 (or None: measured)")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
         _require(self.cpu_isa in ("auto", "avx512", "avx2", "neon", "scalar"),
                  f"cpu_isa={self.cpu_isa!r} must be auto, avx512, avx2, neon or scalar")
 

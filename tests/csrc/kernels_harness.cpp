@@ -83,14 +83,15 @@ static void test_bf16_and_half() {
   }
 }
 
-template <typename T>
+template <typename T, typename C = T>
 static void test_attention(int64_t H, int64_t Hkv, int64_t D, float tol) {
   const int64_t B = 3, bs = 16, max_blocks = 5, num_blocks = 16;
   std::vector<int64_t> lens = {1, 37, 80}, table(B * max_blocks);
   for (auto& t : table) t = std::uniform_int_distribution<int64_t>(0, num_blocks - 1)(rng);
-  auto q = random_vec<T>(B * H * D), k = random_vec<T>(num_blocks * bs * Hkv * D), v = random_vec<T>(k.size());
+  auto q = random_vec<T>(B * H * D);
+  auto k = random_vec<C>(num_blocks * bs * Hkv * D), v = random_vec<C>(k.size());
   std::vector<T> out_vec(q.size()), out_ref(q.size());
-  DecodeAttention<T> a{q.data(), k.data(), v.data(), table.data(), lens.data(), out_vec.data(),
+  DecodeAttention<T, C> a{q.data(), k.data(), v.data(), table.data(), lens.data(), out_vec.data(),
                        B, H, Hkv, D, bs, max_blocks, 1.f / std::sqrt(static_cast<float>(D))};
   decode_tasks(a, 0, B * Hkv);
   a.out = out_ref.data();
@@ -232,13 +233,14 @@ static void test_quantize_row(int64_t K) {
 
 // Rotary + cache write, vector path against the scalar one: bit for bit (both round as the
 // eager ops do).
-template <typename T>
+template <typename T, typename C = T>
 static void test_rotary(int64_t H, int64_t Hkv, int64_t D) {
   const int64_t N = 3, slots_n = 40;
   auto qkv = random_vec<T>(N * (H + 2 * Hkv) * D), cos = random_vec<T>(N * D / 2, -1.f, 1.f),
        sin = random_vec<T>(N * D / 2, -1.f, 1.f);
   std::vector<int64_t> slots = {7, 0, 39};
-  std::vector<T> k1(slots_n * Hkv * D), v1(k1.size()), k2(k1.size()), v2(k1.size()), q1(N * H * D), q2(q1.size());
+  std::vector<C> k1(slots_n * Hkv * D), v1(k1.size()), k2(k1.size()), v2(k1.size());
+  std::vector<T> q1(N * H * D), q2(q1.size());
   rotary_kv_write_rows(qkv.data(), cos.data(), sin.data(), k1.data(), v1.data(), slots.data(), q1.data(), H, Hkv, D, 0, N);
   rotary_kv_write_rows(qkv.data(), cos.data(), sin.data(), k2.data(), v2.data(), slots.data(), q2.data(), H, Hkv, D, 0, N,
                        /*vector=*/false);
@@ -253,6 +255,7 @@ int main() {
   for (int64_t D : {32, 64, 128, 256, 48}) {
     test_attention<float>(8, 2, D, 1e-4f);
     test_attention<bf16>(9, 3, D, 2e-2f);
+    test_attention<float, bf16>(9, 3, D, 1e-4f);  // a bf16 cache under float32 activations
     test_attention<float>(4, 4, D, 1e-4f);
   }
   for (int64_t D : {64, 576, 20}) {
@@ -266,14 +269,17 @@ int main() {
   test_argmax();
   for (int64_t D : {64, 128, 16, 12}) {
     test_rotary<float>(4, 2, D);
+    test_rotary<float, bf16>(4, 2, D);  // a bf16 cache under float32 activations
     test_rotary<bf16>(9, 3, D);
   }
   for (int64_t K : {32, 96, 576, 70}) {
     test_quantize_row<float>(K);
     test_quantize_row<bf16>(K);
   }
-  for (int64_t M : {1, 3, 4, 6}) {
+  // Rows: one pass on all registers (1-3), one register per pass with tails (4-19).
+  for (int64_t M : {1, 2, 3, 4, 6, 9, 19}) {
     test_group_gemm<float, 4>(M, 40, 96);
+    test_group_gemm<float, 8>(M, 45, 64);  // the last block's second register part-filled
     test_group_gemm<float, 8>(M, 40, 96);
     test_group_gemm<bf16, 4>(M, 33, 70);
     test_group_gemm<bf16, 8>(M, 16, 64);

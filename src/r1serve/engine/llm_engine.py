@@ -54,21 +54,25 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         arch = self.loaded.arch
         self.kv_spec = self.loaded.model.kv_cache_spec()  # per-head K/V, or MLA's one latent per token
+        self.kv_dtype = self.platform.resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.model,
+                                                             self.loaded.dtype)
         self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
         self.max_model_len = self._max_model_len()
         shape = self.kv_spec.layer_shape(self.num_kv_blocks, config.block_size)
-        kv_caches = [self.platform.zeros(shape, self.loaded.dtype) for _ in range(arch.num_layers)]
+        kv_caches = [self.platform.zeros(shape, self.kv_dtype) for _ in range(arch.num_layers)]
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device)
+        self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
         if self.platform.name == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs(kv_caches)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         n = self.numbers()
-        log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token, "
-                 "KV cache for %d tokens", arch.architecture, n.parameters, n.active_parameters,
-                 n.weight_bytes / 2**30, n.kv_bytes_per_token, n.max_tokens_in_kv_cache)
+        log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token "
+                 "(%s), KV cache for %d tokens", arch.architecture, n.parameters, n.active_parameters,
+                 n.weight_bytes / 2**30, n.kv_bytes_per_token, str(self.kv_dtype).removeprefix("torch."),
+                 n.max_tokens_in_kv_cache)
         self._parents: dict[str, ParentRequest] = {}
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
@@ -89,11 +93,11 @@ class LLMEngine:
         """Parameters, active parameters, weight and KV bytes, and the context the cache holds."""
         lm = self.loaded
         return numbers_for(lm.model, lm.arch, lm.dtype, self.num_kv_blocks * self.kv_bytes_per_block,
-                           lm.num_parameters, lm.weight_bytes)
+                           lm.num_parameters, lm.weight_bytes, self.kv_dtype)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.kv_spec.bytes_per_token(self.loaded.dtype)
+        return self.kv_spec.bytes_per_token(self.kv_dtype)
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -8,7 +8,7 @@ import torch
 from r1serve.engine.device_sampler import sample_on_device
 from r1serve.engine.request import Request
 from r1serve.engine.sampling_distribution import filtered_probs
-from r1serve.kernels.argmax_rows import argmax_rows
+from r1serve.kernels.argmax_rows import argmax_rows_reference
 from r1serve.outputs import Logprob
 
 
@@ -20,10 +20,13 @@ class SampleResult:
 
 
 class Sampler:
+    kernel_ops = ("argmax_rows",)  # what a platform's bind may swap (platforms/base.py)
+
     def __init__(self, on_device: bool = False) -> None:
         # on_device: draw tokens with engine/device_sampler.py, one device-to-host copy per
         # step (the default path syncs once per sampled request; fine on the CPU).
         self.on_device = on_device
+        self.argmax_rows = argmax_rows_reference  # (B, V) logits -> (B,) int64
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         # logits: (B, V) float32, row b belongs to requests[b]
@@ -61,7 +64,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         if self.on_device:
             return sample_on_device(logits, requests).tolist()
-        greedy = argmax_rows(logits).tolist()
+        greedy = self.argmax_rows(logits).tolist()
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
             return greedy

@@ -82,7 +82,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_slots: torch.Tensor,
                       mask: torch.Tensor, scale: float) -> torch.Tensor:
     # One sequence. q: (n, H, D); key_slots: (s,); mask: (1, n, s) bool -> (n, H, D)
-    k, v = _gather(k_cache, key_slots)[None], _gather(v_cache, key_slots)[None]  # (1, Hkv, s, D)
+    k = _gather(k_cache, key_slots)[None].to(q.dtype)  # (1, Hkv, s, D), widened if the cache is narrower
+    v = _gather(v_cache, key_slots)[None].to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask[None],
                                          scale=scale, enable_gqa=True)  # (1, H, n, D)
     return out[0].transpose(0, 1)

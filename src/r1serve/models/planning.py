@@ -31,10 +31,11 @@ class ModelNumbers:
 
 
 def numbers_for(model: nn.Module, arch: ArchConfig, dtype: torch.dtype, kv_cache_bytes: int,
-                num_parameters: int | None = None, weight_bytes: int | None = None) -> ModelNumbers:
+                num_parameters: int | None = None, weight_bytes: int | None = None,
+                kv_dtype: torch.dtype | None = None) -> ModelNumbers:
     total = num_parameters if num_parameters is not None else sum(p.numel() for p in model.parameters())
     active = model.active_parameters(total) if hasattr(model, "active_parameters") else total
-    per_token = model.kv_cache_spec().bytes_per_token(dtype)
+    per_token = model.kv_cache_spec().bytes_per_token(kv_dtype or dtype)
     return ModelNumbers(arch.architecture, total, active, str(dtype).removeprefix("torch."),
                         weight_bytes if weight_bytes is not None else total * dtype.itemsize,
                         per_token, kv_cache_bytes, kv_cache_bytes // per_token)

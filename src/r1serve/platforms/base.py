@@ -40,10 +40,11 @@ class BoundOp:
     modules: int  # how many modules of the model declare the op and got this kernel
 
 
-def bind_kernels(model: nn.Module, table: KernelTable) -> list[BoundOp]:
-    """Point every op the model's modules declare at the table's kernel (or leave the twin)."""
+def bind_kernels(target: object, table: KernelTable) -> list[BoundOp]:
+    """Point every op that a model's modules (or one object, such as the sampler) declare at
+    the table's kernel, or leave the twin."""
     chosen: Counter[tuple[str, str]] = Counter()
-    for module in model.modules():
+    for module in target.modules() if isinstance(target, nn.Module) else (target,):
         for op in getattr(type(module), "kernel_ops", ()):
             kernel = table.get(op)
             if kernel is not None and kernel.accepts(module):
@@ -79,6 +80,11 @@ class Platform:
     group_quant_gemm: bool = False
     # Has an FP8 block-scaled GEMM: a checkpoint's FP8 weights stay FP8 (platforms/cuda/fp8_weights.py).
     fp8_block_gemm: bool = False
+    # The KV cache's dtype for kv_cache_dtype "auto": (loaded model, its dtype) -> dtype.
+    auto_kv_cache_dtype: Callable[[nn.Module, torch.dtype], torch.dtype] = lambda model, dtype: dtype
+    # The cache dtypes its attention kernels read under each activation dtype, beyond that
+    # dtype itself (kernels that widen rows as they load them).
+    narrow_kv_caches: dict = field(default_factory=dict)
     alloc_zeros: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] = \
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     # What `r1serve info` shows about the device beyond its name (the CPU: model, ISA, flags).
@@ -96,9 +102,24 @@ class Platform:
             raise ValueError(f"dtype {dtype} is not supported on {self.name}; use one of {supported}")
         return dtype
 
-    def bind(self, model: nn.Module, kernel: str = "auto") -> list[BoundOp]:
-        """Apply the kernel table to a loaded model; kernel "reference" keeps every twin."""
-        return bind_kernels(model, {} if kernel == "reference" else self.kernel_table())
+    def resolve_kv_cache_dtype(self, requested: str, model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+        """The paged cache's dtype for a model whose activations are `dtype`."""
+        if model.kv_cache_spec().planes != 2:  # MLA's latent cache: its kernels take the model's dtype
+            kv = dtype if requested == "auto" else getattr(torch, requested)
+            allowed: tuple = (dtype,)
+        else:
+            kv = self.auto_kv_cache_dtype(model, dtype) if requested == "auto" else getattr(torch, requested)
+            allowed = (dtype, *self.narrow_kv_caches.get(dtype, ()))
+        if kv not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise ValueError(f"kv_cache_dtype={requested} does not run on {self.name} under "
+                             f"{str(dtype).removeprefix('torch.')} activations for this model; use auto or {names}")
+        return kv
+
+    def bind(self, target: object, kernel: str = "auto") -> list[BoundOp]:
+        """Apply the kernel table to a loaded model (or another object declaring kernel_ops);
+        kernel "reference" keeps every twin."""
+        return bind_kernels(target, {} if kernel == "reference" else self.kernel_table())
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zero-filled tensor for the KV cache (the CPU platform maps its pages lazily)."""

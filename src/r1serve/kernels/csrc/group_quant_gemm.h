@@ -51,7 +51,15 @@ using namespace r1serve_vec;
 
 constexpr int64_t kRows = 16, kGroup = 32;
 constexpr int kRegs = kRows / kLanes;  // registers per 16 output rows
-constexpr int kRowsPerPass = 4;  // activation rows per pass over a row block
+// A pass over a row block serves M activation rows on R of its registers of rows and keeps
+// 2 M R accumulators live (float sums over the groups, integer sums within one), beside
+// about 6 registers for the weights, broadcasts and scales; more spills in the inner loop.
+// A few rows take all registers in one pass, so that the block streams from memory under
+// the arithmetic (the one-row case is memory-bound). More rows take one register per pass,
+// kRowsPerPass at a time, the block then read from L1 by all passes but the first.
+constexpr int kAccumRegs = kVecRegs - 6;
+constexpr int kRowsPerPass = kAccumRegs >= 16 ? 8 : 4;
+constexpr int kRowsAllRegs = std::max(1, std::min(kRowsPerPass, kAccumRegs / (2 * kRegs)));
 // Software prefetch this many tiles ahead (2.5 KB for int4); the hardware prefetcher alone
 // left the one-row case ~20% short on the largest matrix. 8 to 24 tiles measured alike.
 constexpr int64_t kPrefetchTiles = 8;
@@ -117,16 +125,17 @@ inline int32_t four(const int8_t* a) {
   return v;
 }
 
-// s[m][r] (lane l: row r * kLanes + l of the tile) = the tile's 32 columns dotted with a_m.
-template <int kBits, int M>
-inline void tile_dots(const uint8_t* t, const int8_t* const a[M], vi s[M][kRegs]) {
+// s[m][r] (lane l: row r * kLanes + l from t on) = those rows' 32 columns dotted with a_m.
+// Chunks are 64 bytes apart.
+template <int kBits, int M, int R>
+inline void tile_dots(const uint8_t* t, const int8_t* const a[M], vi s[M][R]) {
   constexpr int kRegBytes = 4 * kLanes;
   if constexpr (kBits == 4) {  // 8 vnib_dot per group: the most a vnib holds exactly
-    vnib p[M][kRegs];
+    vnib p[M][R];
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < kRegs; ++r) p[m][r] = vnib_zero();
+      for (int r = 0; r < R; ++r) p[m][r] = vnib_zero();
     for (int c = 0; c < 4; ++c)
-      for (int r = 0; r < kRegs; ++r) {
+      for (int r = 0; r < R; ++r) {
         const vbytes v = vload_bytes(t + 64 * c + kRegBytes * r);
         const vbytes lo = vlow_nibbles(v), hi = vhigh_nibbles(v);
         for (int m = 0; m < M; ++m) {
@@ -135,35 +144,37 @@ inline void tile_dots(const uint8_t* t, const int8_t* const a[M], vi s[M][kRegs]
         }
       }
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < kRegs; ++r) s[m][r] = vnib_finish(p[m][r]);
+      for (int r = 0; r < R; ++r) s[m][r] = vnib_finish(p[m][r]);
   } else {
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) s[m][r] = vizero();
     for (int c = 0; c < 8; ++c)
-      for (int r = 0; r < kRegs; ++r) {
+      for (int r = 0; r < R; ++r) {
         const vcodes8 v = vprep_bytes(vload_bytes(t + 64 * c + kRegBytes * r));
         for (int m = 0; m < M; ++m) s[m][r] = vdot_bytes(s[m][r], v, four(a[m] + 4 * c));
       }
   }
 }
 
-// One row block (16 output rows) for M activation rows: out[m][r] holds rows r * kLanes...
-template <int kBits, int M>
-void row_block(const uint8_t* tiles, int64_t G, const QuantRow* xs, vf out[M][kRegs]) {
+// Registers r0 .. r0 + R of one row block (its rows r0 * kLanes ...) for M activation rows,
+// over all groups: out[m][r] lane l = row (r0 + r) * kLanes + l dotted with row m. Each tile
+// read prefetches the one `ahead` bytes on (none for 0).
+template <int kBits, int M, int R>
+void block_part(const uint8_t* tiles, int64_t G, const QuantRow* xs, int r0, int64_t ahead, vf out[M][R]) {
   constexpr int64_t T = tile_bytes<kBits>(), kCodeBytes = T - 64;
   constexpr float kMinShift = kBits == 8 ? static_cast<float>(kByteDotOffset) : 0.f;
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kRegs; ++r) out[m][r] = vzero();
+    for (int r = 0; r < R; ++r) out[m][r] = vzero();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* t = tiles + g * T;
-    for (int64_t line = 0; line < T; line += 64) __builtin_prefetch(t + kPrefetchTiles * T + line, 0, 3);
+    if (ahead != 0)
+      for (int64_t line = 0; line < T; line += 64) __builtin_prefetch(t + ahead + line, 0, 3);
     const int8_t* a[M];
-    vi s[M][kRegs];
-    for (int m = 0; m < M; ++m) {
-      a[m] = xs[m].a.data() + g * kGroup;
-      for (int r = 0; r < kRegs; ++r) s[m][r] = vizero();
-    }
-    tile_dots<kBits, M>(t, a, s);
-    const uint16_t* halves = reinterpret_cast<const uint16_t*>(t + kCodeBytes);
-    for (int r = 0; r < kRegs; ++r) {
+    for (int m = 0; m < M; ++m) a[m] = xs[m].a.data() + g * kGroup;
+    vi s[M][R];
+    tile_dots<kBits, M, R>(t + 4 * kLanes * r0, a, s);
+    const uint16_t* halves = reinterpret_cast<const uint16_t*>(t + kCodeBytes) + kLanes * r0;
+    for (int r = 0; r < R; ++r) {
       const vf scale = vload_half(halves + kLanes * r);
       const vf mn = vfmadd(vset1(kMinShift), scale, vload_half(halves + kRows + kLanes * r));
       for (int m = 0; m < M; ++m) {
@@ -174,55 +185,67 @@ void row_block(const uint8_t* tiles, int64_t G, const QuantRow* xs, vf out[M][kR
   }
 }
 
-// y[m][n0 .. n0 + n) = out[m] (+ bias), n <= 16 rows of one block.
-template <typename T, int M>
-inline void store_block(T* y, int64_t ldy, vf out[M][kRegs], const T* bias, int64_t n) {
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kRegs; ++r) {
-      const int64_t left = n - r * kLanes;
-      if (left <= 0) break;
-      vf v = out[m][r];
-      if (bias != nullptr) {
-        if (left >= kLanes) {
-          v = vadd(v, vload(bias + r * kLanes));
-        } else {
-          float b[kLanes] = {0.f};
-          for (int64_t i = 0; i < left; ++i) b[i] = to_float(bias[r * kLanes + i]);
-          v = vadd(v, vload(b));
-        }
-      }
-      if (left >= kLanes)
-        vstore(y + m * ldy + r * kLanes, v);
-      else
-        vstore_first(y + m * ldy + r * kLanes, v, static_cast<int>(left));
+// y[m][0 .. n) = out[m] (+ bias), n <= R * kLanes rows.
+template <typename T, int M, int R>
+inline void store_part(T* y, int64_t ldy, const vf out[M][R], const T* bias, int64_t n) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t left = std::min<int64_t>(kLanes, n - r * kLanes);
+    if (left <= 0) break;
+    vf b = vzero();
+    if (bias != nullptr) {
+      float part[kLanes] = {0.f};
+      for (int64_t i = 0; i < left; ++i) part[i] = to_float(bias[r * kLanes + i]);
+      b = vload(part);
     }
+    for (int m = 0; m < M; ++m) {
+      T* out_row = y + m * ldy + r * kLanes;
+      if (left == kLanes)
+        vstore(out_row, vadd(out[m][r], b));
+      else
+        vstore_first(out_row, vadd(out[m][r], b), static_cast<int>(left));
+    }
+  }
 }
 
-template <typename T, int kBits, int M>
-void blocks_rows(const uint8_t* packed, int64_t N, int64_t G, int64_t nb, const QuantRow* xs, const T* bias, T* y,
-                 int64_t ldy) {
-  vf out[M][kRegs];
-  row_block<kBits, M>(packed + nb * G * tile_bytes<kBits>(), G, xs, out);
-  const int64_t n0 = nb * kRows;
-  store_block<T, M>(y + n0, ldy, out, bias ? bias + n0 : nullptr, std::min(kRows, N - n0));
+// Prefetching by the passes over one block: the first streams it, kPrefetchTiles ahead; the
+// second (with more than a few rows) fetches the next block (contiguous after this one) while
+// the block itself is served from L1, so that memory stays busy through the later passes.
+inline int64_t prefetch_ahead(int pass, int64_t G, int64_t T) {
+  return pass == 0 ? kPrefetchTiles * T : pass == 1 ? G * T : 0;
+}
+
+// `left` activation rows on registers r0 .. r0 + R of a block (n of its rows from r0 on),
+// M at a time, then fewer for the last ones; `pass` counts the passes over the block.
+template <typename T, int kBits, int M, int R>
+void part_rows(const uint8_t* tiles, int64_t G, const QuantRow* xs, int r0, int& pass, const T* bias, T* y,
+               int64_t ldy, int64_t n, int64_t left) {
+  vf out[M][R];
+  for (; left >= M; left -= M, xs += M, y += M * ldy) {
+    block_part<kBits, M, R>(tiles, G, xs, r0, prefetch_ahead(pass++, G, tile_bytes<kBits>()), out);
+    store_part<T, M, R>(y, ldy, out, bias, n);
+  }
+  if constexpr (M > 1)
+    if (left > 0) part_rows<T, kBits, M - 1, R>(tiles, G, xs, r0, pass, bias, y, ldy, n, left);
 }
 
 // Row blocks nb0..nb1 of y (M, N) = x W^T (+ bias), for all M rows: each block, once read
-// from memory, serves every row (kRowsPerPass at a time) while it is in L1.
+// from memory, serves every row while it is in L1.
 template <typename T, int kBits>
 void gemm_blocks(const uint8_t* packed, int64_t N, int64_t G, const std::vector<QuantRow>& xs, const T* bias, T* y,
                  int64_t nb0, int64_t nb1) {
   const int64_t M = static_cast<int64_t>(xs.size());
   for (int64_t nb = nb0; nb < nb1; ++nb) {
-    int64_t m = 0;
-    for (; m + kRowsPerPass <= M; m += kRowsPerPass)
-      blocks_rows<T, kBits, kRowsPerPass>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N);
-    switch (M - m) {
-      case 3: blocks_rows<T, kBits, 3>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
-      case 2: blocks_rows<T, kBits, 2>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
-      case 1: blocks_rows<T, kBits, 1>(packed, N, G, nb, xs.data() + m, bias, y + m * N, N); break;
-      default: break;
+    const uint8_t* tiles = packed + nb * G * tile_bytes<kBits>();
+    const int64_t n0 = nb * kRows, n = std::min(kRows, N - n0);
+    const T* b = bias ? bias + n0 : nullptr;
+    int pass = 0;
+    if (M <= kRowsAllRegs) {
+      part_rows<T, kBits, kRowsAllRegs, kRegs>(tiles, G, xs.data(), 0, pass, b, y + n0, N, n, M);
+      continue;
     }
+    for (int r = 0; r < kRegs && r * kLanes < n; ++r)
+      part_rows<T, kBits, kRowsPerPass, 1>(tiles, G, xs.data(), r, pass, b ? b + r * kLanes : nullptr,
+                                           y + n0 + r * kLanes, N, n - r * kLanes, M);
   }
 }
 

@@ -4,8 +4,11 @@
 // together, so every key and value row is loaded once per group, in place: no gather of
 // the context into a padded batch, no dtype conversion pass over it.
 //
-//   k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)   float or bf16
-//   q, out           : (B, num_heads, head_dim)
+//   k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)   C: float or bf16
+//   q, out           : (B, num_heads, head_dim)                          T: float or bf16
+//
+// The cache may be narrower than the activations (bf16 under float32: half the bytes a
+// step streams, the cost of attention at long contexts); rows are widened as they load.
 //   block_tables     : (B, max_blocks) int64     seq_lens : (B,) int64
 //
 // Two passes per task: scores = q.K for all L positions (kept in a float buffer), then
@@ -29,16 +32,17 @@
 namespace r1serve_kernels {
 using namespace r1serve_vec;
 
-template <typename T>
+template <typename T, typename C = T>
 struct DecodeAttention {
-  const T *q, *k_cache, *v_cache;
+  const T* q;
+  const C *k_cache, *v_cache;
   const int64_t *block_tables, *seq_lens;
   T* out;
   int64_t B, H, Hkv, D, block_size, max_blocks;
   float scale;
 
   int64_t max_len() const { return B ? *std::max_element(seq_lens, seq_lens + B) : 0; }
-  const T* row(const T* cache, const int64_t* table, int64_t t, int64_t h) const {
+  const C* row(const C* cache, const int64_t* table, int64_t t, int64_t h) const {
     return cache + ((table[t / block_size] * block_size + t % block_size) * Hkv + h) * D;
   }
 };
@@ -56,15 +60,15 @@ inline float dot_scalar(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-template <typename T>
-void decode_task_scalar(const DecodeAttention<T>& a, int64_t b, int64_t h) {
+template <typename T, typename C>
+void decode_task_scalar(const DecodeAttention<T, C>& a, int64_t b, int64_t h) {
   const int64_t G = a.H / a.Hkv, D = a.D, L = a.seq_lens[b];
   const int64_t* table = a.block_tables + b * a.max_blocks;
   std::vector<float> qf(G * D), scores(G * std::max<int64_t>(L, 1)), acc(G * D, 0.f), row(D);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(a.q[(b * a.H + h * G + g) * D + d]) * a.scale;
   for (int64_t t = 0; t < L; ++t) {  // pass 1: scores (G, L)
-    const T* kr = a.row(a.k_cache, table, t, h);
+    const C* kr = a.row(a.k_cache, table, t, h);
     for (int64_t d = 0; d < D; ++d) row[d] = to_float(kr[d]);  // once for all G heads
     for (int64_t g = 0; g < G; ++g) scores[g * L + t] = dot_scalar(qf.data() + g * D, row.data(), D);
   }
@@ -75,7 +79,7 @@ void decode_task_scalar(const DecodeAttention<T>& a, int64_t b, int64_t h) {
     for (int64_t t = 0; t < L; ++t) scores[g * L + t] /= sum;
   }
   for (int64_t t = 0; t < L; ++t) {  // pass 2: out = P @ V
-    const T* vr = a.row(a.v_cache, table, t, h);
+    const C* vr = a.row(a.v_cache, table, t, h);
     for (int64_t d = 0; d < D; ++d) row[d] = to_float(vr[d]);
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) acc[g * D + d] += scores[g * L + t] * row[d];
@@ -103,8 +107,8 @@ inline float softmax_numerators(float* sc, int64_t L) {
 
 // One (sequence, KV head) task for head size D (a whole number of registers).
 // qf: G * D floats; scores: G rows of ld floats, ld >= L rounded up to a register.
-template <typename T, int D>
-void decode_task_vec(const DecodeAttention<T>& a, int64_t b, int64_t h, float* qf, float* scores, int64_t ld) {
+template <typename T, typename C, int D>
+void decode_task_vec(const DecodeAttention<T, C>& a, int64_t b, int64_t h, float* qf, float* scores, int64_t ld) {
   constexpr int NV = D / kLanes, kChunk = NV < 8 ? NV : 8;
   const int64_t G = a.H / a.Hkv, L = a.seq_lens[b], bs = a.block_size, row_stride = a.Hkv * D;
   const int64_t* table = a.block_tables + b * a.max_blocks;
@@ -118,7 +122,7 @@ void decode_task_vec(const DecodeAttention<T>& a, int64_t b, int64_t h, float* q
     for (int j = 0; j < NV; ++j)
       vstore(qf + g * D + kLanes * j, vmul(vload(a.q + (b * a.H + h * G + g) * D + kLanes * j), vscale));
   for (int64_t t0 = 0; t0 < L; t0 += bs) {  // pass 1: scores (G, L), block by block along the table
-    const T* kr = a.k_cache + (table[t0 / bs] * bs * a.Hkv + h) * D;
+    const C* kr = a.k_cache + (table[t0 / bs] * bs * a.Hkv + h) * D;
     for (int64_t t = t0, end = std::min(L, t0 + bs); t < end; ++t, kr += row_stride) {
       vf k[NV];
       for (int j = 0; j < NV; ++j) k[j] = vload(kr + kLanes * j);
@@ -136,7 +140,7 @@ void decode_task_vec(const DecodeAttention<T>& a, int64_t b, int64_t h, float* q
       vf acc[kChunk];
       for (int j = 0; j < kChunk; ++j) acc[j] = vzero();
       for (int64_t t0 = 0; t0 < L; t0 += bs) {
-        const T* vr = a.v_cache + (table[t0 / bs] * bs * a.Hkv + h) * D + kLanes * c0;
+        const C* vr = a.v_cache + (table[t0 / bs] * bs * a.Hkv + h) * D + kLanes * c0;
         for (int64_t t = t0, end = std::min(L, t0 + bs); t < end; ++t, vr += row_stride) {
           const vf pt = vset1(p[t]);
           for (int j = 0; j < kChunk; ++j) acc[j] = vfmadd(pt, vload(vr + kLanes * j), acc[j]);
@@ -147,27 +151,27 @@ void decode_task_vec(const DecodeAttention<T>& a, int64_t b, int64_t h, float* q
   }
 }
 
-template <typename T, int D>
-void decode_tasks_vec(const DecodeAttention<T>& a, int64_t i0, int64_t i1) {
+template <typename T, typename C, int D>
+void decode_tasks_vec(const DecodeAttention<T, C>& a, int64_t i0, int64_t i1) {
   const int64_t G = a.H / a.Hkv, ld = (a.max_len() + kLanes - 1) / kLanes * kLanes;
   std::vector<float> qf(G * D), scores(G * std::max<int64_t>(ld, kLanes));
-  for (int64_t i = i0; i < i1; ++i) decode_task_vec<T, D>(a, i / a.Hkv, i % a.Hkv, qf.data(), scores.data(), ld);
+  for (int64_t i = i0; i < i1; ++i) decode_task_vec<T, C, D>(a, i / a.Hkv, i % a.Hkv, qf.data(), scores.data(), ld);
 }
 
 // Tasks i0..i1 of B * Hkv (task i: sequence i / Hkv, KV head i % Hkv); `vector` false
 // forces the scalar path (for tests).
-template <typename T>
-void decode_tasks(const DecodeAttention<T>& a, int64_t i0, int64_t i1, bool vector = true) {
+template <typename T, typename C>
+void decode_tasks(const DecodeAttention<T, C>& a, int64_t i0, int64_t i1, bool vector = true) {
   if (vector && a.H / a.Hkv <= 64) {
     switch (a.D) {
-      case 32: return decode_tasks_vec<T, 32>(a, i0, i1);
-      case 64: return decode_tasks_vec<T, 64>(a, i0, i1);
-      case 128: return decode_tasks_vec<T, 128>(a, i0, i1);
-      case 256: return decode_tasks_vec<T, 256>(a, i0, i1);
+      case 32: return decode_tasks_vec<T, C, 32>(a, i0, i1);
+      case 64: return decode_tasks_vec<T, C, 64>(a, i0, i1);
+      case 128: return decode_tasks_vec<T, C, 128>(a, i0, i1);
+      case 256: return decode_tasks_vec<T, C, 256>(a, i0, i1);
       default: break;
     }
   }
-  for (int64_t i = i0; i < i1; ++i) decode_task_scalar<T>(a, i / a.Hkv, i % a.Hkv);
+  for (int64_t i = i0; i < i1; ++i) decode_task_scalar(a, i / a.Hkv, i % a.Hkv);
 }
 
 }  // namespace r1serve_kernels

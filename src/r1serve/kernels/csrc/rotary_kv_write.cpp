@@ -7,10 +7,10 @@
 #include "aten_types.h"
 #include "rotary_kv_write.h"
 
-template <typename T>
+template <typename T, typename C>
 static void rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
                  const int64_t* slots, at::Tensor& q, int64_t H, int64_t Hkv, int64_t D) {
-  auto* k_cache = as_vec_mut<T>(kv_cache);
+  auto* k_cache = as_vec_mut<C>(kv_cache);
   auto* v_cache = k_cache + kv_cache.numel() / 2;
   const auto *qkv_p = as_vec<T>(qkv), *cos_p = as_vec<T>(cos), *sin_p = as_vec<T>(sin);
   auto* q_p = as_vec_mut<T>(q);
@@ -18,6 +18,16 @@ static void rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor&
   at::parallel_for(0, qkv.size(0), 16, [&](int64_t n0, int64_t n1) {
     r1serve_kernels::rotary_kv_write_rows(qkv_p, cos_p, sin_p, k_cache, v_cache, slots, q_p, H, Hkv, D, n0, n1);
   });
+}
+
+template <typename T>
+static void rows_cache_dtype(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             at::Tensor& kv_cache, const int64_t* slots, at::Tensor& q, int64_t H, int64_t Hkv,
+                             int64_t D) {
+  if (kv_cache.scalar_type() == at::kBFloat16)
+    rows<T, at::BFloat16>(qkv, cos, sin, kv_cache, slots, q, H, Hkv, D);
+  else
+    rows<T, float>(qkv, cos, sin, kv_cache, slots, q, H, Hkv, D);
 }
 
 at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
@@ -29,9 +39,10 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
               "rotary_kv_write: qkv must be a contiguous (N, (H + 2 Hkv) D); got ", qkv.sizes());
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == N * D / 2 && sin.numel() == N * D / 2,
               "rotary_kv_write: cos and sin must be contiguous with N * D/2 values");
-  TORCH_CHECK(qkv.scalar_type() == kv_cache.scalar_type() && cos.scalar_type() == qkv.scalar_type() &&
-                  sin.scalar_type() == qkv.scalar_type(),
-              "rotary_kv_write: qkv, cos, sin and kv_cache must share a dtype");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "rotary_kv_write: qkv, cos and sin must share a dtype");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16,
+              "rotary_kv_write: the cache must be float32 or bfloat16, got ", kv_cache.scalar_type());
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == N,
               "rotary_kv_write: slots must be a contiguous int64 (N,)");
   const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
@@ -40,9 +51,9 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
     TORCH_CHECK(sp[n] >= 0 && sp[n] < num_slots, "rotary_kv_write: slot ", sp[n], " outside the cache's ", num_slots);
   at::Tensor q = at::empty({N, H, D}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16)
-    rows<at::BFloat16>(qkv, cos, sin, kv_cache, sp, q, H, Hkv, D);
+    rows_cache_dtype<at::BFloat16>(qkv, cos, sin, kv_cache, sp, q, H, Hkv, D);
   else if (qkv.scalar_type() == at::kFloat)
-    rows<float>(qkv, cos, sin, kv_cache, sp, q, H, Hkv, D);
+    rows_cache_dtype<float>(qkv, cos, sin, kv_cache, sp, q, H, Hkv, D);
   else
     TORCH_CHECK(false, "rotary_kv_write supports float32 and bfloat16, got ", qkv.scalar_type());
   return q;

@@ -7,6 +7,7 @@
 namespace r1serve_vec {
 
 constexpr int kLanes = 16;
+constexpr int kVecRegs = 32;  // architectural vector registers
 constexpr const char* kIsa = "avx512";
 
 using vf = __m512;

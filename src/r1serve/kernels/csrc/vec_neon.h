@@ -7,6 +7,7 @@
 namespace r1serve_vec {
 
 constexpr int kLanes = 4;
+constexpr int kVecRegs = 32;  // architectural vector registers
 constexpr const char* kIsa = "neon";
 
 using vf = float32x4_t;

@@ -6,6 +6,7 @@
 namespace r1serve_vec {
 
 constexpr int kLanes = 4;
+constexpr int kVecRegs = 16;  // architectural vector registers
 constexpr const char* kIsa = "scalar";
 
 struct vf {

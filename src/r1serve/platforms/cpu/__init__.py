@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from r1serve.kernels.argmax_rows import argmax_rows
 from r1serve.kernels.cpu_decode_attention import cpu_attention
 from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.cpu_isa import best_isa, cpu_flags, cpu_model, runnable_isas
@@ -20,7 +21,7 @@ from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.kernels.rotary_kv_write import rotary_kv_write
 from r1serve.kernels.silu_and_mul import silu_and_mul
 from r1serve.platforms.base import Kernel, KernelTable, Platform
-from r1serve.platforms.cpu.linear import SmallBatchWeights, stage_weights, use_cpu_linears
+from r1serve.platforms.cpu.linear import SmallBatchWeights, rounds_activations, stage_weights, use_cpu_linears
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -40,6 +41,7 @@ def _kernel_table(isa: str) -> KernelTable:
         return table
     name = f"csrc/{isa}"
     table["add_rms_norm"] = Kernel(functools.partial(add_rms_norm, kernels=kernels), name, _float_or_bf16)
+    table["argmax_rows"] = Kernel(functools.partial(argmax_rows, kernels=kernels), name)
     table["rotary_kv_write"] = Kernel(functools.partial(rotary_kv_write, kernels=kernels), name)
     table["silu_and_mul"] = Kernel(functools.partial(silu_and_mul, kernels=kernels), name)
     return table
@@ -55,6 +57,13 @@ def _lazy_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch
     # on first write: a 1 GiB KV cache costs resident memory only as far as it is used.
     nbytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def _auto_kv_cache_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    # Attention at 32 sequences streams the cache from memory each step (160 MB at SmolLM2's
+    # size in float32): bf16 halves it where the linears' int8 activations already cost more
+    # precision than the cache's rounding (docs/performance.md has the tolerance).
+    return torch.bfloat16 if dtype == torch.float32 and rounds_activations(model) else dtype
 
 
 def has_native_bf16(isa: str) -> bool:
@@ -83,6 +92,8 @@ def cpu_platform(isa: str = "auto") -> Platform:
         int8_weight_gemm=True,
         group_quant_gemm=kernels is not None,
         alloc_zeros=_lazy_zeros,
+        auto_kv_cache_dtype=_auto_kv_cache_dtype,
+        narrow_kv_caches={torch.float32: (torch.bfloat16,), torch.bfloat16: (torch.float32,)},
         describe={"cpu": cpu_model(), "isa": isa, "isa_extensions": kernels.isa_extensions() if kernels else None,
                   "runnable_isas": list(runnable_isas()), "torch_capability": torch.backends.cpu.get_cpu_capability()},
     )

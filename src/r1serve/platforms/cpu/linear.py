@@ -99,6 +99,12 @@ class CpuLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def rounds_activations(model: nn.Module) -> bool:
+    """Whether the model's linears serve every batch from int4/int8 groups, rounding each
+    linear's input to int8 per 32 values (the float32 path of a quantized checkpoint)."""
+    return any(isinstance(m, CpuLinear) and m.group_max_rows == ALL_ROWS for m in model.modules())
+
+
 def stage_weights(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype) -> None:
     """Before loading: a float32 model's linears that will serve from groups alone hold their
     weights in bf16 until use_cpu_linears quantizes them, so loading never holds a float32
