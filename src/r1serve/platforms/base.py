@@ -82,9 +82,9 @@ class Platform:
     fp8_block_gemm: bool = False
     # The KV cache's dtype for kv_cache_dtype "auto": (loaded model, its dtype) -> dtype.
     auto_kv_cache_dtype: Callable[[nn.Module, torch.dtype], torch.dtype] = lambda model, dtype: dtype
-    # The cache dtypes its attention kernels read under each activation dtype, beyond that
-    # dtype itself (kernels that widen rows as they load them).
-    narrow_kv_caches: dict = field(default_factory=dict)
+    # The cache dtypes its attention kernels take under each activation dtype besides that
+    # dtype itself (the CPU's convert rows as they load and store them).
+    other_kv_cache_dtypes: dict = field(default_factory=dict)
     alloc_zeros: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] = \
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     # What `r1serve info` shows about the device beyond its name (the CPU: model, ISA, flags).
@@ -109,7 +109,7 @@ class Platform:
             allowed: tuple = (dtype,)
         else:
             kv = self.auto_kv_cache_dtype(model, dtype) if requested == "auto" else getattr(torch, requested)
-            allowed = (dtype, *self.narrow_kv_caches.get(dtype, ()))
+            allowed = (dtype, *self.other_kv_cache_dtypes.get(dtype, ()))
         if kv not in allowed:
             names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
             raise ValueError(f"kv_cache_dtype={requested} does not run on {self.name} under "

@@ -2,7 +2,9 @@
 // group_quant_gemm.h). Activations and output are float32 or bf16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -18,19 +20,24 @@ static void run(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_
   const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup, NB = (N + kRows - 1) / kRows;
   std::vector<r1serve_kernels::QuantRow> xs(M);
   const auto* xp = as_vec<T>(x);
-  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) r1serve_kernels::quantize_row(xp + m * K, K, G, xs[m]);
-  });
   const auto* b = bias ? as_vec<T>(*bias) : nullptr;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   auto* yp = as_vec_mut<T>(y);
-  // Threads split the row blocks into contiguous runs: each streams its own part of the weight.
-  at::parallel_for(0, NB, 1, [&](int64_t nb0, int64_t nb1) {
+  // One parallel region: each thread quantizes its share of the rows, all meet at a barrier,
+  // then each streams its own contiguous run of row blocks. Two regions (one per phase) cost
+  // a second fork and join, about 120 times a decode step.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NB));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+    for (int64_t m = t; m < M; m += n) r1serve_kernels::quantize_row(xp + m * K, K, G, xs[m]);
+#pragma omp barrier
+    const int64_t nb0 = NB * t / n, nb1 = NB * (t + 1) / n;
     if (bits == 4)
       r1serve_kernels::gemm_blocks<r1serve_vec_t<T>, 4>(w, N, G, xs, b, yp, nb0, nb1);
     else
       r1serve_kernels::gemm_blocks<r1serve_vec_t<T>, 8>(w, N, G, xs, b, yp, nb0, nb1);
-  });
+  }
 }
 
 // x: (M, K) float32 or bf16; packed: (ceil(N/16), ceil(K/32), 320 or 576) uint8;

@@ -93,7 +93,7 @@ def cpu_platform(isa: str = "auto") -> Platform:
         group_quant_gemm=kernels is not None,
         alloc_zeros=_lazy_zeros,
         auto_kv_cache_dtype=_auto_kv_cache_dtype,
-        narrow_kv_caches={torch.float32: (torch.bfloat16,), torch.bfloat16: (torch.float32,)},
+        other_kv_cache_dtypes={torch.float32: (torch.bfloat16,), torch.bfloat16: (torch.float32,)},
         describe={"cpu": cpu_model(), "isa": isa, "isa_extensions": kernels.isa_extensions() if kernels else None,
                   "runnable_isas": list(runnable_isas()), "torch_capability": torch.backends.cpu.get_cpu_capability()},
     )
