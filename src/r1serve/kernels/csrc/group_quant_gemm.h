@@ -14,7 +14,8 @@
 //   products, in float.
 // * Each thread's share of the weight is one contiguous run of memory (scales inline),
 //   streamed with software prefetch a few tiles ahead, and read from memory once per call:
-//   every activation row, four at a time, passes over a row block while it is in L1.
+//   every activation row passes over a row block while it is in L1 (as many rows per pass
+//   as the ISA's registers hold accumulators for: kRowsAllRegs, kRowsPerPass below).
 //
 // Weight layout, `packed`: uint8 (NB, G, T) with NB = ceil(N / 16), G = ceil(K / 32), and
 // T = 320 (4-bit codes) or 576 (8-bit). One (block nb, group g) tile covers rows

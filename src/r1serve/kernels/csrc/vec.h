@@ -4,6 +4,7 @@
 // one. Each defines, in namespace r1serve_vec:
 //
 //   kLanes, kIsa                  floats per register; the ISA's name ("avx512", ...)
+//   kVecRegs                      architectural vector registers (sizes register blocking)
 //   vf                            kLanes floats
 //     vzero vset1 vload(float* | bf16*) vload_half(fp16 bits*) vstore(float* | bf16*, v)
 //     vround(v, T*)               v rounded to T and back (identity for float)
