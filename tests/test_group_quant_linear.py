@@ -69,6 +69,30 @@ def test_gguf_blocks_are_reproduced_to_bf16_rounding(kind, bits):
         assert torch.equal(quantize_groups(w, 4)[0].view(64, 8, 32).float(), file_codes)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_rows_dequantize_as_the_whole_weight(bits, N, K):
+    from r1serve.kernels.group_quant_linear import dequantize_rows
+
+    torch.manual_seed(0)
+    gw = to_group_quant(torch.randn(N, K), bits)
+    ids = torch.randint(0, N, (19,))
+    assert torch.equal(dequantize_rows(gw, ids), dequantize_groups(gw)[ids])
+
+
+def test_embedding_looks_rows_up_in_groups():
+    from r1serve.layers.embedding import VocabEmbedding
+
+    torch.manual_seed(0)
+    embed = VocabEmbedding(50, 40)
+    embed.weight.data.normal_()
+    gw = to_group_quant(embed.weight.detach(), 8)
+    ids = torch.tensor([[3, 49, 0], [7, 7, 12]])
+    embed.look_up_in(gw)
+    assert embed.weight is None
+    assert torch.equal(embed(ids), dequantize_groups(gw)[ids])
+
+
 def test_activation_quantization_is_q8_1():
     x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29]).bfloat16()
     a, dx, sx = quantize_activations(x)
@@ -218,3 +242,61 @@ def test_smollm2_plan_and_answer(smollm2_gguf):
     assert "Paris" in out.text
     off = LLM(str(smollm2_gguf), group_quant="off")
     assert not any(m.grouped is not None for m in off.engine.runner.model.modules() if isinstance(m, CpuLinear))
+
+
+def test_linears_are_rewritten_as_their_weights_complete():
+    """The loader hands each linear to the platform once its last part is in: a fused qkv
+    after v, gate_up after up, a tied lm_head with the embedding; each exactly once."""
+    from r1serve.models.loader import _rewriting_linears
+
+    model = tiny_llama()
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(2):
+        p = f"model.layers.{i}"
+        names += [f"{p}.self_attn.{w}_proj.weight" for w in "qkvo"]
+        names += [f"{p}.mlp.{w}_proj.weight" for w in ("gate", "up", "down")]
+        names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+    params = dict(model.named_parameters())
+
+    def shape(name):
+        target, idx = model._fused_target(name)
+        return params[target].shape if idx is None else model._fused_slice(params[target], idx).shape
+
+    loaded: list[str] = []
+    calls: list[tuple[str, str]] = []  # (linear rewritten, the last tensor loaded before)
+
+    def weights():
+        for name in names:
+            loaded.append(name)
+            yield name, torch.zeros(shape(name))
+
+    model.load_weights(_rewriting_linears(weights(), model, lambda linear: calls.append((linear, loaded[-1]))))
+    assert calls[0] == ("lm_head", "model.embed_tokens.weight")
+    after = dict(calls)
+    assert len(after) == len(calls) == 1 + 2 * 4  # lm_head, and qkv, o, gate_up, down per layer
+    for i in range(2):
+        p = f"model.layers.{i}"
+        assert after[f"{p}.self_attn.qkv_proj"] == f"{p}.self_attn.v_proj.weight"
+        assert after[f"{p}.mlp.gate_up_proj"] == f"{p}.mlp.up_proj.weight"
+        assert after[f"{p}.mlp.down_proj"] == f"{p}.mlp.down_proj.weight"
+
+
+@needs_kernel
+def test_rewriting_as_loaded_gives_the_model_rewritten_at_the_end(tmp_path, monkeypatch):
+    from tiny_models import make_checkpoint
+
+    from r1serve import LLM
+    from r1serve.models.llama import LlamaForCausalLM
+
+    path = make_checkpoint(tmp_path / "llama", "llama")
+
+    def group_copies():
+        llm = LLM(str(path), dtype="float32", group_quant="int4", num_kv_blocks=8)
+        model = llm.engine.runner.model
+        return {n: m.grouped.packed for n, m in model.named_modules() if isinstance(m, CpuLinear)}
+
+    as_loaded = group_copies()
+    monkeypatch.setattr(LlamaForCausalLM, "rewrite_linears_as_loaded", False)
+    at_end = group_copies()
+    assert as_loaded.keys() == at_end.keys() and len(at_end) > 0
+    assert all(torch.equal(as_loaded[n], at_end[n]) for n in at_end)

@@ -114,6 +114,24 @@ def dequantize_groups(w: GroupQuantWeight) -> torch.Tensor:
     return dense.view(w.out_features, G * GROUP)[:, :w.in_features]
 
 
+def dequantize_rows(w: GroupQuantWeight, ids: torch.Tensor) -> torch.Tensor:
+    # ids: (M,) int64 row indices -> (M, K) float32, those rows of dequantize_groups(w): an
+    # embedding looked up in its tied LM head's groups.
+    NB, G, T = w.packed.shape
+    tiles, r = w.packed[ids // ROWS], (ids % ROWS)[:, None, None]  # (M, G, T), (M, 1, 1)
+    M = ids.shape[0]
+    if w.bits == 8:  # column 4c + j: byte 64c + 4r + j
+        at = (64 * torch.arange(8)[:, None] + torch.arange(4)).view(1, 1, 32) + 4 * r
+        codes = tiles.gather(2, at.expand(M, G, 32))
+    else:  # column 8c + 4h + j: byte 64c + 4r + j, nibble h
+        at = (64 * torch.arange(4)[:, None] + torch.arange(4)).view(1, 1, 16) + 4 * r
+        b = tiles.gather(2, at.expand(M, G, 16)).view(M, G, 4, 1, 4)
+        codes = torch.cat([b & 0x0F, b >> 4], dim=3).view(M, G, 32)
+    scale, mn = (tiles[..., lo:lo + 32].contiguous().view(torch.float16).gather(2, r.expand(M, G, 1)).float()
+                 for lo in (T - 64, T - 32))  # (M, G, 1)
+    return (codes.float() * scale + mn).view(M, G * GROUP)[:, :w.in_features]
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # x: (M, K) -> a (M, G, 32) integer-valued float32 in -127..127, dx (M, G), sx = dx * sum(a) (M, G)
     M, K = x.shape

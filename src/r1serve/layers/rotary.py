@@ -83,6 +83,10 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the cos/sin tables in float32 on the module's device; the loader calls
         this after materialising a model built on the meta device."""
         device = self.cos.device
+        if device.type == "meta":  # shapes only: arithmetic on meta tensors runs through torch's
+            # Python decompositions, whose first use costs ~150 MB and seconds at every load
+            self.cos = self.sin = torch.empty(self.max_positions, self.head_dim // 2, device=device)
+            return
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)  # (P, D/2)
         factor = rope_attention_factor(self.scaling)

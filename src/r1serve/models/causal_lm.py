@@ -12,6 +12,11 @@ from r1serve.models.arch_config import ArchConfig
 
 
 class CausalLM(nn.Module):
+    # Whether the loader may hand each nn.Linear to the platform's rewrite (quantize, pack) as
+    # soon as its weight is loaded: load_weights must then neither hold every parameter until
+    # it returns nor read a linear's dense weight after loading it.
+    rewrite_linears_as_loaded = False
+
     def __init__(self, cfg: ArchConfig, model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg

@@ -18,6 +18,7 @@ from torch import nn
 
 from r1serve.errors import ModelLoadError
 from r1serve.layers.kv_cache_spec import KVCacheSpec
+from r1serve.layers.embedding import VocabEmbedding
 from r1serve.layers.mla import MLAAttention, MLAConfig
 from r1serve.layers.mlp import GatedMLP
 from r1serve.layers.moe import DeepseekMoE, MoEConfig
@@ -91,7 +92,7 @@ class DeepseekV3Model(nn.Module):
     def __init__(self, c: DeepseekV3Config) -> None:
         super().__init__()
         a = c.arch
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size)
         self.rotary = RotaryEmbedding(c.mla.qk_rope_head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)

@@ -57,6 +57,9 @@ _BLOCK_TENSORS = {
 # instead, so the tensor has no HF counterpart.
 _IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
 
+_PER_TOKEN_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges")
+
 _FLOAT_DTYPE_NAMES = {Q.F16: "float16", Q.BF16: "bfloat16"}
 
 # Bits of each stored weight's own code, without the block scales: how many levels a
@@ -71,6 +74,7 @@ class GGUFCheckpoint:
         self.reader = reader
         self.architecture: str = self._field("general.architecture")
         self._tensor_names = {t.name for t in reader.tensors}
+        self._tokenizer: Tokenizer | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFCheckpoint:
@@ -242,9 +246,16 @@ class GGUFCheckpoint:
         return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(weights.shape)  # (h, pair, d/2, in)
 
     def tokenizer(self) -> Tokenizer:
+        """The file's tokenizer, built once. The reader's fields of one entry per token or
+        merge then go: it holds a numpy view per entry (~90 MB for a 49k vocabulary, the
+        size of the model's weights), and nothing else reads them."""
         from r1serve.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self.reader)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_gguf(self.reader)
+            for key in _PER_TOKEN_FIELDS:
+                self.reader.fields.pop(key, None)
+        return self._tokenizer
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -14,6 +14,7 @@ from r1serve.errors import ModelLoadError
 from r1serve.layers.attention import PagedAttention, RotaryKVWrite
 from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.kv_cache_spec import KVCacheSpec
+from r1serve.layers.embedding import VocabEmbedding
 from r1serve.layers.decoder_layer import PreNormDecoderLayer
 from r1serve.layers.mlp import GatedMLP
 from r1serve.layers.norm import RMSNorm
@@ -51,7 +52,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -70,6 +71,8 @@ class LlamaForCausalLM(CausalLM):
     FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+    rewrite_linears_as_loaded = True  # parameters are looked up one tensor at a time
+
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__(cfg, LlamaModel(cfg))
 
@@ -77,16 +80,17 @@ class LlamaForCausalLM(CausalLM):
         return KVCacheSpec.key_value(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
             target, slice_idx = self._fused_target(name)
-            if target not in params:
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            try:  # one lookup per tensor: a linear rewritten once loaded no longer has this weight
+                param = self.get_parameter(target)
+            except AttributeError:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}") from None
             with torch.no_grad():
-                self._copy(params[target], tensor, slice_idx, name)
+                self._copy(param, tensor, slice_idx, name)
             loaded.add(name)
         self._check_complete(loaded)
 

@@ -1,6 +1,7 @@
 """From a resolved path (a .gguf file or an HF directory) to a model with weights on the device."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,15 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
         widened = dtype == "auto" and stored in ("bfloat16", "float16") and torch_dtype == torch.float32
         plan = _small_batch_weights(config, platform, torch_dtype, ckpt, model, widened)
         platform.stage_weights(model, torch_dtype, plan)
-    model.load_weights(ckpt.iter_weights())
     params = list(model.parameters())  # shared (tied) parameters are listed once
-    num_parameters = sum(p.numel() for p in params)
+    num_parameters = sum(p.numel() for p in params)  # before any is rewritten as it loads
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    del params
+    tokenizer = ckpt.tokenizer()  # before the weights: a GGUF's reader then drops its per-token fields
+    weights = ckpt.iter_weights()
+    if plan is not None and platform.prepare_linear is not None and model.rewrite_linears_as_loaded:
+        weights = _rewriting_linears(weights, model, lambda name: platform.prepare_linear(model, name, torch_dtype, plan))
+    model.load_weights(weights)
     if platform.fp8_block_gemm and kernel != "reference" and getattr(ckpt, "fp8_block", None):
         # FP8 matmuls on this device: swap the dequantized copies back for R1's FP8 weights.
         from r1serve.platforms.cuda.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
@@ -81,7 +87,33 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
         platform.prepare_weights(model, torch_dtype, plan)
     bound = platform.bind(model, kernel)
     model.eval()
-    return LoadedModel(model, arch, ckpt.tokenizer(), torch_dtype, path, num_parameters, weight_bytes, bound)
+    return LoadedModel(model, arch, tokenizer, torch_dtype, path, num_parameters, weight_bytes, bound)
+
+
+def _rewriting_linears(weights: Iterator[tuple[str, torch.Tensor]], model: nn.Module,
+                       rewrite: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, passed through; each nn.Linear goes to `rewrite` (by its
+    module name) once every element of its weight has been loaded, so that its quantized or
+    packed copy replaces the staged weight while the others still load. Without this a
+    float32 model of a 7B GGUF would hold all its weights in bf16 (14 GB) before quantizing
+    them to 4 GB. Linears not complete at the end are left to prepare_weights."""
+    name_of = {id(p): name for name, p in model.named_parameters()}  # a tied weight: listed once
+    owners: dict[str, list[str]] = {}  # parameter name -> the linears it is the weight of
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear and id(module.weight) in name_of:
+            owners.setdefault(name_of[id(module.weight)], []).append(module_name)
+    left = {name: model.get_parameter(name).numel() for name in owners}  # elements not yet loaded
+    del name_of
+    for name, tensor in weights:
+        yield name, tensor
+        # The model has copied this tensor by the time it asks for the next one.
+        target = model.param_name(name)
+        if target in left:
+            left[target] -= tensor.numel()
+            if left[target] <= 0:
+                del left[target]
+                for module_name in owners.pop(target):
+                    rewrite(module_name)
 
 
 def _small_batch_weights(config: EngineConfig, platform: Platform, dtype: torch.dtype, ckpt,

@@ -71,6 +71,10 @@ class Platform:
     # dtype, the platform's weight plan). The CPU's plan is platforms/cpu/linear.py's
     # SmallBatchWeights (which quantized copies to keep).
     prepare_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
+    # The same rewrite for one nn.Linear (model, its name, dtype, plan), which the loader calls
+    # as soon as that linear's weight is loaded (models/loader.py); prepare_weights still runs
+    # after the last weight. None: everything waits for prepare_weights.
+    prepare_linear: Callable[[nn.Module, str, torch.dtype, object], None] | None = None
     # The same arguments, before the weights are loaded (the CPU: which weights to hold in bf16
     # until they are quantized).
     stage_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite

@@ -21,7 +21,8 @@ from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.kernels.rotary_kv_write import rotary_kv_write
 from r1serve.kernels.silu_and_mul import silu_and_mul
 from r1serve.platforms.base import Kernel, KernelTable, Platform
-from r1serve.platforms.cpu.linear import SmallBatchWeights, rounds_activations, stage_weights, use_cpu_linears
+from r1serve.platforms.cpu.linear import (SmallBatchWeights, convert_linear, rounds_activations, stage_weights,
+                                         use_cpu_linears)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -50,6 +51,10 @@ def _kernel_table(isa: str) -> KernelTable:
 def _prepare_weights(isa: str, model: nn.Module, dtype: torch.dtype, plan: SmallBatchWeights) -> None:
     if dtype in _KERNEL_DTYPES:
         use_cpu_linears(model, plan, dtype, cpu_kernels(isa))
+
+
+def _prepare_linear(isa: str, model: nn.Module, name: str, dtype: torch.dtype, plan: SmallBatchWeights) -> None:
+    convert_linear(model, name, plan, dtype, cpu_kernels(isa))
 
 
 def _lazy_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -88,6 +93,7 @@ def cpu_platform(isa: str = "auto") -> Platform:
         preferred_half=torch.bfloat16 if has_native_bf16(isa) else torch.float32,
         kernel_table=functools.partial(_kernel_table, isa),
         prepare_weights=functools.partial(_prepare_weights, isa),
+        prepare_linear=functools.partial(_prepare_linear, isa),
         stage_weights=stage_weights,
         int8_weight_gemm=True,
         group_quant_gemm=kernels is not None,

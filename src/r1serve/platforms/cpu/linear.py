@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1serve.kernels.cpu_extension import cpu_kernels
+from r1serve.layers.embedding import VocabEmbedding
 from r1serve.kernels.group_quant_linear import group_quant_linear, to_group_quant
 from r1serve.kernels.int8_weight_linear import int8_linear, quantize_per_channel
 from r1serve.kernels.onednn_linear import (PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
@@ -120,32 +121,65 @@ def stage_weights(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype)
             module.weight = nn.Parameter(torch.empty_like(module.weight, dtype=torch.bfloat16), requires_grad=False)
 
 
-def use_cpu_linears(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype, kernels=None) -> int:
-    """Swap every nn.Linear of a loaded float32 or bf16 model for a CpuLinear; returns how many."""
+@dataclass(frozen=True)
+class _LinearChoice:
+    """What every CpuLinear of one model keeps, from its plan and dtype."""
+
+    pack: bool  # a packed bf16 copy for large batches
+    int8_rows: int
+    group_rows: int  # the rows its groups serve, for the linears the plan names
+    keep_dense: bool
+
+
+def _linear_choice(plan: SmallBatchWeights, dtype: torch.dtype) -> _LinearChoice | None:
     pack = dtype == torch.bfloat16 and packing_available()
     int8_rows = plan.int8_max_rows if dtype == torch.bfloat16 else 0
-    if not pack and int8_rows == 0 and not plan.group_bits:
-        return 0
+    if dtype not in (torch.float32, torch.bfloat16) or (not pack and int8_rows == 0 and not plan.group_bits):
+        return None
     # float32 activations: groups serve every batch and the float32 weight goes. bf16: up to
     # the plan's rows, or (None) the most a candidate can be until tune_group_rows measures.
-    groups_serve_all = dtype == torch.float32
-    if groups_serve_all:
-        group_rows = ALL_ROWS
-    else:
-        group_rows = GROUP_ROW_CANDIDATES[-1] if plan.group_max_rows is None else plan.group_max_rows
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
-    for name, dense in targets:
-        parent, _, attr = name.rpartition(".")
-        bits = plan.group_bits.get(name)
-        layer = CpuLinear(dense, int8_rows, pack, group_rows if bits else 0, bits or 4,
-                          keep_dense=not groups_serve_all, kernels=kernels)
-        setattr(model.get_submodule(parent), attr, layer)
+    if dtype == torch.float32:
+        return _LinearChoice(pack, int8_rows, ALL_ROWS, keep_dense=False)
+    rows = GROUP_ROW_CANDIDATES[-1] if plan.group_max_rows is None else plan.group_max_rows
+    return _LinearChoice(pack, int8_rows, rows, keep_dense=True)
+
+
+def convert_linear(model: nn.Module, name: str, plan: SmallBatchWeights, dtype: torch.dtype, kernels=None) -> None:
+    """Swap the loaded nn.Linear `name` for a CpuLinear. The loader calls this as soon as a
+    linear's weight is complete, so that the quantized or packed copy replaces each weight
+    while the rest still load: the staged copies of all weights are never alive at once."""
+    choice = _linear_choice(plan, dtype)
+    dense = model.get_submodule(name)
+    if choice is None or type(dense) is not nn.Linear:
+        return
+    parent, _, attr = name.rpartition(".")
+    bits = plan.group_bits.get(name)
+    tied = [m for m in model.modules() if isinstance(m, VocabEmbedding) and m.weight is dense.weight]
+    layer = CpuLinear(dense, choice.int8_rows, choice.pack, choice.group_rows if bits else 0, bits or 4,
+                      keep_dense=choice.keep_dense, kernels=kernels)
+    setattr(model.get_submodule(parent), attr, layer)
+    # An LM head tied to the embedding and served from int8 groups alone holds the embedding
+    # too (exactly, where the checkpoint stored it as Q8_0): rows are looked up there and
+    # the float32 table goes (vocab x hidden x 4 bytes: 108 MiB of SmolLM2's 135M parameters).
+    if layer.weight is None and layer.group_max_rows == ALL_ROWS and layer.grouped.bits == 8:
+        for embedding in tied:
+            embedding.look_up_in(layer.grouped)
+
+
+def use_cpu_linears(model: nn.Module, plan: SmallBatchWeights, dtype: torch.dtype, kernels=None) -> int:
+    """Swap every remaining nn.Linear of a loaded float32 or bf16 model for a CpuLinear, then
+    tune the band each GEMM serves; returns how many CpuLinears the model has."""
+    choice = _linear_choice(plan, dtype)
+    if choice is None:
+        return 0
+    for name in [name for name, module in model.named_modules() if type(module) is nn.Linear]:
+        convert_linear(model, name, plan, dtype, kernels)
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
-    if pack:
+    if choice.pack:
         tune_padding(layers)
-    if plan.group_max_rows is None and not groups_serve_all:
+    if plan.group_max_rows is None and choice.keep_dense:
         tune_group_rows([layer for layer in layers if layer.grouped is not None])
-    return len(targets)
+    return len(layers)
 
 
 def _by_shape(layers: list[CpuLinear], sample_bytes: int, bytes_per_weight: float) -> dict[tuple, list[CpuLinear]]:

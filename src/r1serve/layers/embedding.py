@@ -1,0 +1,33 @@
+"""The token embedding: (N,) token ids -> (N, hidden) rows of its weight."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r1serve.kernels.group_quant_linear import GroupQuantWeight, dequantize_rows
+
+
+class VocabEmbedding(nn.Embedding):
+    """nn.Embedding without its random init: the weight always comes from a checkpoint.
+
+    The init is not free even on the meta device a model is built on: meta tensors have no
+    native normal_, and its first use imports torch's Python decompositions (~150 MB of
+    resident memory and 1.5-3 s, kept for the life of the process).
+
+    A platform may point it at the int8 groups of an LM head tied to it (`look_up_in`): the
+    rows then come from there and the table itself goes."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+        self.grouped: GroupQuantWeight | None = None
+        self.out_dtype = self.weight.dtype
+
+    def look_up_in(self, grouped: GroupQuantWeight) -> None:
+        assert (grouped.out_features, grouped.in_features) == (self.num_embeddings, self.embedding_dim)
+        self.grouped, self.out_dtype = grouped, self.weight.dtype
+        self.weight = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.grouped is None:
+            return super().forward(input_ids)
+        return dequantize_rows(self.grouped, input_ids.reshape(-1)).to(self.out_dtype).view(*input_ids.shape, -1)
