@@ -114,8 +114,10 @@ def test_info_prints_model_facts_as_json(capsys, tiny):
     info = json.loads(out)
     kernels, device, linears = info.pop("kernels"), info.pop("device"), info.pop("linears")
     ops = {k["op"]: k for k in kernels}
-    assert set(ops) == {"add_rms_norm", "argmax_rows", "paged_attention", "rotary_kv_write", "silu_and_mul"}
+    assert set(ops) == {"add_rms_norm", "argmax_rows", "decode_layer", "paged_attention", "rotary_kv_write",
+                        "silu_and_mul"}
     assert ops["argmax_rows"]["modules"] == 1  # the sampler's
+    assert ops["decode_layer"]["modules"] == 2
     assert ops["add_rms_norm"]["modules"] == 5 and ops["paged_attention"]["modules"] == 2  # 2 layers
     if info["platform"] == "cpu":
         from r1serve.kernels.cpu_isa import best_isa

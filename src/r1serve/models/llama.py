@@ -15,7 +15,7 @@ from r1serve.layers.attention import PagedAttention, RotaryKVWrite
 from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.embedding import VocabEmbedding
-from r1serve.layers.decoder_layer import PreNormDecoderLayer
+from r1serve.layers.decoder_layer import GatedAttentionParts, PreNormDecoderLayer
 from r1serve.layers.mlp import GatedMLP
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
@@ -47,6 +47,11 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def gated_attention_parts(self) -> GatedAttentionParts:
+        a, m = self.self_attn, self.mlp
+        return GatedAttentionParts(self.input_layernorm, a.qkv_proj, a.rotary_kv_write, a.attn, a.o_proj,
+                                   self.post_attention_layernorm, m.gate_up_proj, m.act, m.down_proj)
 
 
 class LlamaModel(nn.Module):

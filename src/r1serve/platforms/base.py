@@ -28,6 +28,8 @@ class Kernel:
     impl: Callable  # called exactly as the twin it replaces
     name: str  # what `r1serve info` shows: "csrc/avx2", "triton", ...
     accepts: Callable[[nn.Module], bool] = _always  # whether it takes this module (shapes, dtype)
+    # impl(module) gives the callable for that module (a kernel that keeps its weights at hand)
+    per_module: bool = False
 
 
 KernelTable = dict[str, Kernel]
@@ -48,7 +50,7 @@ def bind_kernels(target: object, table: KernelTable) -> list[BoundOp]:
         for op in getattr(type(module), "kernel_ops", ()):
             kernel = table.get(op)
             if kernel is not None and kernel.accepts(module):
-                setattr(module, op, kernel.impl)
+                setattr(module, op, kernel.impl(module) if kernel.per_module else kernel.impl)
             chosen[op, kernel.name if kernel is not None and kernel.accepts(module) else "reference"] += 1
     return [BoundOp(op, name, n) for (op, name), n in sorted(chosen.items())]
 

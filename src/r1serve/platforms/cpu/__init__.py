@@ -21,6 +21,7 @@ from r1serve.kernels.rms_norm import add_rms_norm
 from r1serve.kernels.rotary_kv_write import rotary_kv_write
 from r1serve.kernels.silu_and_mul import silu_and_mul
 from r1serve.platforms.base import Kernel, KernelTable, Platform
+from r1serve.platforms.cpu.decode_layer import decode_layer, takes_layer
 from r1serve.platforms.cpu.linear import (SmallBatchWeights, convert_linear, rounds_activations, stage_weights,
                                          use_cpu_linears)
 
@@ -45,6 +46,7 @@ def _kernel_table(isa: str) -> KernelTable:
     table["argmax_rows"] = Kernel(functools.partial(argmax_rows, kernels=kernels), name)
     table["rotary_kv_write"] = Kernel(functools.partial(rotary_kv_write, kernels=kernels), name)
     table["silu_and_mul"] = Kernel(functools.partial(silu_and_mul, kernels=kernels), name)
+    table["decode_layer"] = Kernel(functools.partial(decode_layer, kernels=kernels), name, takes_layer, per_module=True)
     return table
 
 
