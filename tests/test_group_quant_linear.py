@@ -282,21 +282,30 @@ def test_linears_are_rewritten_as_their_weights_complete():
 
 
 @needs_kernel
-def test_rewriting_as_loaded_gives_the_model_rewritten_at_the_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, loaded after or before the weights
+def test_rewriting_as_loaded_gives_the_model_rewritten_at_the_end(tmp_path, monkeypatch, arch):
     from tiny_models import make_checkpoint
 
-    from r1serve import LLM
+    from r1serve import LLM, SamplingParams
     from r1serve.models.llama import LlamaForCausalLM
 
-    path = make_checkpoint(tmp_path / "llama", "llama")
+    path = make_checkpoint(tmp_path / arch, arch)
 
-    def group_copies():
+    def load():
         llm = LLM(str(path), dtype="float32", group_quant="int4", num_kv_blocks=8)
         model = llm.engine.runner.model
-        return {n: m.grouped.packed for n, m in model.named_modules() if isinstance(m, CpuLinear)}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, CpuLinear)}
+        out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=8, temperature=0, logprobs=2))
+        lps = [{t: v.logprob for t, v in lp.items()} for lp in out[0].outputs[0].logprobs]
+        return linears, lps
 
-    as_loaded = group_copies()
+    as_loaded, lps = load()
     monkeypatch.setattr(LlamaForCausalLM, "rewrite_linears_as_loaded", False)
-    at_end = group_copies()
+    at_end, want = load()
     assert as_loaded.keys() == at_end.keys() and len(at_end) > 0
-    assert all(torch.equal(as_loaded[n], at_end[n]) for n in at_end)
+    for n, m in at_end.items():
+        assert torch.equal(as_loaded[n].grouped.packed, m.grouped.packed)
+        assert (m.bias is None) == (as_loaded[n].bias is None)
+        assert m.bias is None or torch.equal(as_loaded[n].bias, m.bias)
+    assert any(m.bias is not None for m in at_end.values()) == (arch == "qwen2")
+    assert lps == want
