@@ -22,8 +22,8 @@ CASES = {
     "no-qlora-4groups": dict(q_lora_rank=None, n_group=4, topk_group=2, yarn=True),
     "all-moe-no-yarn": dict(q_lora_rank=32, n_group=1, topk_group=1, first_k_dense_replace=0, yarn=False),
 }
-# R1's real config.json, as r1serve ships it for planning (bench/model_configs).
-R1_CONFIG = Path(__file__).parents[1] / "src" / "r1serve" / "bench" / "model_configs" / "deepseek-r1.json"
+# R1's real config.json, as r1serve ships it for planning (planner/model_configs).
+R1_CONFIG = Path(__file__).parents[1] / "src" / "r1serve" / "planner" / "model_configs" / "deepseek-r1.json"
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from r1serve.bench.hw_catalog import load_catalog
-from r1serve.bench.hw_measure import MeasureConfig, measure, weight_bytes_read
-from r1serve.bench.hw_model import model_shape, shape_from_config
-from r1serve.bench.hw_planner import (Workload, decode_at, max_sequences, pct_of, plan, reference_plan,
+from r1serve.planner.catalog import load_catalog
+from r1serve.planner.measure import MeasureConfig, measure, weight_bytes_read
+from r1serve.planner.model import model_shape, shape_from_config
+from r1serve.planner.plan import (Workload, decode_at, max_sequences, pct_of, plan, reference_plan,
                                       smallest_fit)
-from r1serve.bench.hw_roofline import (Device, Layout, experts_touched, step_cost, weight_bytes_per_device,
+from r1serve.planner.roofline import (Device, Layout, experts_touched, step_cost, weight_bytes_per_device,
                                        weight_format)
-from r1serve.bench.hw_validation import PUBLISHED, TOLERANCE, predict
+from r1serve.planner.validation import PUBLISHED, TOLERANCE, predict
 from r1serve.cli import main
 from r1serve.errors import R1ServeError
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from r1serve.bench.hw_chip import Calibration
-from r1serve.bench.hw_cpu import this_cpu
+from r1serve.planner.chip import Calibration
+from r1serve.planner.cpu import this_cpu
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000
@@ -30,7 +30,7 @@ def test_this_cpu_estimates_its_peaks_from_cores_clock_and_flags(tmp_path, monke
 
 
 def test_the_cpu_chip_does_not_import_the_catalog():
-    # The catalog adds this CPU to its chips (it imports hw_cpu); an import back would make a cycle.
-    code = ("import sys, r1serve.bench.hw_cpu; "
-            "assert 'r1serve.bench.hw_catalog' not in sys.modules, 'hw_cpu imports hw_catalog'")
+    # The catalog adds this CPU to its chips (it imports planner.cpu); an import back would make a cycle.
+    code = ("import sys, r1serve.planner.cpu; "
+            "assert 'r1serve.planner.catalog' not in sys.modules, 'planner.cpu imports planner.catalog'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -69,7 +69,7 @@ def test_wheel_carries_what_the_package_reads(wheel):
     needed |= {f"r1serve/kernels/csrc/{h}" for h in included_headers()}
     static = ROOT / "src" / "r1serve" / "server" / "static"
     needed |= {f"r1serve/server/static/{p.name}" for p in static.iterdir()}
-    needed |= {"r1serve/bench/accelerators.toml"}
+    needed |= {"r1serve/planner/accelerators.toml", "r1serve/planner/model_configs/deepseek-r1.json"}
     assert included_headers(), "the kernels include local headers; this test must see them"
     assert needed <= names, f"missing from the wheel: {sorted(needed - names)}"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 # Only flag definitions at import: building the parser must not load torch, FastAPI or the
 # load generator (each command imports what it runs).
 from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args
-from r1serve.bench.hw_cli import add_args as add_hw_args
+from r1serve.planner.cli import add_args as add_hw_args
 from r1serve.errors import R1ServeError
 
 
@@ -304,7 +304,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_hw(args) -> None:
-    from r1serve.bench.hw_cli import run
+    from r1serve.planner.cli import run
 
     run(args, cache_dir_from(args))
 

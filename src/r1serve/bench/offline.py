@@ -309,7 +309,7 @@ def report(rounds: list[list[dict]], args) -> None:
 
 def this_machine() -> dict:
     """The CPU every figure was measured on: its model and the vector ISA it has."""
-    from r1serve.bench.hw_cpu import SHOWN_FLAGS, cpuinfo
+    from r1serve.planner.cpu import SHOWN_FLAGS, cpuinfo
 
     proc = Path("/proc/cpuinfo")
     info = cpuinfo(proc.read_text() if proc.exists() else "")

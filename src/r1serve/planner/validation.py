@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1serve.bench.hw_catalog import Catalog
-from r1serve.bench.hw_model import ModelShape
-from r1serve.bench.hw_planner import Workload, decode_at, prefill_at
-from r1serve.bench.hw_roofline import Device, Layout, weight_format
+from r1serve.planner.catalog import Catalog
+from r1serve.planner.model import ModelShape
+from r1serve.planner.plan import Workload, decode_at, prefill_at
+from r1serve.planner.roofline import Device, Layout, weight_format
 
 TOLERANCE = 0.25
 

@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-from r1serve.bench.hw_chip import Calibration, Chip, Figure
+from r1serve.planner.chip import Calibration, Chip, Figure
 
 # FLOP (or int8 op) per cycle per core, by the first feature present.
 BF16_PER_CYCLE = (("amx_bf16", 1024), ("avx512_bf16", 128))

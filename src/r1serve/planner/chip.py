@@ -1,6 +1,6 @@
 """A chip as the planner sees it: sourced figures, and the calibration of its family.
 
-The catalog (hw_catalog.py) reads chips from TOML; hw_cpu.py builds one for this machine's
+The catalog (catalog.py) reads chips from TOML; cpu.py builds one for this machine's
 CPU. Both build on the classes here.
 """
 from __future__ import annotations

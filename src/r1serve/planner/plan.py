@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1serve.bench.hw_chip import Chip
-from r1serve.bench.hw_model import ModelShape
-from r1serve.bench.hw_roofline import (Device, Layout, StepCost, kv_bytes_per_sequence_per_device, step_cost,
+from r1serve.planner.chip import Chip
+from r1serve.planner.model import ModelShape
+from r1serve.planner.roofline import (Device, Layout, StepCost, kv_bytes_per_sequence_per_device, step_cost,
                                        weight_bytes_per_device, weight_format)
 from r1serve.errors import R1ServeError
 

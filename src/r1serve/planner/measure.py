@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from r1serve.bench.hw_model import shape_from_config
+from r1serve.planner.model import shape_from_config
 
 MIB = 2**20
 

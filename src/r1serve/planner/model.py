@@ -64,7 +64,7 @@ class ModelShape:
 def read_config(model: str) -> tuple[str, dict]:
     """A model's config.json: a built-in name (deepseek-r1), a config.json path or an HF directory."""
     if model.lower() in BUILTIN_CONFIGS:
-        text = resources.files("r1serve.bench").joinpath("model_configs", BUILTIN_CONFIGS[model.lower()]).read_text()
+        text = resources.files("r1serve.planner").joinpath("model_configs", BUILTIN_CONFIGS[model.lower()]).read_text()
         return model.lower(), json.loads(text)
     path = Path(model).expanduser()
     path = path / "config.json" if path.is_dir() else path

@@ -16,8 +16,8 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
-from r1serve.bench.hw_chip import FIGURES, Calibration, Chip, Figure
-from r1serve.bench.hw_cpu import this_cpu
+from r1serve.planner.chip import FIGURES, Calibration, Chip, Figure
+from r1serve.planner.cpu import this_cpu
 from r1serve.errors import R1ServeError
 
 REQUIRED = ("bf16_tflops", "hbm_gb", "hbm_tb_s", "scale_up_gb_s")
@@ -42,7 +42,7 @@ class Catalog:
 
 def load_catalog(extra: Path | str | None = None, detect_cpu: bool = True) -> Catalog:
     """The built-in chips, this machine's CPU, then the chips of `extra` (a TOML file)."""
-    builtin = tomllib.loads(resources.files("r1serve.bench").joinpath("accelerators.toml").read_text())
+    builtin = tomllib.loads(resources.files("r1serve.planner").joinpath("accelerators.toml").read_text())
     families = _families(builtin.get("families", {}), "accelerators.toml")
     chips = _chips(builtin.get("chips", {}), families, "accelerators.toml")
     if detect_cpu:

@@ -94,25 +94,25 @@ def _emit(args, obj, text) -> None:
 
 
 def cmd_list(args) -> None:
-    from r1serve.bench.hw_catalog import load_catalog
-    from r1serve.bench.hw_report import catalog_text, chip_json
+    from r1serve.planner.catalog import load_catalog
+    from r1serve.planner.report import catalog_text, chip_json
 
     catalog = load_catalog(args.catalog)
     _emit(args, [chip_json(c) for c in catalog.chips.values()], lambda: catalog_text(catalog))
 
 
 def _workload(args):
-    from r1serve.bench.hw_planner import Workload
+    from r1serve.planner.plan import Workload
 
     return Workload(args.input, args.output, args.tpot_slo, args.ttft_slo, args.mtp)
 
 
 def cmd_plan(args) -> None:
-    from r1serve.bench.hw_catalog import load_catalog
-    from r1serve.bench.hw_model import model_shape
-    from r1serve.bench.hw_planner import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
-    from r1serve.bench.hw_report import plan_json, plan_text
-    from r1serve.bench.hw_roofline import Device, weight_format
+    from r1serve.planner.catalog import load_catalog
+    from r1serve.planner.model import model_shape
+    from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
+    from r1serve.planner.report import plan_json, plan_text
+    from r1serve.planner.roofline import Device, weight_format
 
     catalog, w = load_catalog(args.catalog), _workload(args)
     chip, m = catalog.chip(args.chip), model_shape(args.model)
@@ -128,11 +128,11 @@ def cmd_plan(args) -> None:
 
 
 def compare_rows(args) -> tuple[list[dict], int]:
-    from r1serve.bench.hw_catalog import load_catalog
-    from r1serve.bench.hw_model import model_shape
-    from r1serve.bench.hw_planner import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
-    from r1serve.bench.hw_report import plan_json
-    from r1serve.bench.hw_roofline import Device, weight_format
+    from r1serve.planner.catalog import load_catalog
+    from r1serve.planner.model import model_shape
+    from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
+    from r1serve.planner.report import plan_json
+    from r1serve.planner.roofline import Device, weight_format
 
     catalog, w, m = load_catalog(args.catalog), _workload(args), model_shape(args.model)
     ids = args.only.split(",") if args.only else [c.id for c in catalog.chips.values() if c.bandwidth]
@@ -150,7 +150,7 @@ def compare_rows(args) -> tuple[list[dict], int]:
 
 
 def cmd_compare(args) -> None:
-    from r1serve.bench.hw_report import compare_chart, compare_text
+    from r1serve.planner.report import compare_chart, compare_text
 
     rows, n = compare_rows(args)
     title = (f"{rows[0]['model']}: {args.input} in / {args.output} out, TPOT <= {args.tpot_slo * 1e3:g} ms, "
@@ -163,17 +163,17 @@ def cmd_compare(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from r1serve.bench.hw_catalog import load_catalog
-    from r1serve.bench.hw_model import model_shape
-    from r1serve.bench.hw_report import validation_json, validation_text
-    from r1serve.bench.hw_validation import validate
+    from r1serve.planner.catalog import load_catalog
+    from r1serve.planner.model import model_shape
+    from r1serve.planner.report import validation_json, validation_text
+    from r1serve.planner.validation import validate
 
     checks = validate(model_shape("deepseek-r1"), load_catalog(detect_cpu=False))
     _emit(args, validation_json(checks), lambda: validation_text(checks, markdown=args.markdown))
 
 
 def cmd_measure(args, cache_dir) -> None:
-    from r1serve.bench.hw_measure import MeasureConfig, measure, measurement_text
+    from r1serve.planner.measure import MeasureConfig, measure, measurement_text
 
     if min(args.batch, args.prompt_len, args.decode_steps) < 1:
         raise R1ServeError("--batch, --prompt-len and --decode-steps must all be >= 1")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1serve.bench.hw_catalog import Catalog
-from r1serve.bench.hw_chip import FIGURES, Chip
-from r1serve.bench.hw_planner import PhasePlan, Plan
-from r1serve.bench.hw_validation import Check
+from r1serve.planner.catalog import Catalog
+from r1serve.planner.chip import FIGURES, Chip
+from r1serve.planner.plan import PhasePlan, Plan
+from r1serve.planner.validation import Check
 
 
 # ---- catalog --------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1serve.bench.hw_chip import Calibration, Chip
-from r1serve.bench.hw_model import ModelShape
+from r1serve.planner.chip import Calibration, Chip
+from r1serve.planner.model import ModelShape
 from r1serve.errors import R1ServeError
 
 BYTES_PER_PARAM = {"fp8": 1, "int8": 1, "bf16": 2}
