@@ -114,17 +114,22 @@ def dequantize_groups(w: GroupQuantWeight) -> torch.Tensor:
     return dense.view(w.out_features, G * GROUP)[:, :w.in_features]
 
 
+# Row 0's code bytes in a tile, in column order (a row r's are 4 r further on): int8,
+# column 4c + j at byte 64c + j; int4, columns 8c + j and 8c + 4 + j at byte 64c + j.
+_ROW0_CODE_BYTES = {8: (64 * torch.arange(8)[:, None] + torch.arange(4)).view(1, 1, 32),
+                    4: (64 * torch.arange(4)[:, None] + torch.arange(4)).view(1, 1, 16)}
+
+
 def dequantize_rows(w: GroupQuantWeight, ids: torch.Tensor) -> torch.Tensor:
     # ids: (M,) int64 row indices -> (M, K) float32, those rows of dequantize_groups(w): an
     # embedding looked up in its tied LM head's groups.
     NB, G, T = w.packed.shape
     tiles, r = w.packed[ids // ROWS], (ids % ROWS)[:, None, None]  # (M, G, T), (M, 1, 1)
     M = ids.shape[0]
-    if w.bits == 8:  # column 4c + j: byte 64c + 4r + j
-        at = (64 * torch.arange(8)[:, None] + torch.arange(4)).view(1, 1, 32) + 4 * r
+    at = _ROW0_CODE_BYTES[w.bits] + 4 * r  # (M, 1, 32 or 16)
+    if w.bits == 8:
         codes = tiles.gather(2, at.expand(M, G, 32))
-    else:  # column 8c + 4h + j: byte 64c + 4r + j, nibble h
-        at = (64 * torch.arange(4)[:, None] + torch.arange(4)).view(1, 1, 16) + 4 * r
+    else:  # low nibbles first, then high: columns 8c + 4h + j
         b = tiles.gather(2, at.expand(M, G, 16)).view(M, G, 4, 1, 4)
         codes = torch.cat([b & 0x0F, b >> 4], dim=3).view(M, G, 32)
     scale, mn = (tiles[..., lo:lo + 32].contiguous().view(torch.float16).gather(2, r.expand(M, G, 1)).float()

@@ -20,7 +20,7 @@ class VocabEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
         self.grouped: GroupQuantWeight | None = None
-        self.out_dtype = self.weight.dtype
+        self.out_dtype: torch.dtype | None = None  # the dropped table's dtype, once grouped
 
     def look_up_in(self, grouped: GroupQuantWeight) -> None:
         assert (grouped.out_features, grouped.in_features) == (self.num_embeddings, self.embedding_dim)

@@ -5,7 +5,8 @@ and on the same tensors, back to back from one Python function: the output is th
 modules' own, bit for bit. What it skips is the Python between them. At one sequence a
 SmolLM2 decode step ran ~9 ms, ~6.5 of them in kernels; the rest was twelve module calls,
 their wrappers and checks per layer (the C++ checks every argument again). This function
-measured 1.28x the tokens/s at one sequence and 1.12x at 32 (docs/performance.md).
+measured 1.32x the tokens/s at one sequence and 1.16x at 32 (docs/performance.md,
+benchmarks/cpu_decode_layer.py).
 
 It takes a layer whose four linears all serve from int4/int8 groups up to some batch size
 (CpuLinear.group_max_rows) and whose norms are float32 or bf16; larger batches, and

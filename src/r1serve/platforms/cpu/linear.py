@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1serve.kernels.cpu_extension import cpu_kernels
-from r1serve.layers.embedding import VocabEmbedding
 from r1serve.kernels.group_quant_linear import group_quant_linear, to_group_quant
 from r1serve.kernels.int8_weight_linear import int8_linear, quantize_per_channel
 from r1serve.kernels.onednn_linear import (PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
                                            packing_available)
+from r1serve.layers.embedding import VocabEmbedding
 
 log = logging.getLogger(__name__)
 ALL_ROWS = sys.maxsize
@@ -128,7 +128,10 @@ class _LinearChoice:
     pack: bool  # a packed bf16 copy for large batches
     int8_rows: int
     group_rows: int  # the rows its groups serve, for the linears the plan names
-    keep_dense: bool
+
+    @property
+    def keep_dense(self) -> bool:  # groups serving every batch leave the dense weight no use
+        return self.group_rows != ALL_ROWS
 
 
 def _linear_choice(plan: SmallBatchWeights, dtype: torch.dtype) -> _LinearChoice | None:
@@ -139,9 +142,8 @@ def _linear_choice(plan: SmallBatchWeights, dtype: torch.dtype) -> _LinearChoice
     # float32 activations: groups serve every batch and the float32 weight goes. bf16: up to
     # the plan's rows, or (None) the most a candidate can be until tune_group_rows measures.
     if dtype == torch.float32:
-        return _LinearChoice(pack, int8_rows, ALL_ROWS, keep_dense=False)
-    rows = GROUP_ROW_CANDIDATES[-1] if plan.group_max_rows is None else plan.group_max_rows
-    return _LinearChoice(pack, int8_rows, rows, keep_dense=True)
+        return _LinearChoice(pack, int8_rows, ALL_ROWS)
+    return _LinearChoice(pack, int8_rows, GROUP_ROW_CANDIDATES[-1] if plan.group_max_rows is None else plan.group_max_rows)
 
 
 def convert_linear(model: nn.Module, name: str, plan: SmallBatchWeights, dtype: torch.dtype, kernels=None) -> None:
