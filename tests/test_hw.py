@@ -343,3 +343,54 @@ def test_weight_bytes_read_counts_embedding_rows_only():
 
     model = nn.Sequential(nn.Embedding(1000, 8), nn.Linear(8, 4, bias=False))
     assert weight_bytes_read(model, 3) == 3 * 8 * 4 + 8 * 4 * 4  # three looked-up rows, the whole linear
+
+
+# ---- the planner's layouts in the engine's flags --------------------------------------------------
+
+
+def engine_config_from(flags: str, tmp_path):
+    """The EngineConfig `r1serve serve MODEL <flags>` would build (validated as the engine does)."""
+    from r1serve.cli import build_parser, engine_options
+    from r1serve.config import EngineConfig
+
+    args = build_parser().parse_args(["serve", "model", *flags.split()])
+    return EngineConfig(model="model", cache_dir=tmp_path, **engine_options(args))
+
+
+@pytest.mark.parametrize("chip_id,chips", [("h20", 8), ("h100", 16), ("ascend-910c", 16)])
+def test_plan_states_its_layout_in_engine_flags(capsys, tmp_path, chip_id, chips):
+    rc, out, _ = run(capsys, "hw", "plan", "--chip", chip_id, "--chips", str(chips), "--json")
+    assert rc == 0
+    for phase in ("prefill", "decode"):
+        lay = json.loads(out)["layout"][phase]
+        if lay["engine_nearest"] is None:  # the engine runs the layout itself
+            config = engine_config_from(lay["engine_flags"], tmp_path)
+            assert (config.tensor_parallel_size, config.data_parallel_size) == (lay["tp"], lay["dp"])
+        else:  # DP attention over one EP group: the engine's nearest covers the same devices
+            config = engine_config_from(lay["engine_nearest"], tmp_path)
+            assert config.tensor_parallel_size * config.data_parallel_size == lay["devices"]
+            assert f"--data-parallel-size {lay['dp']}" in lay["engine_flags"]
+        assert config.expert_parallel == ("--expert-parallel" in lay["engine_flags"])
+    rc, text, _ = run(capsys, "hw", "plan", "--chip", chip_id, "--chips", str(chips))
+    assert "r1serve serve deepseek-r1 " in text
+
+
+def test_ep_imbalance_is_the_busiest_device_of_random_routing():
+    import random
+
+    from r1serve.planner.roofline import ep_imbalance
+
+    assert ep_imbalance(1, 100) == 1.0
+    # Large batches even out; a few tokens per device leave the busiest far above the mean.
+    assert ep_imbalance(32, 100_000) == pytest.approx(1, abs=0.02)
+    assert ep_imbalance(32, 4) > 2
+    rng = random.Random(0)
+    for devices, per_device in ((8, 16), (32, 64), (144, 8)):
+        busiest = []
+        for _ in range(200):
+            counts = [0] * devices
+            for _ in range(devices * per_device):
+                counts[rng.randrange(devices)] += 1
+            busiest.append(max(counts) / per_device)
+        simulated = sorted(busiest)[len(busiest) // 2]
+        assert ep_imbalance(devices, per_device) == pytest.approx(simulated, rel=0.15)

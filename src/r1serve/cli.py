@@ -45,6 +45,15 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                         "quantized linears already round, on a CPU without native bf16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks one model is split across (heads, MLP columns, vocabulary)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="DeepSeekMoE: split the routed experts whole across the tensor-parallel ranks")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine replicas, each of --tensor-parallel-size ranks, with requests balanced across them")
+    p.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"],
+                   help="mp: ranks are processes of this node; ray: actors of the Ray cluster that "
+                        "`ray start` made (RAY_ADDRESS), across its nodes")
 
 
 def add_db_arg(p: argparse.ArgumentParser) -> None:
@@ -68,7 +77,10 @@ def engine_options(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
                 int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager,
-                cpu_isa=args.cpu_isa, kv_cache_dtype=args.kv_cache_dtype)
+                cpu_isa=args.cpu_isa, kv_cache_dtype=args.kv_cache_dtype,
+                tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
+                data_parallel_size=args.data_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend)
 
 
 def build_llm(args):

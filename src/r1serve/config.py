@@ -56,6 +56,18 @@ class EngineConfig:
     # CUDA: replay captured graphs for decode batches (engine/cuda_graph_runner.py) unless set.
     enforce_eager: bool = False
     seed: int = 0  # seeds the per-request generators of requests that bring no seed of their own
+    # One model over several ranks (distributed/): heads, MLP columns and the vocabulary split
+    # across tensor_parallel_size ranks; with expert_parallel, DeepSeekMoE's routed experts
+    # split whole across them instead of by columns. "mp": ranks are processes of this node;
+    # "ray": actors of a Ray cluster the user runs (distributed/ray_executor.py).
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
+    # Engine replicas of tensor_parallel_size ranks each, requests balanced across them
+    # (engine/data_parallel.py).
+    data_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp" | "ray"
+    # How long a collective waits for the other ranks before the engine takes one for dead.
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
@@ -78,6 +90,16 @@ class EngineConfig:
                  f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0 (or None: measured)")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
+        _require(self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        _require(self.data_parallel_size >= 1, f"data_parallel_size={self.data_parallel_size} must be >= 1")
+        _require(not self.expert_parallel or self.tensor_parallel_size > 1,
+                 "expert_parallel splits the experts across a replica's tensor-parallel ranks: it needs "
+                 "tensor_parallel_size > 1 (experts split across data-parallel replicas, with DP attention, "
+                 "are not supported yet; use --tensor-parallel-size N --expert-parallel)")
+        _require(self.distributed_executor_backend in ("mp", "ray"),
+                 f"distributed_executor_backend={self.distributed_executor_backend!r} must be 'mp' or 'ray'")
+        _require(self.distributed_timeout_s > 0, f"distributed_timeout_s={self.distributed_timeout_s} must be > 0")
         _require(self.cpu_isa in ("auto", "avx512", "avx2", "neon", "scalar"),
                  f"cpu_isa={self.cpu_isa!r} must be auto, avx512, avx2, neon or scalar")
 

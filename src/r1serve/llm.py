@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from r1serve.config import EngineConfig
+from r1serve.engine.data_parallel import DataParallelEngine
 from r1serve.engine.llm_engine import LLMEngine, Prompt
 from r1serve.errors import InvalidRequestError
 from r1serve.models.catalog import default_cache_dir, resolve_model
@@ -33,8 +34,25 @@ class LLM:
         if unknown:
             raise InvalidRequestError(f"unknown engine option(s) {unknown}; accepted: {sorted(ENGINE_OPTIONS)}")
         config = EngineConfig(model=model, cache_dir=cache_dir, dtype=dtype, **engine_options)
-        self.engine = LLMEngine(config, resolve_model(model, cache_dir))
+        path = resolve_model(model, cache_dir)
+        # Data-parallel replicas run in engine processes of their own, driven from here.
+        self.engine = DataParallelEngine(config, path) if config.data_parallel_size > 1 else LLMEngine(config, path)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other ranks and replicas of a parallel engine (they also stop when this process ends)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def dtype(self):
+        """The activations' torch dtype."""
+        return self.engine.dtype
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -25,6 +25,10 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"],
                    help="r1serve's CPU kernel ISA (a lower one than the CPU's measures what such CPUs run; "
                         "set ATEN_CPU_CAPABILITY for torch and the transformers peer alike)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="r1serve's ranks (on one node: each gets its share of the cores)")
+    p.add_argument("--expert-parallel", action="store_true", help="r1serve: DeepSeekMoE experts split across the ranks")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="r1serve's engine replicas")
     p.add_argument("--llama-server-pid", type=int, default=None,
                    help="its process id, to read its peak memory from /proc (optional)")
     p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")

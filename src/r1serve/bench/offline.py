@@ -132,7 +132,11 @@ def spawn_worker(args, systems: str, conc: int, peer: PeerDtype | None):
         cmd += ["--cache-dir", args.cache_dir]
     cmd += ["bench", "offline", "--model", args.model, "--output-len", str(args.output_len),
             "--repeats", str(args.repeats), "--dtype", args.dtype, "--peer-dtype", peer.dtype if peer else "auto",
-            "--worker", f"{systems}:{conc}", "--cpu-isa", args.cpu_isa]
+            "--worker", f"{systems}:{conc}", "--cpu-isa", args.cpu_isa,
+            "--tensor-parallel-size", str(args.tensor_parallel_size),
+            "--data-parallel-size", str(args.data_parallel_size)]
+    if args.expert_parallel:
+        cmd += ["--expert-parallel"]
     if args.llama_server_url:
         cmd += ["--llama-server-url", args.llama_server_url]
     if args.llama_server_pid:
@@ -178,7 +182,10 @@ def open_runner(args, system: str, cache_dir: Path):
 
     if system == "transformers" and args.peer_dtype == "auto":
         raise ValueError("a transformers cell needs its dtype chosen first (peer_dtype), not 'auto'")
-    runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir, args.cpu_isa),
+    runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir, cpu_isa=args.cpu_isa,
+                                               tensor_parallel_size=args.tensor_parallel_size,
+                                               expert_parallel=args.expert_parallel,
+                                               data_parallel_size=args.data_parallel_size),
               "transformers": lambda: TransformersRunner(args.model, args.peer_dtype, cache_dir),
               "http": lambda: HttpRunner(args),
               "llama-server": lambda: EndpointRunner(_llama_server_url(args), args.llama_server_pid)}[system]()
@@ -225,17 +232,22 @@ def cell_row(args, system: str, conc: int, runner, runs: list[dict], peak_mib: f
 
 
 class R1ServeRunner:
-    def __init__(self, model: str, dtype: str, cache_dir: Path, cpu_isa: str = "auto") -> None:
+    def __init__(self, model: str, dtype: str, cache_dir: Path, **engine_options) -> None:
         from r1serve.llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, cache_dir=cache_dir, cpu_isa=cpu_isa)
-        self.dtype = str(self.llm.engine.loaded.dtype).removeprefix("torch.")
+        self.llm = LLM(model, dtype=dtype, cache_dir=cache_dir, **engine_options)
+        self.dtype = str(self.llm.dtype).removeprefix("torch.")
 
     def generate(self, ps: list[str], n: int) -> int:
         from r1serve import SamplingParams
 
         outs = self.llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def close(self) -> float:
+        """Stop the other ranks, if any; this process's peak RSS in MiB (rank 0's)."""
+        self.llm.close()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def ttft(self, prompt: str) -> float:
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineSnapshot, Failed, Reply, Stepped,
                                           Stopped, unknown_message)
+from r1serve.engine.data_parallel import DataParallelCore
 from r1serve.engine.engine_core import ProcessCore, ThreadCore
 from r1serve.engine.llm_engine import LLMEngine, Prompt
 from r1serve.models.arch_config import ArchConfig
@@ -28,11 +29,15 @@ from r1serve.sampling_params import SamplingParams
 
 log = logging.getLogger("r1serve.engine")
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "RequestStream", "load_engine"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "EngineStepError", "RequestStream", "load_engine"]
 
 
 class EngineDeadError(RuntimeError):
     """The engine (its thread or its process) has stopped; no request can run."""
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed for the batch this request was in; the request is over."""
 
 
 class RequestStream:
@@ -88,7 +93,7 @@ class RequestStream:
 class AsyncEngine:
     """The event-loop side of an engine core; also the core's EngineSink."""
 
-    def __init__(self, core: ThreadCore | ProcessCore, tokenizer, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, core: ThreadCore | ProcessCore | DataParallelCore, tokenizer, max_model_len: int, vocab_size: int) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -114,6 +119,11 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests not yet running: waiting in the scheduler plus adds not yet applied."""
         return self.snapshot.num_requests_waiting + len(self._accepting)
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine stopped, if it stopped on an error."""
+        return self._error
 
     @property
     def is_alive(self) -> bool:
@@ -174,7 +184,7 @@ class AsyncEngine:
             case Added():
                 self._to_loop(self._settle, reply)
             case Failed(request_ids=request_ids, message=message):
-                self._to_loop(self._fail_streams, request_ids, RuntimeError(message))
+                self._to_loop(self._fail_streams, request_ids, EngineStepError(message))
             case Stopped(error=error):
                 if error is not None:
                     self._error = error
@@ -235,13 +245,14 @@ async def load_engine(config, model_path, own_process: bool = True) -> AsyncEngi
     """Load the model in a process of its own (or, with own_process=False, on a worker thread
     of this one); the event loop keeps answering /health meanwhile."""
     t0 = time.monotonic()
-    if own_process:
-        core = ProcessCore(config, model_path)
+    if own_process or config.data_parallel_size > 1:
+        core = DataParallelCore(config, model_path) if config.data_parallel_size > 1 else ProcessCore(config, model_path)
         info = await asyncio.to_thread(core.load)
         ckpt = await asyncio.to_thread(open_checkpoint, model_path)
         engine = AsyncEngine(core, ckpt.tokenizer(), info.max_model_len, ArchConfig.from_hf(ckpt.hf_config).vocab_size)
     else:
         engine = AsyncEngine.on_thread(await asyncio.to_thread(LLMEngine, config, model_path))
     log.info("model %s loaded in %.1f s%s", config.model, time.monotonic() - t0,
-             " (engine in its own process)" if own_process else "")
+             f" ({config.data_parallel_size} engine replicas)" if config.data_parallel_size > 1
+             else " (engine in its own process)" if own_process else "")
     return engine.start()

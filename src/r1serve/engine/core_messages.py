@@ -70,6 +70,7 @@ class EngineInfo:
     """The engine process has loaded its model: what the server needs to know of it."""
 
     max_model_len: int
+    dtype: str = "float32"  # the activations' torch dtype, by name
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot,
                                           Failed, LoadFailed, Reply, Shutdown, Stepped, Stopped, check_command,
                                           unknown_message)
+from r1serve.distributed.executor import RankFailedError
 from r1serve.engine.llm_engine import LLMEngine
 from r1serve.outputs import RequestOutput
 
@@ -85,6 +86,11 @@ class EngineLoop:
     def _step(self) -> list[RequestOutput]:
         try:
             return self.engine.step()
+        except RankFailedError as exc:
+            # A rank of the group is gone: fail what was running, then end the loop (Stopped
+            # with the error), so the server reports itself unhealthy instead of serving on.
+            self.sink.report(Failed(self.engine.abort_all(), str(exc)))
+            raise
         except Exception as exc:
             # The model step failed for the whole batch: fail the requests in it, keep serving.
             log.exception("engine step failed; failing the requests in it")
@@ -121,6 +127,8 @@ class ThreadCore:
             except BaseException as exc:  # the loop itself broke: every waiting caller fails
                 log.exception("engine thread stopped")
                 sink.report(Stopped(str(exc) or type(exc).__name__))
+            finally:
+                self.engine.shutdown()  # the other ranks of a tensor-parallel group, if any
 
         self._thread = threading.Thread(target=run, name="r1serve-engine", daemon=True)
         self._thread.start()
@@ -163,6 +171,7 @@ class ProcessCore:
                                  args=(config, model_path, child_conn, logging.getLogger().level))
         self._child_conn = child_conn
         self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._writing = False  # start() has run: commands go through the writer thread
 
     def load(self) -> EngineInfo:
         """Start the process and wait for its model to load (blocking: call it off the event loop)."""
@@ -184,6 +193,7 @@ class ProcessCore:
                                 f"{unknown_message(reply, EngineInfo | LoadFailed)}")
 
     def start(self, sink: EngineSink) -> None:
+        self._writing = True
         threading.Thread(target=self._read, args=(sink,), name="r1serve-engine-reader", daemon=True).start()
         threading.Thread(target=self._write, name="r1serve-engine-writer", daemon=True).start()
 
@@ -195,7 +205,15 @@ class ProcessCore:
         return self._proc.is_alive()
 
     def stop(self, timeout: float) -> None:
-        self.send(Shutdown())  # also ends the writer, once sent
+        if self._proc.pid is None:  # never started (a sibling replica failed to load first)
+            return
+        if self._writing:
+            self.send(Shutdown())  # also ends the writer, once sent
+        else:  # loaded but never started (a sibling replica failed to load)
+            try:
+                self._conn.send(Shutdown())
+            except OSError:
+                pass
         self._proc.join(timeout)
         if self._proc.is_alive():
             log.warning("the engine process did not stop within %.0f s; killing it", timeout)
@@ -237,7 +255,7 @@ def run_engine_process(config, model_path, conn, log_level: int) -> None:
     except BaseException as exc:
         conn.send(LoadFailed(_portable(exc)))
         return
-    conn.send(EngineInfo(engine.max_model_len))
+    conn.send(EngineInfo(engine.max_model_len, str(engine.loaded.dtype).removeprefix("torch.")))
     sink = _PipeSink(conn)
 
     def next_commands(block: bool) -> list[Command]:
@@ -257,6 +275,8 @@ def run_engine_process(config, model_path, conn, log_level: int) -> None:
         log.exception("engine loop stopped")
         sink.report(Stopped(str(exc) or type(exc).__name__))
         raise SystemExit(1) from None
+    finally:
+        engine.shutdown()  # the other ranks of a tensor-parallel group, if any
     sink.report(Stopped(None))
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from r1serve.config import EngineConfig
+from r1serve.distributed.executor import RankFailedError, start_executor
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.kv_cache_manager import KVCacheManager
@@ -48,10 +49,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_path) -> None:
         self.config = config
         self.platform = get_platform(config)
-        if config.num_threads and self.platform.name == "cpu":
-            torch.set_num_threads(config.num_threads)
-        self.loaded: LoadedModel = load_model(model_path, self.platform, config)
+        # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (distributed/).
+        self.executor = start_executor(config, model_path, self.platform)
+        if self.platform.name == "cpu" and (config.num_threads or self.executor):
+            torch.set_num_threads(self.executor.threads if self.executor else config.num_threads)
+        try:
+            self.loaded: LoadedModel = self._load(model_path)
+        except BaseException:
+            self.shutdown()
+            raise
         self.tokenizer = self.loaded.tokenizer
+        self.dtype = self.loaded.dtype  # the activations'
         arch = self.loaded.arch
         self.kv_spec = self.loaded.model.kv_cache_spec()  # per-head K/V, or MLA's one latent per token
         self.kv_dtype = self.platform.resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.model,
@@ -63,9 +71,12 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
-        self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device)
+        if self.executor:
+            self.executor.share_kv_blocks(self.num_kv_blocks)
+        self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device,
+                                  self.executor.steps if self.executor else None)
         self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
-        if self.platform.name == "cuda" and not config.enforce_eager:
+        if self.platform.name == "cuda" and not config.enforce_eager and not self.executor:
             self._capture_decode_graphs(kv_caches)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         n = self.numbers()
@@ -76,6 +87,24 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
+        self.failure: RankFailedError | None = None  # set once a rank of the group has failed
+
+    def _load(self, model_path) -> LoadedModel:
+        if self.executor is None:
+            return load_model(model_path, self.platform, self.config)
+        tp = self.executor.tp
+        loaded, error = None, None
+        try:
+            loaded = load_model(model_path, self.platform, self.config, tp)
+        except Exception as exc:
+            error = exc
+        self.executor.agree_loaded(error)  # raises rank 0's error, or another rank's
+        return loaded
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor-parallel group (nothing to do on one rank)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
         # The CUDA platform's module is loaded only once it is chosen (as get_platform does).
@@ -187,7 +216,7 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests waiting; the KV cache is too small")
             return []
-        result, ids = self.runner.execute(sched)
+        result, ids = self._execute(sched)
         self.scheduler.update(sched, dict(zip(ids, result.token_ids)))
         touched: dict[str, ParentRequest] = {}
         for rid, lp in zip(ids, result.logprobs):
@@ -202,6 +231,18 @@ class LLMEngine:
                 self.abort_request(parent.request_id)
         outs = [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
         return [o for o in outs if o is not None]
+
+    def _execute(self, sched):
+        if self.executor is None:
+            return self.runner.execute(sched)
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return self.runner.execute(sched)
+        except Exception as exc:
+            # Ranks that ran part of a step are out of step with this one: none can go on.
+            self.failure = self.executor.failure(exc)
+            raise self.failure from exc
 
     def _on_token(self, parent: ParentRequest, rid: str, lp) -> None:
         idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)

@@ -5,12 +5,13 @@ import torch
 
 from r1serve.engine.sampler import SampleResult, Sampler
 from r1serve.engine.scheduler_output import SchedulerOutput
-from r1serve.kernels.attention_metadata import AttentionMetadata
+from r1serve.distributed.step_broadcast import StepBroadcast
+from r1serve.models.step_inputs import StepInputs
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, ranks: StepBroadcast | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches  # per layer: (2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
@@ -18,27 +19,35 @@ class ModelRunner:
         self.sampler = Sampler(on_device=device.type == "cuda")  # a GPU: no host sync per sampled request
         # On cuda: replays captured graphs for decode steps (engine/cuda_graph_runner.py).
         self.decode_graphs = None
+        # Under tensor parallelism: sends each step's inputs to the other ranks, which run
+        # the same forward (distributed/worker.py); this rank then samples alone.
+        self.ranks = ranks
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> tuple[SampleResult, list[str]]:
         """Returns the sampled tokens and the ids of the requests they belong to."""
-        input_ids, positions, meta, logits_idx = self._prepare(output)
-        forward = self.model if self.decode_graphs is None else self.decode_graphs
-        hidden = forward(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
         sampling = [c.request for c in output.chunks if c.samples]
-        if not sampling:
+        logits = self._forward(self._inputs(output, all_rows=False))
+        if logits is None:
             return SampleResult([], []), []
-        logits = self.model.compute_logits(hidden[logits_idx])  # (B_sample, vocab)
         return self.sampler(logits, sampling), [r.request_id for r in sampling]
 
     def compute_logits(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits of every scheduled token (N, vocab): for tests against a reference model."""
         with torch.inference_mode():
-            input_ids, positions, meta, _ = self._prepare(output)
-            return self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+            return self._forward(self._inputs(output, all_rows=True))
 
-    def _prepare(self, output: SchedulerOutput):
-        ids, pos, slots, q_lens, s_lens, logits_idx = [], [], [], [], [], []
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits of the inputs' logits rows (None if there are none); every rank runs it."""
+        if self.ranks is not None:
+            self.ranks.send(inputs)
+        input_ids, positions, meta, rows = inputs.tensors(self.device)
+        forward = self.model if self.decode_graphs is None else self.decode_graphs
+        hidden = forward(input_ids, positions, self.kv_caches, meta)  # (N, hidden)
+        return None if rows is None else self.model.compute_logits(hidden[rows])  # (B_sample, vocab)
+
+    def _inputs(self, output: SchedulerOutput, all_rows: bool) -> StepInputs:
+        ids, pos, slots, q_lens, s_lens, logits_rows = [], [], [], [], [], []
         bs = self.block_size
         for chunk in output.chunks:
             ids += chunk.request.token_ids[chunk.start:chunk.end]
@@ -48,12 +57,10 @@ class ModelRunner:
             q_lens.append(chunk.num_tokens)
             s_lens.append(chunk.end)
             if chunk.samples:
-                logits_idx.append(len(ids) - 1)
-        dev = self.device
-        meta = AttentionMetadata.build(q_lens, s_lens, torch.tensor(slots, device=dev),
-                                       block_tables(output.chunks).to(dev), bs)
-        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                torch.tensor(logits_idx, device=dev, dtype=torch.long))
+                logits_rows.append(len(ids) - 1)
+        if all_rows:
+            logits_rows = list(range(len(ids)))
+        return StepInputs(ids, pos, slots, q_lens, s_lens, block_tables(output.chunks), bs, logits_rows or None)
 
 
 def block_tables(chunks) -> torch.Tensor:

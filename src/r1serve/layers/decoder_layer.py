@@ -12,7 +12,9 @@ calls, wrappers), which a whole-layer kernel skips.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from torch import nn
 
 from r1serve.layers.activation import SiluAndMul
@@ -24,7 +26,9 @@ from r1serve.layers.norm import RMSNorm
 class GatedAttentionParts:
     """A layer of the Llama shape, in the order a decode step runs its parts: norm, fused
     q/k/v projection, rotary + KV cache write, paged attention, output projection, norm,
-    fused gate/up projection, SiLU-and-multiply, down projection."""
+    fused gate/up projection, SiLU-and-multiply, down projection; `all_reduce` sums a
+    tensor-parallel group's partial results after o_proj and down_proj (the identity on
+    one rank)."""
 
     input_norm: RMSNorm
     qkv_proj: nn.Module
@@ -35,6 +39,7 @@ class GatedAttentionParts:
     gate_up_proj: nn.Module
     act: SiluAndMul
     down_proj: nn.Module
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
 
 
 class PreNormDecoderLayer(nn.Module):

@@ -1,9 +1,13 @@
-"""The token embedding: (N,) token ids -> (N, hidden) rows of its weight."""
+"""The token embedding: (N,) token ids -> (N, hidden) rows of its weight.
+
+Under tensor parallelism each rank holds ceil(vocab / size) rows; a rank looks up the ids
+that fall in its rows, zeroes the others, and the all-reduce sums the ranks' rows."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.kernels.group_quant_linear import GroupQuantWeight, dequantize_rows
 
 
@@ -17,8 +21,11 @@ class VocabEmbedding(nn.Embedding):
     A platform may point it at the int8 groups of an LM head tied to it (`look_up_in`): the
     rows then come from there and the table itself goes."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = TensorParallel()) -> None:
+        self.first_row, stop = tp.padded_split(vocab_size)
+        rows = stop - self.first_row
+        super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
+        self.tp = tp
         self.grouped: GroupQuantWeight | None = None
         self.out_dtype: torch.dtype | None = None  # the dropped table's dtype, once grouped
 
@@ -28,6 +35,14 @@ class VocabEmbedding(nn.Embedding):
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.is_parallel:
+            return self._rows(input_ids)
+        local = input_ids - self.first_row
+        elsewhere = (local < 0) | (local >= self.num_embeddings)  # another rank's rows
+        rows = self._rows(local.masked_fill(elsewhere, 0)).masked_fill(elsewhere[:, None], 0)
+        return self.tp.all_reduce(rows)
+
+    def _rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.grouped is None:
             return super().forward(input_ids)
         return dequantize_rows(self.grouped, input_ids.reshape(-1)).to(self.out_dtype).view(*input_ids.shape, -1)

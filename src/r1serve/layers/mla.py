@@ -7,14 +7,21 @@
 The paged cache holds [c_kv | k_pe] per token (see kernels/mla_attention.py for the layout and
 the two ways to attend). Decode-only steps use the absorbed form; steps with prefill use the
 expanded one. `form` pins either, for tests and for measuring.
+
+Under tensor parallelism a rank holds num_heads / size heads of q_b_proj (or q_proj),
+kv_b_proj and o_proj, and o_proj's partial sums meet in one all-reduce. The latent is one
+vector per token for all heads, so every rank computes and caches the whole of it for
+the batch's sequences: TP divides MLA's weights, not its cache (vLLM and SGLang do the
+same; data-parallel attention is what divides the cache).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.kernels.mla_attention import mla_absorbed_reference, mla_expanded_reference, write_latent
 from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.norm import RMSNorm
@@ -46,9 +53,11 @@ class MLAConfig:
 class MLAAttention(nn.Module):
     kernel_ops = ("mla_write_latent", "mla_absorbed")  # what a platform's bind may swap (platforms/base.py)
 
-    def __init__(self, c: MLAConfig) -> None:
+    def __init__(self, c: MLAConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.c = c
+        h0, h1 = tp.split(c.num_heads, "num_attention_heads")
+        self.c = c = replace(c, num_heads=h1 - h0)  # this rank's heads
+        self.tp = tp
         self.form = "auto"  # "auto" | "absorbed" | "expanded"
         self.mla_write_latent = write_latent  # (cache, latent (N, L + R), slot_mapping) -> None
         self.mla_absorbed = mla_absorbed_reference  # (q_lat, q_pe, cache, meta, kv_lora_rank, scale) -> (N, H, L)
@@ -62,7 +71,8 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.latent_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        # A row-parallel bias is added once, by rank 0.
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias and tp.is_first)
         # kv_b_proj split per head for the absorbed form; filled by absorb_weights() after loading.
         self.register_buffer("w_uk", torch.empty(H, c.qk_nope_head_dim, c.kv_lora_rank), persistent=False)
         self.register_buffer("w_uv", torch.empty(H, c.v_head_dim, c.kv_lora_rank), persistent=False)
@@ -92,7 +102,7 @@ class MLAAttention(nn.Module):
             out = self.absorbed(q_nope, q_pe, kv_cache, meta)
         else:
             out = self.expanded(q_nope, q_pe, kv_cache, meta)
-        return self.o_proj(out.reshape(N, c.num_heads * c.v_head_dim))
+        return self.tp.all_reduce(self.o_proj(out.reshape(N, c.num_heads * c.v_head_dim)))
 
     def _absorbed(self, meta: AttentionMetadata) -> bool:
         return self.form == "absorbed" or (self.form == "auto" and meta.is_decode_only)

@@ -6,6 +6,17 @@ choice is limited to the topk_group best of n_group expert groups (a group score
 of its two best experts); the chosen scores are normalised (norm_topk_prob) and scaled by
 routed_scaling_factor. Older DeepSeek-V2 checkpoints use softmax scores and plain top-k
 ("greedy").
+
+Two ways to spread the experts over a tensor-parallel group (every rank sees every token,
+as attention leaves them replicated):
+
+    tensor-parallel experts: each rank holds moe_intermediate_size / size columns of every
+        expert (and of the shared experts); the partial sums meet in one all-reduce.
+    expert parallelism: each rank holds n_routed_experts / size whole experts. The router
+        runs on every rank alike; a rank dispatches to its experts the (token, slot) pairs
+        routed to them, and the all-reduce combines the ranks' results (all-gather +
+        reduce-scatter, with the tokens already gathered). Shared experts are replicated
+        and added after the all-reduce.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.kernels.fused_moe import fused_moe_reference
 from r1serve.layers.mlp import GatedMLP
@@ -89,17 +101,42 @@ class MoERouter(nn.Module):
 class DeepseekMoE(nn.Module):
     kernel_ops = ("moe_experts",)  # what a platform's bind may swap (platforms/base.py)
 
-    def __init__(self, c: MoEConfig) -> None:
+    def __init__(self, c: MoEConfig, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.c = c
-        E, I, Hd = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size
+        self.c, self.tp = c, tp
+        I, Hd = c.moe_intermediate_size, c.hidden_size
         self.gate = MoERouter(c)
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))  # experts.{e}.gate_proj / up_proj
-        self.w2 = nn.Parameter(torch.empty(E, Hd, I))  # experts.{e}.down_proj
-        self.shared_experts = GatedMLP(Hd, I * c.n_shared_experts) if c.n_shared_experts else None
+        ep = tp.is_parallel and tp.expert_parallel
+        self.experts = tp.split(c.n_routed_experts, "n_routed_experts") if ep else (0, c.n_routed_experts)
+        E, I_rank = self.experts[1] - self.experts[0], I if ep else I // tp.size
+        tp.split(I, "moe_intermediate_size")  # refuses a size that does not divide it
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I_rank, Hd))  # experts.{e}.gate_proj / up_proj
+        self.w2 = nn.Parameter(torch.empty(E, Hd, I_rank))  # experts.{e}.down_proj
+        shared_tp = TensorParallel() if ep else tp  # replicated under expert parallelism
+        self.shared_experts = GatedMLP(Hd, I * c.n_shared_experts, shared_tp, reduce=False) if c.n_shared_experts else None
         self.moe_experts = fused_moe_reference  # (x, w13, w2, weights, ids) -> (N, hidden)
+
+    @property
+    def is_expert_parallel(self) -> bool:
+        return self.experts[1] - self.experts[0] < self.c.n_routed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        if self.is_expert_parallel:
+            out = self.tp.all_reduce(self._local_experts(x, weights, ids))
+            return out if self.shared_experts is None else out + self.shared_experts(x)
         out = self.moe_experts(x, self.w13, self.w2, weights, ids)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        out = out if self.shared_experts is None else out + self.shared_experts(x)
+        return self.tp.all_reduce(out)
+
+    def _local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # Dispatch: the (token, slot) pairs routed to this rank's experts, one row each, so
+        # the experts kernel runs with K = 1; combine: their weighted rows summed per token.
+        e0, e1 = self.experts
+        token, slot = ((ids >= e0) & (ids < e1)).nonzero(as_tuple=True)  # (M,), (M,)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        if len(token):
+            rows = self.moe_experts(x[token], self.w13, self.w2, weights[token, slot][:, None],
+                                    (ids[token, slot] - e0)[:, None])  # (M, hidden)
+            out.index_add_(0, token, rows.float())
+        return out.to(x.dtype)

@@ -1,13 +1,16 @@
 """A decoder stack plus its LM head: what every model class shares.
 
 The stack maps (input_ids, positions, kv_caches, metadata) of a flattened paged batch to
-hidden states; the head turns only the rows that sample into float32 logits.
+hidden states; the head turns only the rows that sample into float32 logits. Under tensor
+parallelism each rank's head holds its rows of the vocabulary, and the logits gather on
+rank 0, which samples (the other ranks get None).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.models.arch_config import ArchConfig
 
 
@@ -17,16 +20,22 @@ class CausalLM(nn.Module):
     # it returns nor read a linear's dense weight after loading it.
     rewrite_linears_as_loaded = False
 
-    def __init__(self, cfg: ArchConfig, model: nn.Module) -> None:
+    def __init__(self, cfg: ArchConfig, model: nn.Module, tp: TensorParallel) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         self.model = model
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        v0, v1 = tp.padded_split(cfg.vocab_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, v1 - v0, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = model.embed_tokens.weight
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (B, vocab)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.lm_head(hidden).float()  # (B, vocab / size)
+        if not self.tp.is_parallel:
+            return logits
+        full = self.tp.gather_to_first(logits)  # (B, padded vocab) on rank 0
+        return None if full is None else full[:, :self.cfg.vocab_size]

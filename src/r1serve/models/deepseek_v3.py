@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.embedding import VocabEmbedding
@@ -27,6 +28,7 @@ from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.causal_lm import CausalLM
+from r1serve.models.checkpoint_slice import SKIP, Selection, TensorSlice, vocab_rows
 
 log = logging.getLogger("r1serve.models")
 
@@ -79,22 +81,22 @@ def _softmax_scale(qk_head_dim: int, scaling: dict | None) -> float:
 
 
 class DeepseekV3DecoderLayer(PreNormDecoderLayer):
-    def __init__(self, c: DeepseekV3Config, i: int) -> None:
+    def __init__(self, c: DeepseekV3Config, i: int, tp: TensorParallel) -> None:
         super().__init__()
         a = c.arch
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = MLAAttention(c.mla)
+        self.self_attn = MLAAttention(c.mla, tp)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = DeepseekMoE(c.moe) if c.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size)
+        self.mlp = DeepseekMoE(c.moe, tp) if c.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size, tp)
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, c: DeepseekV3Config) -> None:
+    def __init__(self, c: DeepseekV3Config, tp: TensorParallel) -> None:
         super().__init__()
         a = c.arch
-        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, tp)
         self.rotary = RotaryEmbedding(c.mla.qk_rope_head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i) for i in range(a.num_layers))
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i, tp) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
@@ -111,9 +113,9 @@ _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, tp: TensorParallel = TensorParallel()) -> None:
         config = DeepseekV3Config.from_arch(arch)
-        super().__init__(arch, DeepseekV3Model(config))
+        super().__init__(arch, DeepseekV3Model(config, tp), tp)
         self.config = config
 
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -134,6 +136,8 @@ class DeepseekV3ForCausalLM(CausalLM):
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
             target = self.weight_slice(name, params)
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                target = vocab_rows(target, tensor)
             if target.shape != tensor.shape:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the model expects {tuple(target.shape)}")
@@ -169,12 +173,52 @@ class DeepseekV3ForCausalLM(CausalLM):
         param = params[target]
         m = _EXPERT.search(name)
         if m:
-            expert = param[int(m.group(1))]  # (2I, hidden) or (hidden, I)
+            first = self._moe(name).experts[0]  # this rank's first expert (expert parallelism)
+            expert = param[int(m.group(1)) - first]  # (2I, hidden) or (hidden, I)
             return expert if m.group(2) == "down_proj" else expert.chunk(2, dim=0)[m.group(2) == "up_proj"]
         for part, (_, idx) in _FUSED.items():
             if f".{part}." in name:
                 return param.chunk(2, dim=0)[idx]
         return param
+
+    def checkpoint_slice(self, name: str) -> Selection:
+        """What this rank reads of a checkpoint tensor: its heads of the query, kv_b_proj
+        (rows) and o_proj (columns), its columns of the dense MLPs and of the experts (or
+        its whole experts, under expert parallelism), its rows of the vocabulary; the
+        multi-token-prediction layer not at all."""
+        tp, c, a = self.tp, self.config.mla, self.cfg
+        if self._is_mtp(name):
+            return SKIP
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return TensorSlice(0, *tp.padded_split(a.vocab_size))
+        h0, h1 = tp.split(c.num_heads, "num_attention_heads")
+        part = name.split(".")[-2] if name.startswith("model.layers.") else ""
+        if part in ("q_proj", "q_b_proj"):
+            return TensorSlice(0, h0 * c.qk_head_dim, h1 * c.qk_head_dim)
+        if part == "kv_b_proj":
+            return TensorSlice(0, h0 * (c.qk_nope_head_dim + c.v_head_dim), h1 * (c.qk_nope_head_dim + c.v_head_dim))
+        if part == "o_proj":
+            if name.endswith(".bias"):
+                return None if tp.is_first else SKIP
+            return TensorSlice(1, h0 * c.v_head_dim, h1 * c.v_head_dim)
+        if part in ("gate_proj", "up_proj", "down_proj"):
+            return self._mlp_slice(name, part)
+        return None
+
+    def _mlp_slice(self, name: str, part: str) -> Selection:
+        tp, dim = self.tp, 1 if part == "down_proj" else 0
+        m = _EXPERT.search(name)
+        if ".mlp.shared_experts." in name or m:
+            moe = self._moe(name)
+            if moe.is_expert_parallel:  # whole experts, on their rank; shared ones on every rank
+                return None if not m or moe.experts[0] <= int(m.group(1)) < moe.experts[1] else SKIP
+            size = self.config.moe.moe_intermediate_size * (1 if m else self.config.moe.n_shared_experts)
+        else:
+            size = self.cfg.intermediate_size
+        return TensorSlice(dim, *tp.split(size, "intermediate_size"))
+
+    def _moe(self, name: str) -> DeepseekMoE:
+        return self.model.layers[int(name.split(".")[2])].mlp
 
     def _check_complete(self, loaded: set[str]) -> None:
         c = self.config
@@ -189,6 +233,6 @@ class DeepseekV3ForCausalLM(CausalLM):
                 expected |= {f"{p}.mlp.gate.weight"}
                 expected |= {f"{p}.mlp.experts.{e}.{w}.weight" for e in range(c.moe.n_routed_experts)
                              for w in ("gate_proj", "up_proj", "down_proj")}
-        missing = sorted(expected - loaded)
+        missing = sorted(n for n in expected - loaded if self.checkpoint_slice(n) != SKIP)  # SKIP: another rank's
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from r1serve.errors import ModelLoadError
+from r1serve.models.checkpoint_slice import SKIP, SliceOf, TensorSlice, whole
 
 if TYPE_CHECKING:
     from r1serve.tokenizer import Tokenizer
@@ -210,13 +211,18 @@ class GGUFCheckpoint:
 
     # ---- weights --------------------------------------------------------------------------
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor) in file order, one dequantized tensor alive at a time."""
+    def iter_weights(self, select: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 tensor) in file order, one dequantized tensor alive at a time;
+        `select` says what of each tensor this rank reads (checkpoint_slice.py)."""
         for tensor in self.reader.tensors:
             name = _hf_name(tensor.name)
-            if name is None:
+            part = select(name) if name is not None else SKIP
+            if part == SKIP:
                 continue
-            weights = self._undo_rotary_permute(tensor.name, _dequantize(tensor.data, tensor.tensor_type))
+            weights = _dequantize(*_sliced(tensor.data, tensor.tensor_type, part))
+            weights = self._undo_rotary_permute(tensor.name, weights)
+            if part is not None and part.dim == 1 and weights.shape[1] != part.stop - part.start:
+                weights = np.ascontiguousarray(weights[:, slice(*part.clipped(weights.shape[1]))])
             yield name, torch.from_numpy(weights)
 
     def read_tensor(self, gguf_name: str) -> torch.Tensor:
@@ -235,14 +241,11 @@ class GGUFCheckpoint:
         if self.architecture != "llama":
             return weights
         kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
-        if kind == "attn_q":
-            heads = self._arch_field("attention.head_count")
-        elif kind == "attn_k":
-            heads = self._arch_field("attention.head_count_kv", self._arch_field("attention.head_count"))
-        else:
+        if kind not in ("attn_q", "attn_k"):
             return weights
-        rows = weights.shape[0]
-        per_head = weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:])  # (h, d/2, pair, in)
+        head_dim = self._head_dim(self._required("embedding_length"), self._required("attention.head_count"))
+        heads = weights.shape[0] // head_dim  # a rank's slice holds whole heads
+        per_head = weights.reshape(heads, head_dim // 2, 2, *weights.shape[1:])  # (h, d/2, pair, in)
         return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(weights.shape)  # (h, pair, d/2, in)
 
     def tokenizer(self) -> Tokenizer:
@@ -265,6 +268,22 @@ def _hf_name(gguf_name: str) -> str | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
         return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{parts[3]}"
     return None
+
+
+def _sliced(data: np.ndarray, tensor_type: GGMLQuantizationType,
+            part: TensorSlice | None) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The raw rows (or block columns) a slice needs, before dequantizing: each row of a
+    quantized tensor is a row of blocks of block_size weights, so rows slice as they are,
+    and columns where the slice falls on block edges (else the caller slices afterwards)."""
+    if part is None:
+        return data, tensor_type
+    if part.dim == 0:
+        return data[slice(*part.clipped(data.shape[0]))], tensor_type
+    block, nbytes = GGML_QUANT_SIZES[tensor_type]
+    if part.start % block or part.stop % block:
+        return data, tensor_type
+    per = nbytes if data.dtype == np.uint8 else 1  # raw bytes, or one element per weight
+    return data[:, part.start // block * per:part.stop // block * per], tensor_type
 
 
 def _dequantize(data: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:

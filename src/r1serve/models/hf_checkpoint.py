@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +11,16 @@ from safetensors import safe_open
 
 from r1serve.errors import ModelLoadError
 from r1serve.kernels.fp8_block import dequantize_fp8_block
+from r1serve.models.checkpoint_slice import SKIP, SliceOf, TensorSlice, whole
+
+
+MAPPED_BYTES = 64 << 20
+
+
+def _stored_bytes(view) -> int:
+    shape, dtype = view.get_shape(), view.get_dtype()
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}.get(dtype, 1)
+    return math.prod(shape) * size
 
 
 class HFCheckpoint:
@@ -32,23 +43,46 @@ class HFCheckpoint:
             raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
         return cls(path, hf_config, _find_shards(path))
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        # One tensor at a time, shard by shard: peak memory stays near the model's own size.
+    def iter_weights(self, select: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time, shard by shard: peak memory stays near the model's own
+        size. `select` says what of each tensor this rank reads (checkpoint_slice.py)."""
         for shard in self.shards:
             try:
-                with safe_open(str(shard), framework="pt") as f:
-                    names = set(f.keys())
-                    for name in f.keys():
-                        if name.endswith("_scale_inv"):
-                            continue  # read with its weight
-                        tensor = f.get_tensor(name)
-                        if tensor.dtype == torch.float8_e4m3fn:
-                            tensor = self._dequantized(name, tensor, f if f"{name}_scale_inv" in names else None)
-                        yield name, tensor
+                yield from self._shard_weights(shard, select)
             except Exception as e:  # safetensors raises several types for a damaged file
                 if isinstance(e, ModelLoadError):
                     raise
                 raise ModelLoadError(f"cannot read {shard}: {e}; the file may be truncated or corrupt") from None
+
+    def _shard_weights(self, shard: Path, select: SliceOf) -> Iterator[tuple[str, torch.Tensor]]:
+        # A shard is memory-mapped, and the pages a read touches count as this process's
+        # resident memory until the map closes (a column slice touches every row's). Reopened
+        # every MAPPED_BYTES, a 5 GB shard costs one rank that much, not its whole size.
+        with safe_open(str(shard), framework="pt") as f:
+            names = list(f.keys())
+        present = set(names)
+        todo = [n for n in names if not n.endswith("_scale_inv") and select(n) != SKIP]  # scales come with weights
+        while todo:
+            with safe_open(str(shard), framework="pt") as f:
+                mapped = 0
+                while todo and mapped < MAPPED_BYTES:
+                    name = todo.pop(0)
+                    tensor = self._read(f, name, select(name), f"{name}_scale_inv" in present)
+                    mapped += _stored_bytes(f.get_slice(name))
+                    yield name, tensor
+
+    def _read(self, f, name: str, part: TensorSlice | None, has_scale: bool) -> torch.Tensor:
+        view = f.get_slice(name)
+        if view.get_dtype() == "F8_E4M3":
+            # Dequantized whole, then sliced: the 128x128 scale blocks need not align with a
+            # rank's slice, and one tensor at a time is a transient cost.
+            tensor = self._dequantized(name, view[:], f if has_scale else None)
+            return tensor if part is None else part.of(tensor).contiguous()
+        if part is None:
+            return view[:]
+        start, stop = part.clipped(view.get_shape()[part.dim])
+        index = (slice(None),) * part.dim + (slice(start, stop),)
+        return view[index]  # only these rows (or columns) are read from the file
 
     def _dequantized(self, name: str, weight: torch.Tensor, f) -> torch.Tensor:
         if self.fp8_block is None:

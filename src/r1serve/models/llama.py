@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.layers.attention import PagedAttention, RotaryKVWrite
 from r1serve.kernels.attention_metadata import AttentionMetadata
@@ -21,12 +22,18 @@ from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.causal_lm import CausalLM
+from r1serve.models.checkpoint_slice import Selection, TensorSlice, vocab_rows
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    """Under tensor parallelism a rank holds num_heads / size query heads and the KV heads
+    they read; o_proj's partial sums meet in one all-reduce."""
+
+    def __init__(self, cfg: ArchConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        (h0, h1), (k0, k1) = tp.split(cfg.num_heads, "num_attention_heads"), tp.kv_heads(cfg.num_kv_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = h1 - h0, k1 - k0, cfg.head_dim
+        self.tp = tp
         # q, k and v projections fused into one GEMM; load_weights fills the three slices.
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                   bias=cfg.attention_bias)
@@ -37,29 +44,30 @@ class LlamaAttention(nn.Module):
     def forward(self, rope, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q, k, v from one GEMM; q and k rotated; k and v stored in the cache (one fused kernel on the CPU)
         q = self.rotary_kv_write(self.qkv_proj(x), rope, kv_cache, meta)  # (N, H, D)
-        return self.o_proj(self.attn(q, kv_cache, meta))
+        return self.tp.all_reduce(self.o_proj(self.attn(q, kv_cache, meta)))
 
 
 class LlamaDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
 
     def gated_attention_parts(self) -> GatedAttentionParts:
         a, m = self.self_attn, self.mlp
         return GatedAttentionParts(self.input_layernorm, a.qkv_proj, a.rotary_kv_write, a.attn, a.o_proj,
-                                   self.post_attention_layernorm, m.gate_up_proj, m.act, m.down_proj)
+                                   self.post_attention_layernorm, m.gate_up_proj, m.act, m.down_proj,
+                                   a.tp.all_reduce)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata):
@@ -78,11 +86,30 @@ class LlamaForCausalLM(CausalLM):
 
     rewrite_linears_as_loaded = True  # parameters are looked up one tensor at a time
 
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__(cfg, LlamaModel(cfg))
+    def __init__(self, cfg: ArchConfig, tp: TensorParallel = TensorParallel()) -> None:
+        super().__init__(cfg, LlamaModel(cfg, tp), tp)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec.key_value(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)
+        # A rank caches only its own KV heads.
+        return KVCacheSpec.key_value(self.cfg.num_layers, self.model.layers[0].self_attn.n_kv_heads, self.cfg.head_dim)
+
+    def checkpoint_slice(self, name: str) -> Selection:
+        """What this rank reads of a checkpoint tensor: its heads of q, k, v (rows) and o
+        (columns), its columns of the MLP, its rows of the vocabulary."""
+        tp, c, d = self.tp, self.cfg, self.cfg.head_dim
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return TensorSlice(0, *tp.padded_split(c.vocab_size))
+        part = name.split(".")[-2] if name.startswith("model.layers.") else ""
+        if part in ("q_proj", "o_proj"):
+            h0, h1 = tp.split(c.num_heads, "num_attention_heads")
+            return TensorSlice(0 if part == "q_proj" else 1, h0 * d, h1 * d)
+        if part in ("k_proj", "v_proj"):
+            k0, k1 = tp.kv_heads(c.num_kv_heads)
+            return TensorSlice(0, k0 * d, k1 * d)
+        if part in ("gate_proj", "up_proj", "down_proj"):
+            i0, i1 = tp.split(c.intermediate_size, "intermediate_size")
+            return TensorSlice(1 if part == "down_proj" else 0, i0, i1)
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         loaded: set[str] = set()
@@ -110,19 +137,19 @@ class LlamaForCausalLM(CausalLM):
         return name, None
 
     def _copy(self, param: torch.Tensor, tensor: torch.Tensor, slice_idx: int | None, name: str) -> None:
-        dst = param if slice_idx is None else self._fused_slice(param, slice_idx)
+        dst = param if slice_idx is None else self._fused_slice(param, slice_idx, name)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            dst = vocab_rows(dst, tensor)
         if dst.shape != tensor.shape:
             raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(dst.shape)}")
         dst.copy_(tensor)
 
-    def _fused_slice(self, param: torch.Tensor, idx: int) -> torch.Tensor:
-        if param.shape[0] == 2 * self.cfg.intermediate_size:
-            sizes = [self.cfg.intermediate_size] * 2
-        else:
-            d = self.cfg.head_dim
-            sizes = [self.cfg.num_heads * d, self.cfg.num_kv_heads * d, self.cfg.num_kv_heads * d]
-        return param.split(sizes, dim=0)[idx]
+    def _fused_slice(self, param: torch.Tensor, idx: int, name: str) -> torch.Tensor:
+        if ".mlp." in name:  # gate_up_proj: [gate | up]
+            return param.chunk(2, dim=0)[idx]
+        attn, d = self.model.layers[0].self_attn, self.cfg.head_dim
+        return param.split([attn.n_heads * d, attn.n_kv_heads * d, attn.n_kv_heads * d], dim=0)[idx]
 
     def _check_complete(self, loaded: set[str]) -> None:
         expected = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(self.cfg.num_layers) for p in "qkvo"}

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from r1serve.config import EngineConfig
-from r1serve.errors import ModelLoadError
 import logging
 
+from r1serve.config import EngineConfig
+from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.errors import ModelLoadError
+from r1serve.models.checkpoint_slice import whole
 from r1serve.platforms.cpu.linear import SmallBatchWeights
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.registry import model_class
@@ -44,7 +46,9 @@ def open_checkpoint(path: Path):
     raise ModelLoadError(f"{path} is neither a .gguf file nor an HF model directory")
 
 
-def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedModel:
+def load_model(path: Path, platform: Platform, config: EngineConfig,
+               tp: TensorParallel = TensorParallel()) -> LoadedModel:
+    """The model (this rank's shard of it, under tensor parallelism) with its weights."""
     ckpt = open_checkpoint(path)
     dtype, kernel = config.dtype, config.kernel
     arch = ArchConfig.from_hf(ckpt.hf_config)
@@ -57,7 +61,7 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     # Build without allocating or initialising weights, then materialise on the device:
     # random init of billions of parameters would cost more than loading them.
     with torch.device("meta"):
-        model = cls(arch)
+        model = cls(arch, tp)
     model = model.to(torch_dtype).to_empty(device=platform.device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -74,11 +78,14 @@ def load_model(path: Path, platform: Platform, config: EngineConfig) -> LoadedMo
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     del params
     tokenizer = ckpt.tokenizer()  # before the weights: a GGUF's reader then drops its per-token fields
-    weights = ckpt.iter_weights()
+    weights = ckpt.iter_weights(model.checkpoint_slice if tp.is_parallel else whole)  # only this rank's slices
     if plan is not None and platform.prepare_linear is not None and model.rewrite_linears_as_loaded:
         weights = _rewriting_linears(weights, model, lambda name: platform.prepare_linear(model, name, torch_dtype, plan))
     model.load_weights(weights)
-    if platform.fp8_block_gemm and kernel != "reference" and getattr(ckpt, "fp8_block", None):
+    if tp.is_parallel and platform.fp8_block_gemm and getattr(ckpt, "fp8_block", None):
+        log.warning("tensor parallelism serves FP8 checkpoints from their dequantized weights for now "
+                    "(the FP8 GEMMs read whole tensors)")
+    elif platform.fp8_block_gemm and kernel != "reference" and getattr(ckpt, "fp8_block", None):
         # FP8 matmuls on this device: swap the dequantized copies back for R1's FP8 weights.
         from r1serve.platforms.cuda.fp8_weights import iter_fp8_block_weights, keep_fp8_weights
 

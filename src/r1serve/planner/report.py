@@ -47,7 +47,31 @@ def catalog_text(catalog: Catalog) -> str:
 def layout_json(p: PhasePlan, share: int, moe: bool) -> dict:
     lay = p.layout
     return {"chips": p.chips, "devices": lay.devices, "tp": lay.tp, "dp": lay.dp, "ep": lay.devices if moe else 1,
-            "micro_batches": lay.micro_batches, "devices_per_chip": share}
+            "micro_batches": lay.micro_batches, "devices_per_chip": share, "engine_flags": engine_flags(p, moe),
+            "engine_nearest": engine_nearest(p, moe)}
+
+
+def engine_flags(p: PhasePlan, moe: bool) -> str:
+    """The layout as `r1serve serve` flags: replicas (dp) of tp ranks each, experts split
+    across all of an instance's devices."""
+    lay = p.layout
+    flags = [f"--tensor-parallel-size {lay.tp}"] if lay.tp > 1 else []
+    if lay.dp > 1:
+        flags.append(f"--data-parallel-size {lay.dp}")
+    if moe and lay.devices > 1:
+        flags.append("--expert-parallel")
+    return " ".join(flags)
+
+
+def engine_nearest(p: PhasePlan, moe: bool) -> str | None:
+    """What the engine runs today instead, where it cannot run the layout: its replicas are
+    independent, so DP attention with one EP group over all replicas' devices becomes one
+    replica of tensor-parallel attention over them (the same EP group; the MLA cache then
+    copied on every rank)."""
+    lay = p.layout
+    if not (moe and lay.dp > 1):
+        return None
+    return f"--tensor-parallel-size {lay.devices} --expert-parallel"
 
 
 def breakdown_json(p: PhasePlan) -> dict:
@@ -119,7 +143,9 @@ def plan_text(j: dict, plan: Plan) -> str:
             f"{j['kv_bytes_per_chip'] / gb:.1f} GB of {j['memory_bytes_per_chip'] / gb:.0f} GB: fits",
             f"layout: {j['note']}",
             f"  prefill  {describe_layout(plan.prefill, share, moe)}",
+            _serve_line(j["model"], j["layout"]["prefill"]),
             f"  decode   {describe_layout(plan.decode, share, moe)}",
+            _serve_line(j["model"], j["layout"]["decode"]),
             f"prefill: {j['prefill_tokens_per_s_per_chip']:,.0f} tokens/s per chip "
             f"({j['prefill_batch_tokens_per_chip']:,.0f} tokens per chip per step), TTFT {j['ttft_ms']:,.0f} ms",
             f"decode:  {j['decode_tokens_per_s_per_chip']:,.0f} tokens/s per chip at {j['decode_batch_per_chip']:.1f} "
@@ -129,6 +155,14 @@ def plan_text(j: dict, plan: Plan) -> str:
             f"(prefill {_pct(j['pct_of_h100_prefill'])}, decode {_pct(j['pct_of_h100_decode'])})"]
     return "\n".join(head + body + _breakdown_text("decode step", j["decode_breakdown"])
                      + _breakdown_text("prefill step", j["prefill_breakdown"]))
+
+
+def _serve_line(model: str, lay: dict) -> str:
+    line = f"           r1serve serve {model} {lay['engine_flags']}".rstrip()
+    if lay["engine_nearest"]:
+        line += (f"\n           (DP attention over one EP group is not in the engine yet; "
+                 f"it runs this as {lay['engine_nearest']})")
+    return line
 
 
 def _pct(v: float | None) -> str:

@@ -22,6 +22,9 @@ all of its devices.
 """
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 from dataclasses import dataclass
 
 from r1serve.planner.chip import Calibration, Chip
@@ -188,16 +191,29 @@ def experts_touched(n_experts: int, top_k: int, tokens: float) -> float:
     return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
 
 
+def ep_imbalance(devices: int, copies_per_device: float) -> float:
+    """The busiest device's routed tokens over the mean. Routed at random, a device's count
+    spreads about the mean with deviation sqrt(mean) (Poisson), and the median of the largest
+    of n such counts sits z = Phi^-1(0.5 ** (1/n)) deviations above it. The skew of real
+    routing on top of that is what DeepSeek's EPLB (hot experts replicated) removes, so it
+    is not counted."""
+    if devices <= 1 or copies_per_device <= 0:
+        return 1.0
+    z = NormalDist().inv_cdf(0.5 ** (1 / devices))
+    return 1 + z / math.sqrt(copies_per_device)
+
+
 def expert_ops(m: ModelShape, d: Device, layout: Layout, tokens: float) -> list[Op]:
     if not m.n_experts:
         return []
     wb, n = BYTES_PER_PARAM[d.weight_format], layout.devices
     batch = tokens * layout.dp  # the instance's tokens in this micro-batch
     touched = experts_touched(m.n_experts, m.top_k, batch)
-    flops = 2 * batch * m.top_k * m.expert_params / n
+    busiest = ep_imbalance(n, batch * m.top_k / n)  # the step waits for the most loaded device
+    flops = 2 * batch * m.top_k * m.expert_params / n * busiest
     weights = touched * m.expert_params * wb / n
     inter = m.expert_params // (3 * m.hidden)
-    moved = batch * m.top_k * (2 * m.hidden + 3 * inter) * 2 / n  # permute in/out, activation
+    moved = batch * m.top_k * (2 * m.hidden + 3 * inter) * 2 / n * busiest  # permute in/out, activation
     L = m.moe_layers
     return [Op("routed experts", "matmul", L * flops, L * weights, d.weight_format, L * 2),
             Op("routing, permute, activation", "vector", 0, L * moved, "bf16", L * 4)]

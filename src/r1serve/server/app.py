@@ -159,9 +159,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        dead = [m.name for m in state.models.values() if not m.engine.is_alive]
-        if dead:  # an engine process died (OOM killer, a crash): a supervisor should restart us
-            return JSONResponse({"status": "failed", "error": f"the engine stopped for: {', '.join(dead)}"},
+        dead = [f"{m.name}" + (f" ({m.engine.error})" if m.engine.error else "")
+                for m in state.models.values() if not m.engine.is_alive]
+        if dead:  # an engine process or a rank died (OOM killer, a crash): a supervisor should restart us
+            return JSONResponse({"status": "failed", "error": f"the engine stopped for: {'; '.join(dead)}"},
                                 status_code=503)
         return {"status": "ok"}
 

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import orjson
 from fastapi import Request as HTTPRequest
 
-from r1serve.engine.async_engine import AsyncEngine, RequestStream
+from r1serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError, RequestStream
 from r1serve.outputs import Logprob, RequestOutput
 from r1serve.sampling_params import ReasoningSpec, SamplingParams
 from r1serve.server.errors import APIError, bad_request
@@ -83,8 +83,22 @@ async def start_requests(engine: AsyncEngine, ids: list[str], prompts: list[Prom
     return streams
 
 
+def engine_error(exc: EngineDeadError | EngineStepError) -> APIError:
+    """An engine failure as the client sees it, with its reason: 503 when the engine has
+    stopped (a rank or the engine process died: retry elsewhere), 500 when one step failed."""
+    return APIError(503 if isinstance(exc, EngineDeadError) else 500, str(exc))
+
+
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they come, tagged with the request's position."""
+    try:
+        async for item in _merged(streams):
+            yield item
+    except (EngineDeadError, EngineStepError) as exc:
+        raise engine_error(exc) from exc
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     if len(streams) == 1:
         async for out in streams[0]:
             yield 0, out

@@ -14,11 +14,11 @@ from abc import ABC, abstractmethod
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from r1serve.engine.async_engine import RequestStream
+from r1serve.engine.async_engine import EngineDeadError, EngineStepError, RequestStream
 from r1serve.outputs import RequestOutput
 from r1serve.server.access import Meter
 from r1serve.server.errors import APIError, error_body
-from r1serve.server.generation import SSE_DONE, engine_failed, merged, sse
+from r1serve.server.generation import SSE_DONE, engine_error, engine_failed, merged, sse
 from r1serve.server.metrics import RequestTimer
 from r1serve.server.protocol import SamplingFields, now
 from r1serve.server.served_model import ServedModel
@@ -113,6 +113,9 @@ class ResponseJob(ABC):
         except asyncio.CancelledError:  # the client left before the answer was ready
             self.meter.access.in_background(self.report("aborted"))
             raise
+        except APIError:  # the engine failed (merged says how)
+            await self.report("error")
+            raise
         ordered = [finals[i] for i in range(len(streams))]
         try:
             for out in ordered:
@@ -148,6 +151,9 @@ class ResponseJob(ABC):
         except APIError as exc:
             await self.report("error")
             tail = sse(exc.body())
+        except (EngineDeadError, EngineStepError) as exc:  # one stream, read directly
+            await self.report("error")
+            tail = sse(engine_error(exc).body())
         except (ClientGone, OSError):  # OSError: ASGI servers may raise it on a closed connection
             return
         except Exception as exc:  # a bug in this request's path: it ends with an error event, alone

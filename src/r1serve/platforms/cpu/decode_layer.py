@@ -52,7 +52,7 @@ def decode_layer(layer: nn.Module, kernels) -> Callable:
     max_rows = min(m.group_max_rows for m in _linears(p))
     w1, eps1, w2, eps2 = p.input_norm.weight, p.input_norm.eps, p.post_norm.weight, p.post_norm.eps
     heads, scale = p.rotary_kv_write.num_heads, p.attn.scale
-    run_modules = layer.run_modules
+    run_modules, all_reduce = layer.run_modules, p.all_reduce
 
     def run(rope, x, residual, kv_cache, meta):
         rows = x.shape[0]
@@ -65,7 +65,7 @@ def decode_layer(layer: nn.Module, kernels) -> Callable:
         cos, sin = rope
         q = rotary(gemm(h, *qkv), cos, sin, kv_cache, meta.slot_mapping, heads)  # (N, H, D)
         a = attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens_tensor, scale)  # (N, H, D)
-        h, residual = norm(gemm(a.view(rows, -1), *o), residual, w2, eps2)
-        return gemm(silu(gemm(h, *gate_up)), *down), residual
+        h, residual = norm(all_reduce(gemm(a.view(rows, -1), *o)), residual, w2, eps2)
+        return all_reduce(gemm(silu(gemm(h, *gate_up)), *down)), residual
 
     return run
