@@ -313,3 +313,11 @@ def test_ray_two_nodes(checkpoints, one_rank):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_one_tensor_parallel_engine_per_process(checkpoints):
+    with LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=2):
+        with pytest.raises(ModelLoadError, match="one per process"):
+            LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=2)
+    with LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=2) as llm:  # closed: a new one may start
+        assert llm.generate("Hello", SamplingParams(max_tokens=2))[0].outputs[0].token_ids

@@ -1,7 +1,8 @@
 """What tensor parallelism costs per step: a tiny model (its compute negligible) decoded on one
 rank and on two, in interleaved rounds, with rank 0's time in the plan broadcast counted apart.
 
-    python -m r1serve.bench.parallel_overhead [--arch llama|deepseek_v3] [--concurrency 1,32] [--rounds 5]
+    python -m r1serve.bench.parallel_overhead [--arch llama|deepseek_v3] [--expert-parallel]
+                                              [--concurrency 1,32] [--rounds 5]
 
 On one node the ranks talk over gloo on loopback: each step rank 0 broadcasts the step's
 inputs (StepBroadcast: one pickled StepInputs), then every layer all-reduces twice (after
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--expert-parallel", action="store_true", help="deepseek_v3: two ranks split the experts")
     ap.add_argument("--threads", type=int, default=1, help="per rank")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             write_llama(path, LLAMA)
         else:
             write_deepseek_v3(path, DEEPSEEK_V3_TINY)
-        layouts = {"tp1": {}, "tp2": dict(tensor_parallel_size=2)}
-        if args.arch == "deepseek_v3":
-            layouts["ep2"] = dict(tensor_parallel_size=2, expert_parallel=True)
+        # One tensor-parallel engine per process (torch.distributed's one default group).
+        layouts = {"tp1": {}, "ep2" if args.expert_parallel else "tp2":
+                   dict(tensor_parallel_size=2, expert_parallel=args.expert_parallel)}
         common = dict(dtype="float32", max_model_len=512, kv_cache_memory_gib=0.05, num_threads=args.threads)
         llms = {name: LLM(str(path), **common, **kw) for name, kw in layouts.items()}
         sends = {}
@@ -93,12 +95,14 @@ def main(argv: list[str] | None = None) -> None:
                 step = statistics.median(times)
                 extra = statistics.median(t - b for t, b in zip(times, per_round["tp1"]))
                 rows.append({"arch": args.arch, "layout": name, "concurrency": conc, "step_ms": step * 1e3,
+                             "steps_ms": [t * 1e3 for t in times],
                              "overhead_ms": extra * 1e3, "ratio": step / base,
                              "broadcast_ms": statistics.median(bcast[name]) * 1e3 if name in bcast else 0.0})
         for llm in llms.values():
             llm.close()
     flags = sorted(FLAGS_SHOWN & cpu_flags())
-    print(f"CPU: {cpu_model()} ({', '.join(flags)}); {args.threads} thread(s) per rank, gloo on loopback")
+    print(f"CPU: {cpu_model()} ({', '.join(flags)}); {args.threads} thread(s) per rank, gloo on loopback; "
+          f"{args.arch}, medians of {args.rounds} interleaved rounds of {args.steps} decode steps")
     print(f"{'layout':8s} {'conc':>5s} {'ms/step':>8s} {'vs tp1':>7s} {'overhead ms':>12s} {'broadcast ms':>13s}")
     for row in rows:
         print(f"{row['layout']:8s} {row['concurrency']:5d} {row['step_ms']:8.2f} {row['ratio']:6.2f}x "

@@ -52,6 +52,9 @@ def start_executor(config: EngineConfig, model_path: Path, platform) -> Executor
     """The other ranks of a tensor-parallel group, started (None for one rank)."""
     if config.tensor_parallel_size == 1:
         return None
+    if dist.is_initialized():  # torch.distributed has one default group per process
+        raise ModelLoadError("this process already runs a tensor-parallel engine (one per process); close it "
+                             "first (LLM.close()), or use data_parallel_size for several in their own processes")
     if config.distributed_executor_backend == "ray":
         from r1serve.distributed.ray_executor import RayExecutor
 
