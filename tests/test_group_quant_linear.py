@@ -260,7 +260,7 @@ def test_linears_are_rewritten_as_their_weights_complete():
 
     def shape(name):
         target, idx = model._fused_target(name)
-        return params[target].shape if idx is None else model._fused_slice(params[target], idx).shape
+        return params[target].shape if idx is None else model._fused_slice(params[target], idx, name).shape
 
     loaded: list[str] = []
     calls: list[tuple[str, str]] = []  # (linear rewritten, the last tensor loaded before)

@@ -109,7 +109,8 @@ class DeepseekMoE(nn.Module):
         ep = tp.is_parallel and tp.expert_parallel
         self.experts = tp.split(c.n_routed_experts, "n_routed_experts") if ep else (0, c.n_routed_experts)
         E, I_rank = self.experts[1] - self.experts[0], I if ep else I // tp.size
-        tp.split(I, "moe_intermediate_size")  # refuses a size that does not divide it
+        if not ep:
+            tp.split(I, "moe_intermediate_size")  # refuses a size that does not divide it
         self.w13 = nn.Parameter(torch.empty(E, 2 * I_rank, Hd))  # experts.{e}.gate_proj / up_proj
         self.w2 = nn.Parameter(torch.empty(E, Hd, I_rank))  # experts.{e}.down_proj
         shared_tp = TensorParallel() if ep else tp  # replicated under expert parallelism
