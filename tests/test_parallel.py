@@ -76,6 +76,21 @@ def test_offline_matches_one_rank(checkpoints, one_rank, model, layout):
     assert_same(greedy(checkpoints[model], **LAYOUTS[layout]), one_rank[model])
 
 
+def test_dp_attention_replicas_split_the_experts(checkpoints):
+    # DP attention: two replicas, one rank each, their MoE layers one expert-parallel group.
+    # Requests of unequal lengths: a replica whose own are done runs idle steps while the
+    # other's still need its experts.
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (32, 3, 17)]
+    runs = []
+    for layout in ({}, dict(data_parallel_size=2, expert_parallel=True)):
+        with LLM(str(checkpoints["deepseek_v3"]), **ENGINE, **layout) as llm:
+            runs.append([completion(o.outputs[0]) for o in llm.generate(PROMPTS, params)])
+            if layout:
+                assert [info.layout["replica"] for info in llm.engine.core.infos] == [(0, 2), (1, 2)]
+                assert [info.layout["experts"] for info in llm.engine.core.infos] == [(0, 4), (4, 8)]
+    assert_same(runs[1], runs[0])
+
+
 def test_tensor_and_data_parallel_together(checkpoints, one_rank):
     assert_same(greedy(checkpoints["deepseek_v3"], data_parallel_size=2, tensor_parallel_size=2,
                        expert_parallel=True), one_rank["deepseek_v3"])
@@ -85,7 +100,7 @@ def test_layouts_that_cannot_split_are_refused_clearly(checkpoints, tmp_path):
     with pytest.raises(ModelLoadError, match="rank|divide|split"):
         LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=3)  # 4 heads over 3 ranks
     with pytest.raises(InvalidRequestError, match="expert_parallel"):
-        EngineConfig(model="m", cache_dir=tmp_path, expert_parallel=True)
+        EngineConfig(model="m", cache_dir=tmp_path, expert_parallel=True)  # one rank, one replica
     with pytest.raises(InvalidRequestError, match="data_parallel_size"):
         EngineConfig(model="m", cache_dir=tmp_path, data_parallel_size=0)
 
@@ -145,12 +160,14 @@ def test_router_balances_and_keeps_shared_prefixes_together():
 # ---- the server, driven by the openai SDK -------------------------------------------------------
 
 
-@pytest.mark.parametrize("model,layout", [("llama", "tp2"), ("deepseek_v3", "ep2"), ("qwen2", "dp2")])
+@pytest.mark.parametrize("model,layout", [("llama", "tp2"), ("deepseek_v3", "ep2"), ("qwen2", "dp2"),
+                                          ("deepseek_v3", "dp2-attention")])
 def test_server_matches_one_rank(checkpoints, one_rank, tmp_path, model, layout):
     import openai
     from server_process import ServerProcess
 
-    flags = {"tp2": ["-tp", "2"], "ep2": ["-tp", "2", "--expert-parallel"], "dp2": ["-dp", "2"]}[layout]
+    flags = {"tp2": ["-tp", "2"], "ep2": ["-tp", "2", "--expert-parallel"], "dp2": ["-dp", "2"],
+             "dp2-attention": ["-dp", "2", "--expert-parallel"]}[layout]
     server = ServerProcess([str(checkpoints[model]), "--served-model-name", "m", "--dtype", "float32",
                             "--max-model-len", "256", "--kv-cache-memory", "0.05", *flags], tmp_path / "server.log")
     try:
@@ -321,3 +338,44 @@ def test_one_tensor_parallel_engine_per_process(checkpoints):
             LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=2)
     with LLM(str(checkpoints["llama"]), **ENGINE, tensor_parallel_size=2) as llm:  # closed: a new one may start
         assert llm.generate("Hello", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_killed_replica_under_dp_attention_fails_the_server(checkpoints, tmp_path):
+    # The replicas' MoE layers are one group: one dying stops the others' steps too.
+    from server_process import ServerProcess
+
+    server = ServerProcess([str(checkpoints["deepseek_v3"]), "--served-model-name", "m", "--dtype", "float32",
+                            "--max-model-len", "256", "--kv-cache-memory", "0.05", "-dp", "2", "--expert-parallel"],
+                           tmp_path / "server.log")
+    try:
+        engines = [p for p in children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(engines) == 2
+        body = {"model": "m", "prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            for pid in engines:  # whichever runs the stream, the other goes down with it
+                os.kill(pid, signal.SIGKILL)
+                break
+            t0 = time.monotonic()
+            rest = [line for line in lines if line.startswith("data:")]
+        assert time.monotonic() - t0 < 15 and rest[-1] == "data: [DONE]"
+        assert any('"error"' in line for line in rest)
+        health = httpx.get(f"{server.base}/health")
+        assert health.status_code == 503 and "data-parallel replica" in health.json()["error"]
+    finally:
+        server.stop()
+    assert all(not Path(f"/proc/{p}").exists() or " Z " in Path(f"/proc/{p}/stat").read_text() for p in engines)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            if parent == pid:
+                out.append(int(entry.name))
+    return out

@@ -93,10 +93,10 @@ class EngineConfig:
         _require(self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
         _require(self.data_parallel_size >= 1, f"data_parallel_size={self.data_parallel_size} must be >= 1")
-        _require(not self.expert_parallel or self.tensor_parallel_size > 1,
-                 "expert_parallel splits the experts across a replica's tensor-parallel ranks: it needs "
-                 "tensor_parallel_size > 1 (experts split across data-parallel replicas, with DP attention, "
-                 "are not supported yet; use --tensor-parallel-size N --expert-parallel)")
+        _require(not self.expert_parallel or self.tensor_parallel_size > 1 or self.data_parallel_size > 1,
+                 "expert_parallel splits the experts across ranks: a replica's tensor-parallel ranks "
+                 "(tensor_parallel_size > 1), or the data-parallel replicas themselves (data_parallel_size > 1 "
+                 "with tensor_parallel_size 1: DP attention)")
         _require(self.distributed_executor_backend in ("mp", "ray"),
                  f"distributed_executor_backend={self.distributed_executor_backend!r} must be 'mp' or 'ray'")
         _require(self.distributed_timeout_s > 0, f"distributed_timeout_s={self.distributed_timeout_s} must be > 0")

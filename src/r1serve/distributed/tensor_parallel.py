@@ -32,6 +32,10 @@ class TensorParallel:
     # a local sum: on gloo a small all_reduce takes ~2.5x an all-gather (1.3 ms against
     # 0.5 ms between two processes here), the crossover near 1 MiB. 0: always all_reduce.
     gather_sum_bytes: int = 0
+    # DP attention (data-parallel replicas, one rank each, experts split across them): the
+    # replicas run attention, dense layers, the embedding and the LM head whole on their own
+    # sequences; only the MoE layers are one group, over every replica's tokens.
+    dp_attention: bool = False
 
     @property
     def is_parallel(self) -> bool:
@@ -40,6 +44,11 @@ class TensorParallel:
     @property
     def is_first(self) -> bool:
         return self.rank == 0
+
+    def dense(self) -> TensorParallel:
+        """The group attention, dense MLPs, the embedding and the LM head split over: this
+        one, or under DP attention each rank alone."""
+        return TensorParallel() if self.dp_attention else self
 
     # ---- how a dimension is split -------------------------------------------------------
 
@@ -84,6 +93,18 @@ class TensorParallel:
         for part in parts[1:]:
             x += part
         return x
+
+    def gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Every rank's rows of x (n_r, d), concatenated in rank order (sum n_r, d), and the
+        counts n_r: the ranks' batches differ in length, so each is padded to the longest."""
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64), group=self.group)
+        n = [int(c) for c in counts]
+        padded = torch.zeros((max(n), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:k] for part, k in zip(parts, n)]), n
 
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """(N, d) slices of every rank, concatenated along the last dimension on rank 0

@@ -71,6 +71,7 @@ class EngineInfo:
 
     max_model_len: int
     dtype: str = "float32"  # the activations' torch dtype, by name
+    layout: dict | None = None  # LLMEngine.layout(): ranks, replica, experts held
 
 
 @dataclass(frozen=True, slots=True)

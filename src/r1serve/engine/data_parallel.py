@@ -23,6 +23,8 @@ from dataclasses import replace
 import torch
 
 from r1serve.config import EngineConfig
+from r1serve.distributed.executor import free_port
+from r1serve.distributed.replica_group import ReplicaSpec
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot, Failed,
                                           Reply, Shutdown, Stepped, Stopped, check_command)
 from r1serve.engine.engine_core import EngineSink, ProcessCore
@@ -98,7 +100,13 @@ class DataParallelCore:
 
     def __init__(self, config: EngineConfig, model_path) -> None:
         n = config.data_parallel_size
-        self.replicas = [ProcessCore(_replica_config(config), model_path) for _ in range(n)]
+        self.dp_attention = dp_attention(config, model_path)
+        if self.dp_attention:  # one engine process per replica, their MoE layers one group
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            specs = [ReplicaSpec(i, n, init_method) for i in range(n)]
+        else:
+            specs = [None] * n
+        self.replicas = [ProcessCore(_replica_config(config), model_path, spec) for spec in specs]
         self.router = ReplicaRouter(n)
         self._snapshots = [EngineSnapshot()] * n
         self._stopped = [False] * n
@@ -124,6 +132,7 @@ class DataParallelCore:
         if errors:
             self.stop(10.0)
             raise errors[0]
+        self.infos: list[EngineInfo] = infos
         return infos[0]
 
     def start(self, sink: EngineSink) -> None:
@@ -195,7 +204,21 @@ def _replica_config(config: EngineConfig) -> EngineConfig:
     rank of every replica (num_threads is per rank)."""
     ranks = config.data_parallel_size * config.tensor_parallel_size
     threads = config.num_threads or max(1, len(os.sched_getaffinity(0)) // ranks)
-    return replace(config, data_parallel_size=1, num_threads=threads)
+    return replace(config, num_threads=threads)
+
+
+def dp_attention(config: EngineConfig, model_path) -> bool:
+    """Whether the replicas' MoE layers form one expert-parallel group (DP attention):
+    --expert-parallel over replicas of one rank each, for a model that has routed experts.
+    (Replicas of several ranks each split their experts among their own ranks.)"""
+    if not (config.expert_parallel and config.tensor_parallel_size == 1 and config.data_parallel_size > 1):
+        return False
+    from r1serve.models.loader import open_checkpoint
+
+    if open_checkpoint(model_path).hf_config.get("n_routed_experts"):
+        return True
+    log.info("--expert-parallel: the model has no routed experts; its replicas run independently")
+    return False
 
 
 class DataParallelEngine:

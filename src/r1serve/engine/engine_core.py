@@ -23,6 +23,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from dataclasses import replace
 from typing import Callable, Protocol
 
@@ -30,6 +31,7 @@ from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Comma
                                           Failed, LoadFailed, Reply, Shutdown, Stepped, Stopped, check_command,
                                           unknown_message)
 from r1serve.distributed.executor import RankFailedError
+from r1serve.distributed.replica_group import ReplicaSpec
 from r1serve.engine.llm_engine import LLMEngine
 from r1serve.outputs import RequestOutput
 
@@ -98,6 +100,39 @@ class EngineLoop:
             return []
 
 
+class LockstepLoop(EngineLoop):
+    """The loop of one replica under DP attention: every replica runs every step (its MoE
+    layers are one group with the others'), so before each the replicas agree whether any
+    has work or was told to stop; none blocks on its own commands while another steps."""
+
+    # All idle: how long to wait before asking again, doubling while it lasts (a request
+    # then waits at most IDLE_POLL_MAX_S to start; an idle server costs a few polls a second).
+    IDLE_POLL_S, IDLE_POLL_MAX_S = 0.002, 0.05
+
+    def run(self, next_commands: CommandSource) -> None:
+        idle_s = self.IDLE_POLL_S
+        while True:
+            commands = next_commands(False)
+            stop = any(isinstance(c, Shutdown) for c in commands)
+            if not stop:
+                for command in commands:
+                    self._apply(command)
+            any_work, any_stop = self.engine.replicas.agree(self.engine.has_unfinished_requests(), stop)
+            if any_stop:
+                return
+            if not any_work:
+                if commands:  # the adds' and aborts' counters
+                    self.sink.report(Stepped([], snapshot(self.engine, self.num_steps)))
+                time.sleep(idle_s)
+                idle_s = min(2 * idle_s, self.IDLE_POLL_MAX_S)
+                continue
+            idle_s = self.IDLE_POLL_S
+            # A failed step cannot be survived here: the other replicas are in its collectives.
+            outputs = self.engine.step()
+            self.num_steps += 1
+            self.sink.report(Stepped(outputs, snapshot(self.engine, self.num_steps)))
+
+
 def snapshot(engine: LLMEngine, num_steps: int) -> EngineSnapshot:
     s = engine.stats()
     return EngineSnapshot(s["num_requests_running"], s["num_requests_waiting"], s["kv_cache_usage"],
@@ -164,11 +199,11 @@ class ProcessCore:
     the event loop while the engine is mid-step; a reader thread turns the engine's messages
     to the sink. The child exits when told to, or when the pipe closes (its parent died)."""
 
-    def __init__(self, config, model_path) -> None:
+    def __init__(self, config, model_path, replica: ReplicaSpec | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=run_engine_process, name="r1serve-engine", daemon=True,
-                                 args=(config, model_path, child_conn, logging.getLogger().level))
+                                 args=(config, model_path, child_conn, logging.getLogger().level, replica))
         self._child_conn = child_conn
         self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._writing = False  # start() has run: commands go through the writer thread
@@ -242,7 +277,7 @@ class ProcessCore:
             sink.report(reply)
 
 
-def run_engine_process(config, model_path, conn, log_level: int) -> None:
+def run_engine_process(config, model_path, conn, log_level: int, replica: ReplicaSpec | None = None) -> None:
     """The child process: load the model, then run the loop with the pipe as inbox and outbox."""
     # Ctrl-C reaches the whole process group, and service managers signal every process of
     # the service; the parent decides when the engine stops (after draining running
@@ -251,11 +286,11 @@ def run_engine_process(config, model_path, conn, log_level: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = LLMEngine(config, model_path)
+        engine = LLMEngine(config, model_path, replica)
     except BaseException as exc:
         conn.send(LoadFailed(_portable(exc)))
         return
-    conn.send(EngineInfo(engine.max_model_len, str(engine.loaded.dtype).removeprefix("torch.")))
+    conn.send(EngineInfo(engine.max_model_len, str(engine.loaded.dtype).removeprefix("torch."), engine.layout()))
     sink = _PipeSink(conn)
 
     def next_commands(block: bool) -> list[Command]:
@@ -270,7 +305,7 @@ def run_engine_process(config, model_path, conn, log_level: int) -> None:
         return commands
 
     try:
-        EngineLoop(engine, sink).run(next_commands)
+        (LockstepLoop if replica else EngineLoop)(engine, sink).run(next_commands)
     except BaseException as exc:
         log.exception("engine loop stopped")
         sink.report(Stopped(str(exc) or type(exc).__name__))

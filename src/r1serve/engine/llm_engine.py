@@ -11,6 +11,7 @@ import torch
 
 from r1serve.config import EngineConfig
 from r1serve.distributed.executor import RankFailedError, start_executor
+from r1serve.distributed.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.kv_cache_manager import KVCacheManager
@@ -18,6 +19,7 @@ from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.errors import InvalidRequestError, ModelLoadError
+from r1serve.layers.moe import DeepseekMoE
 from r1serve.models.loader import LoadedModel, load_model
 from r1serve.models.planning import ModelNumbers, numbers_for
 from r1serve.outputs import CompletionOutput, RequestOutput
@@ -46,11 +48,14 @@ class ParentRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_path) -> None:
+    def __init__(self, config: EngineConfig, model_path, replica: ReplicaSpec | None = None) -> None:
         self.config = config
         self.platform = get_platform(config)
         # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (distributed/).
         self.executor = start_executor(config, model_path, self.platform)
+        # Under DP attention: this replica's place among the replicas its MoE layers span.
+        self.replicas = (ReplicaGroup(replica, self.platform.dist_backend, config.distributed_timeout_s)
+                         if replica else None)
         if self.platform.name == "cpu" and (config.num_threads or self.executor):
             torch.set_num_threads(self.executor.threads if self.executor else config.num_threads)
         try:
@@ -90,6 +95,8 @@ class LLMEngine:
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
 
     def _load(self, model_path) -> LoadedModel:
+        if self.replicas is not None:
+            return load_model(model_path, self.platform, self.config, self.replicas.tp)
         if self.executor is None:
             return load_model(model_path, self.platform, self.config)
         tp = self.executor.tp
@@ -101,10 +108,20 @@ class LLMEngine:
         self.executor.agree_loaded(error)  # raises rank 0's error, or another rank's
         return loaded
 
+    def layout(self) -> dict:
+        """How the model is spread: this engine's ranks, its place among DP-attention
+        replicas, and the routed experts its rank 0 holds (None: no MoE layers)."""
+        moe = next((m for m in self.loaded.model.modules() if isinstance(m, DeepseekMoE)), None)
+        return {"tensor_parallel_size": self.config.tensor_parallel_size,
+                "replica": (self.replicas.tp.rank, self.replicas.tp.size) if self.replicas else None,
+                "experts": tuple(moe.experts) if moe is not None else None}
+
     def shutdown(self) -> None:
-        """Stop the other ranks of a tensor-parallel group (nothing to do on one rank)."""
+        """Stop the other ranks of a tensor-parallel group, leave the replicas' (nothing to do on one rank)."""
         if self.executor is not None:
             self.executor.shutdown()
+        if self.replicas is not None:
+            self.replicas.shutdown()
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
         # The CUDA platform's module is loaded only once it is chosen (as get_platform does).
@@ -215,6 +232,8 @@ class LLMEngine:
         if sched.is_empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests waiting; the KV cache is too small")
+            if self.replicas is not None:  # the other replicas' MoE layers need this one's part
+                self.runner.idle_step()
             return []
         result, ids = self._execute(sched)
         self.scheduler.update(sched, dict(zip(ids, result.token_ids)))

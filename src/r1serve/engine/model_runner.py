@@ -32,6 +32,11 @@ class ModelRunner:
             return SampleResult([], []), []
         return self.sampler(logits, sampling), [r.request_id for r in sampling]
 
+    @torch.inference_mode()
+    def idle_step(self) -> None:
+        """DP attention: this replica has nothing to run, the others do (distributed/replica_group.py)."""
+        self.model.idle_step()
+
     def compute_logits(self, output: SchedulerOutput) -> torch.Tensor:
         """Logits of every scheduled token (N, vocab): for tests against a reference model."""
         with torch.inference_mode():

@@ -17,6 +17,8 @@ as attention leaves them replicated):
         routed to them, and the all-reduce combines the ranks' results (all-gather +
         reduce-scatter, with the tokens already gathered). Shared experts are replicated
         and added after the all-reduce.
+    DP attention: the ranks are data-parallel replicas, each with its own tokens; those
+        are all-gathered first, then as expert parallelism, each rank keeping its rows.
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ class DeepseekMoE(nn.Module):
         return self.experts[1] - self.experts[0] < self.c.n_routed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.dp_attention:
+            return self._across_replicas(x)
         weights, ids = self.gate(x)
         if self.is_expert_parallel:
             out = self.tp.all_reduce(self._local_experts(x, weights, ids))
@@ -129,6 +133,17 @@ class DeepseekMoE(nn.Module):
         out = self.moe_experts(x, self.w13, self.w2, weights, ids)
         out = out if self.shared_experts is None else out + self.shared_experts(x)
         return self.tp.all_reduce(out)
+
+    def _across_replicas(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (n_r, hidden), this replica's tokens. Dispatch as an all-gather of every
+        # replica's tokens (each rank then routes all of them alike), this rank's experts on
+        # the pairs routed to them, combine as an all-reduce of which each keeps its rows.
+        tokens, counts = self.tp.gather_rows(x)  # (sum n, hidden)
+        weights, ids = self.gate(tokens)
+        out = self.tp.all_reduce(self._local_experts(tokens, weights, ids))
+        first = sum(counts[:self.tp.rank])
+        out = out[first:first + x.shape[0]]
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def _local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # Dispatch: the (token, slot) pairs routed to this rank's experts, one row each, so

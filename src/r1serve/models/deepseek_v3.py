@@ -85,16 +85,17 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
         super().__init__()
         a = c.arch
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = MLAAttention(c.mla, tp)
+        self.self_attn = MLAAttention(c.mla, tp.dense())
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = DeepseekMoE(c.moe, tp) if c.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size, tp)
+        self.mlp = DeepseekMoE(c.moe, tp) if c.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size,
+                                                                              tp.dense())
 
 
 class DeepseekV3Model(nn.Module):
     def __init__(self, c: DeepseekV3Config, tp: TensorParallel) -> None:
         super().__init__()
         a = c.arch
-        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, tp)
+        self.embed_tokens = VocabEmbedding(a.vocab_size, a.hidden_size, tp.dense())
         self.rotary = RotaryEmbedding(c.mla.qk_rope_head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(c, i, tp) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
@@ -115,11 +116,21 @@ _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, arch: ArchConfig, tp: TensorParallel = TensorParallel()) -> None:
         config = DeepseekV3Config.from_arch(arch)
-        super().__init__(arch, DeepseekV3Model(config, tp), tp)
+        super().__init__(arch, DeepseekV3Model(config, tp), tp.dense())
         self.config = config
+        self.moe_tp = tp  # the MoE layers' group: under DP attention, wider than the rest's
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.latent(self.cfg.num_layers, self.config.mla.latent_dim)
+
+    def idle_step(self) -> None:
+        """A step with no tokens of this replica's own, under DP attention: every MoE layer
+        still takes part in its group's collectives, with the other replicas' tokens."""
+        empty = torch.zeros(0, self.cfg.hidden_size, dtype=self.model.norm.weight.dtype,
+                            device=self.model.norm.weight.device)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, DeepseekMoE):
+                layer.mlp(empty)
 
     def active_parameters(self, total: int) -> int:
         return self.config.active_parameters(total)
@@ -206,7 +217,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         return None
 
     def _mlp_slice(self, name: str, part: str) -> Selection:
-        tp, dim = self.tp, 1 if part == "down_proj" else 0
+        tp, dim = self.tp, 1 if part == "down_proj" else 0  # self.tp: the dense layers' group
         m = _EXPERT.search(name)
         if ".mlp.shared_experts." in name or m:
             moe = self._moe(name)

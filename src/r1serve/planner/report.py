@@ -64,12 +64,12 @@ def engine_flags(p: PhasePlan, moe: bool) -> str:
 
 
 def engine_nearest(p: PhasePlan, moe: bool) -> str | None:
-    """What the engine runs today instead, where it cannot run the layout: its replicas are
-    independent, so DP attention with one EP group over all replicas' devices becomes one
-    replica of tensor-parallel attention over them (the same EP group; the MLA cache then
-    copied on every rank)."""
+    """What the engine runs instead, where it cannot run the layout: DP attention is there
+    for replicas of one rank each; replicas of tp > 1 ranks split their experts among their
+    own ranks only, so one EP group over all of them becomes one replica of tensor-parallel
+    attention over the same devices (the MLA cache then copied on every rank)."""
     lay = p.layout
-    if not (moe and lay.dp > 1):
+    if not (moe and lay.dp > 1 and lay.tp > 1):
         return None
     return f"--tensor-parallel-size {lay.devices} --expert-parallel"
 
@@ -160,7 +160,7 @@ def plan_text(j: dict, plan: Plan) -> str:
 def _serve_line(model: str, lay: dict) -> str:
     line = f"           r1serve serve {model} {lay['engine_flags']}".rstrip()
     if lay["engine_nearest"]:
-        line += (f"\n           (DP attention over one EP group is not in the engine yet; "
+        line += (f"\n           (DP attention over replicas of several ranks is not in the engine yet; "
                  f"it runs this as {lay['engine_nearest']})")
     return line
 
