@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch.distributed as dist
@@ -62,7 +63,7 @@ def start_executor(config: EngineConfig, model_path: Path, platform) -> Executor
     return MultiprocExecutor(config, model_path, platform.dist_backend)
 
 
-class Executor:
+class Executor(ABC):
     """What rank 0 does with the other ranks, however they were launched: set up by a
     subclass (tp, steps, threads, size) that also says which ranks died."""
 
@@ -76,8 +77,9 @@ class Executor:
         """Where a rank runs, for messages (the node, when that tells something)."""
         return f"rank {rank}"
 
+    @abstractmethod
     def dead_ranks(self) -> list[str]:
-        raise NotImplementedError
+        """The ranks that have exited, described for a message."""
 
     def agree_loaded(self, error: BaseException | None) -> None:
         """Every rank says whether it loaded; raises if any did not (rank 0's own error as it is)."""
