@@ -24,7 +24,7 @@ import torch.distributed as dist
 from r1serve.config import EngineConfig
 from r1serve.distributed.step_broadcast import StepBroadcast
 from r1serve.distributed.tensor_parallel import TensorParallel
-from r1serve.distributed.worker import WorkerSpec, agree_loaded, gather_sum_bytes, init_group
+from r1serve.distributed.worker import WorkerSpec, agree_loaded, join_group
 from r1serve.errors import ModelLoadError
 
 log = logging.getLogger("r1serve.distributed")
@@ -122,13 +122,12 @@ class MultiprocExecutor(Executor):
                               logging.getLogger().getEffectiveLevel())
             self.procs.append(_launch(spec))
         try:
-            self.host_group = init_group(WorkerSpec(config, Path(model_path), 0, self.size, init_method, threads),
-                                         backend)
+            self.host_group, self.tp = join_group(WorkerSpec(config, Path(model_path), 0, self.size, init_method,
+                                                            threads), backend)
         except Exception as exc:  # a worker died before joining, or the group timed out
             for proc in self.procs:
                 _stop(proc, 0.0)
             raise ModelLoadError(f"the tensor-parallel group of {self.size} ranks did not form: {exc}") from exc
-        self.tp = TensorParallel(0, self.size, dist.group.WORLD, config.expert_parallel, gather_sum_bytes(backend))
         self.steps = StepBroadcast(self.host_group)
         self._stopped = False
 

@@ -21,8 +21,7 @@ import torch.distributed as dist
 from r1serve.config import EngineConfig
 from r1serve.distributed.executor import Executor, free_port, threads_per_rank
 from r1serve.distributed.step_broadcast import StepBroadcast
-from r1serve.distributed.tensor_parallel import TensorParallel
-from r1serve.distributed.worker import WorkerSpec, gather_sum_bytes, init_group, run_worker
+from r1serve.distributed.worker import WorkerSpec, join_group, run_worker
 from r1serve.errors import ModelLoadError
 
 log = logging.getLogger("r1serve.distributed")
@@ -95,9 +94,8 @@ class RayExecutor(Executor):
         self.runs = [a.run.remote(WorkerSpec(config, Path(model_path), rank, self.size, init_method, threads,
                                              logging.getLogger().getEffectiveLevel()))
                      for rank, a in enumerate(self.actors, 1)]
-        self.host_group = init_group(WorkerSpec(config, Path(model_path), 0, self.size, init_method, threads),
-                                     backend)
-        self.tp = TensorParallel(0, self.size, dist.group.WORLD, config.expert_parallel, gather_sum_bytes(backend))
+        self.host_group, self.tp = join_group(WorkerSpec(config, Path(model_path), 0, self.size, init_method,
+                                                        threads), backend)
         self.steps = StepBroadcast(self.host_group)
         self._stopped = False
         log.info("tensor-parallel ranks on Ray nodes %s", [node for node, _ in self.nodes])

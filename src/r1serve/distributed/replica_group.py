@@ -11,13 +11,12 @@ whether any has work, and whether any was told to stop (engine_core.LockstepLoop
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from r1serve.distributed.tensor_parallel import TensorParallel
-from r1serve.distributed.worker import gather_sum_bytes
+from r1serve.distributed.worker import gather_sum_bytes, init_group
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,7 @@ class ReplicaSpec:
 
 class ReplicaGroup:
     def __init__(self, spec: ReplicaSpec, backend: str, timeout_s: float) -> None:
-        dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.size,
-                                timeout=timedelta(seconds=timeout_s))
-        self.host = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+        self.host = init_group(spec.init_method, spec.rank, spec.size, backend, timeout_s)
         self.tp = TensorParallel(spec.rank, spec.size, dist.group.WORLD, expert_parallel=True,
                                  gather_sum_bytes=gather_sum_bytes(backend), dp_attention=True)
 

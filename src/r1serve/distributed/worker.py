@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from r1serve.config import EngineConfig
+from r1serve.distributed.tensor_parallel import TensorParallel
 
 log = logging.getLogger("r1serve.distributed")
 
@@ -47,12 +48,19 @@ class WorkerSpec:
     log_level: int = logging.WARNING
 
 
-def init_group(spec: WorkerSpec, backend: str):
+def init_group(init_method: str, rank: int, world_size: int, backend: str, timeout_s: float):
     """Join the ranks' default group (the platform's backend) and return a gloo group over
     the same ranks for host data (the default group itself when it is gloo)."""
-    dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
-                            timeout=timedelta(seconds=spec.config.distributed_timeout_s))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
     return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+
+
+def join_group(spec: WorkerSpec, backend: str) -> tuple[object, TensorParallel]:
+    """A rank of a tensor-parallel group joins it: (the gloo group for host data, its place)."""
+    host = init_group(spec.init_method, spec.rank, spec.world_size, backend, spec.config.distributed_timeout_s)
+    return host, TensorParallel(spec.rank, spec.world_size, dist.group.WORLD, spec.config.expert_parallel,
+                                gather_sum_bytes(backend))
 
 
 def gather_sum_bytes(backend: str) -> int:
@@ -70,7 +78,6 @@ def agree_loaded(error: BaseException | None, world_size: int) -> list[str | Non
 def run_worker(spec: WorkerSpec) -> None:
     # Imported here: the module is also the entry point, and these pull in the whole model stack.
     from r1serve.distributed.step_broadcast import StepBroadcast
-    from r1serve.distributed.tensor_parallel import TensorParallel
     from r1serve.models.loader import load_model
     from r1serve.platforms import get_platform
 
@@ -79,9 +86,7 @@ def run_worker(spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.num_threads)
     if platform.device.type == "cuda":
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())
-    host_group = init_group(spec, platform.dist_backend)
-    tp = TensorParallel(spec.rank, spec.world_size, dist.group.WORLD, config.expert_parallel,
-                        gather_sum_bytes(platform.dist_backend))
+    host_group, tp = join_group(spec, platform.dist_backend)
     loaded, error = None, None
     try:
         loaded = load_model(spec.model_path, platform, config, tp)
