@@ -12,6 +12,7 @@ from pathlib import Path
 from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args
 from r1serve.planner.cli import add_args as add_hw_args
 from r1serve.errors import R1ServeError
+from r1serve.tool_calls import PARSERS as TOOL_PARSERS
 
 
 def cache_dir_from(args) -> Path:
@@ -220,7 +221,7 @@ def cmd_serve(args) -> None:
     cache_dir = cache_dir_from(args)
     specs = tuple(ModelSpec(name, resolve_model(model, cache_dir),
                             EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)),
-                            args.reasoning_parser)
+                            args.reasoning_parser, args.tool_call_parser)
                   for name, model in zip(names, args.model))
     config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the name clients send as `model` (default: the model argument); once per model")
     p.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "none"],
                    help="split <think>...</think> into reasoning_content (auto: on for models with a </think> token)")
+    p.add_argument("--tool-call-parser", default="auto", choices=list(TOOL_PARSERS),
+                   help="the format the model writes tool calls in (auto: the one its chat template writes)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
     p.add_argument("--engine-on-thread", action="store_true",
                    help="step each engine on a thread of the server process rather than in a process of its own "

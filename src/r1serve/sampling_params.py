@@ -26,6 +26,47 @@ class ReasoningSpec:
     max_tokens: int | None = None
 
 
+# How constrained JSON is written (llguidance's JSON options): compact and deterministic,
+# since a small model given free whitespace can write newlines forever.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match, enforced token by token by constrained decoding
+    (engine/grammar.py). Exactly one of:
+
+    json: a JSON schema (a dict, or its JSON text); json_object: any JSON object;
+    regex: a regular expression the whole output matches; choice: one of these strings;
+    grammar: a Lark grammar (llguidance's dialect) or a GBNF grammar (llama.cpp's).
+
+    For reasoning models the constraint starts after the reasoning ends (the thinking stays free).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = self.kinds()
+        _check(len(given) == 1, "structured_outputs", self, "give exactly one of json, regex, choice, grammar "
+                                                            f"or json_object=True (got {given or 'none'})")
+        _check(self.choice is None or (bool(self.choice) and all(isinstance(c, str) for c in self.choice)),
+               "choice", self.choice, "must be a non-empty list of strings")
+
+    def kinds(self) -> list[str]:
+        named = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        return named + (["json_object"] if self.json_object else [])
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+
 def _is_int(value: object) -> bool:
     # Counts must be integers: a float n or max_tokens would pass a range check, then fail deep
     # in the engine (range(), list slicing) with a TypeError instead of this message.
@@ -66,6 +107,9 @@ class SamplingParams:
     # last output (servers streaming to clients); "final_only": one output when it finishes.
     output_kind: str = "cumulative"
     reasoning: ReasoningSpec | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias; -100 bans the token).
+    logit_bias: dict[int, float] | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +120,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs))
         self._validate()
 
     def _validate(self) -> None:
@@ -98,6 +144,11 @@ class SamplingParams:
                "token ids must be integers >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer")
         _check(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams (or its fields as a dict)")
+        _check(self.logit_bias is None or all(_is_int(t) and t >= 0 and -100 <= b <= 100
+                                              for t, b in self.logit_bias.items()),
+               "logit_bias", self.logit_bias, "maps token ids (>= 0) to biases in [-100, 100]")
         r = self.reasoning
         _check(r is None or bool(r.end_ids), "reasoning", r, "end_ids must not be empty")
         _check(r is None or r.max_tokens is None or (_is_int(r.max_tokens) and r.max_tokens >= 0),

@@ -14,6 +14,7 @@ from r1serve.distributed.executor import RankFailedError, start_executor
 from r1serve.distributed.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
+from r1serve.engine.grammar import GrammarCompiler, MaskFiller, RequestGrammar
 from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
@@ -93,6 +94,9 @@ class LLMEngine:
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
+        # Constrained decoding, set up by the first request that needs it (engine/grammar.py).
+        self._grammars: GrammarCompiler | None = None
+        self._masks: MaskFiller | None = None
 
     def _load(self, model_path) -> LoadedModel:
         if self.replicas is not None:
@@ -165,12 +169,16 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         self._validate_prompt(ids)
+        self._validate_params(params)
+        matcher = self._matcher(params)
         parent = ParentRequest(request_id, text, ids, [], [])
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
             seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(63)
             gen = torch.Generator(device=self.platform.device).manual_seed(seed)
             child = Request(child_id, ids, replace(params, n=1), self.eos_token_ids, self.max_model_len, gen)
+            if matcher is not None:
+                child.grammar = RequestGrammar(matcher.deep_copy())
             parent.children.append(child)
             parent.detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
             parent.sent.append([0, 0])
@@ -205,6 +213,21 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
                                       f"shorten it to at most {self.max_model_len - 1} tokens")
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        vocab = self.loaded.arch.vocab_size
+        bad = sorted(t for t in params.logit_bias or () if t >= vocab)
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def _matcher(self, params: SamplingParams):
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            vocab = self.loaded.arch.vocab_size
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids)
+            self._masks = MaskFiller(vocab)
+        return self._grammars.matcher(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         parent = self._parents.get(request_id)
@@ -252,16 +275,27 @@ class LLMEngine:
         return [o for o in outs if o is not None]
 
     def _execute(self, sched):
+        masks = self._start_masks(sched)
         if self.executor is None:
-            return self.runner.execute(sched)
+            return self.runner.execute(sched, masks)
         if self.failure is not None:
             raise self.failure
         try:
-            return self.runner.execute(sched)
+            return self.runner.execute(sched, masks)
         except Exception as exc:
             # Ranks that ran part of a step are out of step with this one: none can go on.
             self.failure = self.executor.failure(exc)
             raise self.failure from exc
+
+    def _start_masks(self, sched):
+        """Start computing the grammar masks of this step's constrained rows; returns what
+        the sampler calls, after the forward pass, to get them (None: nothing constrained)."""
+        if self._masks is None:
+            return None
+        sampling = [c.request for c in sched.chunks if c.samples]
+        rows = [(i, *row) for i, r in enumerate(sampling) if (row := r.grammar_row()) is not None]
+        pending = self._masks.start(rows)
+        return None if pending is None else lambda: self._masks.wait(pending)
 
     def _on_token(self, parent: ParentRequest, rid: str, lp) -> None:
         idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)
@@ -326,6 +360,7 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.stats.queries,
             "prefix_cache_hits": self.kv.stats.hits,
             "prefix_cache_evictions": self.kv.pool.num_evictions,
+            "grammar_wait_seconds": self._masks.seconds if self._masks else 0.0,
         }
 
 

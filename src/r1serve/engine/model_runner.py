@@ -24,13 +24,14 @@ class ModelRunner:
         self.ranks = ranks
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> tuple[SampleResult, list[str]]:
-        """Returns the sampled tokens and the ids of the requests they belong to."""
+    def execute(self, output: SchedulerOutput, masks=None) -> tuple[SampleResult, list[str]]:
+        """Returns the sampled tokens and the ids of the requests they belong to. masks: the
+        step's grammar masks, to wait for only after the forward pass (Sampler)."""
         sampling = [c.request for c in output.chunks if c.samples]
         logits = self._forward(self._inputs(output, all_rows=False))
         if logits is None:
             return SampleResult([], []), []
-        return self.sampler(logits, sampling), [r.request_id for r in sampling]
+        return self.sampler(logits, sampling, masks), [r.request_id for r in sampling]
 
     @torch.inference_mode()
     def idle_step(self) -> None:

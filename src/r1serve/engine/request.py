@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from r1serve.engine.grammar import RequestGrammar
 from r1serve.outputs import SampleLogprobs
 from r1serve.sampling_params import SamplingParams
 
@@ -49,6 +50,8 @@ class Request:
     # Tokens the engine emits in place of the sampled ones (the end-of-thinking marker when
     # the reasoning budget is spent). Substituted before the token is fed back to the model.
     forced_token_ids: list[int] = field(default_factory=list)
+    # Constrained decoding (engine/grammar.py): follows the output once any reasoning is over.
+    grammar: RequestGrammar | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -87,10 +90,39 @@ class Request:
         if self.forced_token_ids:
             token_id = self.forced_token_ids.pop(0)
         self.token_ids.append(token_id)
+        before = self.reasoning_state
         if self.params.reasoning is not None:
             self._track_reasoning()
+        if self.grammar is not None:
+            self._advance_grammar(token_id, before)
+            if self.finished:
+                return token_id
         self.check_token_stop(token_id)
         return token_id
+
+    def grammar_row(self) -> tuple[object, int | None] | None:
+        """What constrains the next token: (matcher, an extra allowed token id), or None (free).
+        Before the output has shown whether it reasons, it may also open its reasoning."""
+        if self.grammar is None or self.reasoning_state is ReasoningState.OPEN:
+            return None
+        if self.reasoning_state is ReasoningState.UNKNOWN:
+            return self.grammar.matcher, self.params.reasoning.start_ids[0]
+        return self.grammar.matcher, None
+
+    def _advance_grammar(self, token_id: int, before: ReasoningState) -> None:
+        state = self.reasoning_state
+        if state is ReasoningState.UNKNOWN:
+            # The output began the start marker (the one token the mask let through besides the
+            # grammar's): it reasons, so the engine writes the rest of the marker.
+            spec = self.params.reasoning
+            self.forced_token_ids = list(spec.start_ids[self.num_output_tokens:])
+            return
+        if state is ReasoningState.OPEN or (state is ReasoningState.CLOSED and before is not ReasoningState.CLOSED):
+            return  # thinking, or the end marker's own tokens: the constraint starts after them
+        if not self.grammar.accept(token_id):
+            self.finish("stop", stop_reason="grammar")  # a token the grammar refused (a forced one)
+        elif self.grammar.done:
+            self.finish("stop")  # the output is complete: nothing but the end could follow
 
     def _track_reasoning(self) -> None:
         # Constant work per token: only the output's first and last few ids are looked at.

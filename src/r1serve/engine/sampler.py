@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.engine.device_sampler import sample_on_device
+from r1serve.engine.grammar import apply_token_bitmask
 from r1serve.engine.request import Request
 from r1serve.engine.sampling_distribution import filtered_probs
 from r1serve.kernels.argmax_rows import argmax_rows_reference
@@ -28,11 +29,16 @@ class Sampler:
         self.on_device = on_device
         self.argmax_rows = argmax_rows_reference  # (B, V) logits -> (B,) int64
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        # logits: (B, V) float32, row b belongs to requests[b]
+    def __call__(self, logits: torch.Tensor, requests: list[Request], masks=None) -> SampleResult:
+        # logits: (B, V) float32, row b belongs to requests[b]. masks: a callable giving the
+        # step's grammar bitmasks (rows, (R, V/32) int32) or None (engine/grammar.py); called
+        # last, so the masks had the whole forward pass to be computed.
         want_lp = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None  # vLLM's default: raw model logprobs
         logits = self._apply_penalties(logits, requests)
+        constrained = masks() if masks is not None else None
+        if constrained is not None:
+            apply_token_bitmask(logits, *constrained)
         tokens = self._sample(logits, requests)
         lps = [None] * len(requests)
         if want_lp:
@@ -51,6 +57,8 @@ class Sampler:
                 # Ids past the vocabulary can never be sampled; indexing with them would fail the step.
                 banned = [t for t in banned if t < logits.shape[1]]
                 logits[i, banned] = float("-inf")
+            if p.logit_bias:
+                _add_logit_bias(logits[i], p.logit_bias)
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
                 row = logits[i, seen]
@@ -80,7 +88,14 @@ class Sampler:
 def _needs_processing(r: Request) -> bool:
     p = r.params
     return (r.num_output_tokens < p.min_tokens or p.repetition_penalty != 1.0
-            or bool(p.presence_penalty) or bool(p.frequency_penalty))
+            or bool(p.presence_penalty) or bool(p.frequency_penalty) or bool(p.logit_bias))
+
+
+def _add_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    # As OpenAI documents it: -100 bans a token (here exactly: -inf), 100 all but selects it.
+    ids = torch.tensor([t for t in bias if t < row.numel()], dtype=torch.long, device=row.device)
+    values = torch.tensor([b for t, b in bias.items() if t < row.numel()], dtype=row.dtype, device=row.device)
+    row.index_add_(0, ids, torch.where(values <= -100, float("-inf"), values))
 
 
 def _logprobs(row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:

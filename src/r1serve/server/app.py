@@ -28,7 +28,7 @@ from r1serve.server.openapi import (API_KEY, ChatCompletion, ChatCompletionChunk
                                     Health, ModelCard, ModelList, Text, Tokens, publish_stream_models, responses)
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
-from r1serve.server.served_model import ModelSpec, ServedModel, uses_reasoning
+from r1serve.server.served_model import ModelSpec, ServedModel, tool_format, uses_reasoning
 from r1serve.server.serving_chat import conversation, create_chat_completion
 from r1serve.server.serving_completion import create_completion
 
@@ -79,10 +79,11 @@ class ServerState:
                 self.load_error = f"{spec.name}: {exc}"
                 self.on_fatal()
                 return
-            self.models[spec.name] = ServedModel(spec.name, engine, uses_reasoning(spec, engine), self.metrics,
-                                                 now(), str(spec.path))
-            log.info("serving %s (reasoning parser: %s)", spec.name,
-                     "deepseek_r1" if self.models[spec.name].reasoning else "none")
+            served = ServedModel(spec.name, engine, uses_reasoning(spec, engine), self.metrics, now(), str(spec.path),
+                                 tool_format(spec, engine))
+            self.models[spec.name] = served
+            log.info("serving %s (reasoning parser: %s, tool-call parser: %s)", spec.name,
+                     "deepseek_r1" if served.reasoning else "none", served.tool_format.name if served.tool_format else "none")
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(m.engine.shutdown() for m in self.models.values()))

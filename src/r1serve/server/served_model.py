@@ -11,6 +11,7 @@ from r1serve.engine.async_engine import AsyncEngine
 from r1serve.errors import InvalidRequestError
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.reasoning import END, PARSERS
+from r1serve.tool_calls import FORMATS, PARSERS as TOOL_PARSERS, ToolCallFormat, detect_format
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,13 @@ class ModelSpec:
     path: Path  # resolved checkpoint (catalog entry, .gguf file or HF directory)
     engine: EngineConfig
     reasoning_parser: str = "auto"  # "auto": deepseek_r1 when the vocabulary has a </think> token
+    tool_call_parser: str = "auto"  # "auto": the format the chat template writes tool calls in
 
     def __post_init__(self) -> None:
         if self.reasoning_parser not in ("auto", *PARSERS):
             raise InvalidRequestError(f"reasoning_parser={self.reasoning_parser!r}; use auto, {', '.join(PARSERS)}")
+        if self.tool_call_parser not in TOOL_PARSERS:
+            raise InvalidRequestError(f"tool_call_parser={self.tool_call_parser!r}; use {', '.join(TOOL_PARSERS)}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ServedModel:
     metrics: ServerMetrics
     created: int
     root: str
+    tool_format: ToolCallFormat | None = None  # how the model writes tool calls; None: it has no format
 
     @cached_property  # read for every streamed chunk
     def fingerprint(self) -> str:
@@ -49,3 +54,11 @@ def uses_reasoning(spec: ModelSpec, engine: AsyncEngine) -> bool:
     # R1 and its distills have </think> as one token of their vocabulary; models that never
     # think do not, and would otherwise have all their output shown as reasoning.
     return engine.tokenizer.token_to_id(END) is not None
+
+
+def tool_format(spec: ModelSpec, engine: AsyncEngine) -> ToolCallFormat | None:
+    if spec.tool_call_parser == "none":
+        return None
+    if spec.tool_call_parser != "auto":
+        return FORMATS[spec.tool_call_parser]
+    return detect_format(engine.tokenizer.chat_template)
