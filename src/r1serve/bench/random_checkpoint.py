@@ -26,31 +26,61 @@ DEEPSEEK_V3_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_s
 
 
 R1_SPECIAL = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+# Tool-call markers are added tokens that are not special (as in DeepSeek's and Qwen's
+# tokenizers): decoding keeps them, so the tool-call parser sees them in the text.
+R1_TOOL_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                  "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                  "<｜tool▁output▁end｜>"]
+HERMES_TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+# ChatML with tools, as Qwen2.5's template lays them out: the tools as JSON lines in the
+# system turn, calls as <tool_call> elements, results as <tool_response> in a user turn.
+HERMES_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}"
+    "\n\n# Tools\n\nYou may call one or more functions. The functions:\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each call, answer with\n"
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and tools %}"
+    "{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{% elif m['role'] == 'assistant' and m['tool_calls'] %}<|im_start|>assistant\n{{ m['content'] }}"
+    "{% for call in m['tool_calls'] %}\n<tool_call>\n{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": "
+    "{{ call['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False) -> None:
+def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False, tools: bool = False) -> None:
     """A byte-level BPE trained on a few sentences: any text encodes. With a ChatML template,
-    or (r1_format) with R1's special tokens and no template, as R1 checkpoints without one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    or (r1_format) with R1's special tokens and no template, as R1 checkpoints without one.
+    With tools: the format's tool-call markers as tokens, and for ChatML a Hermes template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = R1_SPECIAL if r1_format else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+    # As in R1's tokenizer, <think> and </think> are added tokens that are not special: the
+    # reasoning split reads them in the decoded text.
+    special = R1_SPECIAL[:4] if r1_format else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    markers = (R1_SPECIAL[4:] if r1_format else []) + ((R1_TOOL_TOKENS if r1_format else HERMES_TOOL_TOKENS)
+                                                        if tools else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markers), special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = ["The quick brown fox jumps over the lazy dog.", "Hello, my name is r1serve.",
               "Paged attention keeps the KV cache in blocks.", "def f(x):\n    return x * 2\n"] * 20
     tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
     tok.save(str(path / "tokenizer.json"))
-    config = {"bos_token": None, "eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}
+    config = {"bos_token": None, "eos_token": "<|endoftext|>", "chat_template": HERMES_CHAT_TEMPLATE if tools else CHAT_TEMPLATE}
     if r1_format:
         config = {"bos_token": R1_SPECIAL[1], "eos_token": R1_SPECIAL[0]}
     (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool = True, seed: int = 0,
-                      r1_tokenizer: bool = False) -> Path:
+                      r1_tokenizer: bool = False, tool_tokens: bool = False) -> Path:
     """A random DeepseekV3ForCausalLM saved as R1 saves it (per-expert tensors, a non-zero
     e_score_correction_bias, YaRN rope, and one multi-token-prediction layer after the last)."""
     import transformers
@@ -73,7 +103,7 @@ def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool =
                 b.normal_(0, 0.1)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, r1_format=r1_tokenizer)
+    write_tokenizer(path, r1_format=r1_tokenizer, tools=tool_tokens)
     if mtp:
         layer, hidden = sizes["num_hidden_layers"], sizes["hidden_size"]
         weights = load_file(path / "model.safetensors")

@@ -63,6 +63,7 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_steps: int = 0  # loop iterations (steps and command batches)
+    grammar_wait_seconds: float = 0.0  # engine/grammar.py MaskFiller.seconds
 
 
 @dataclass(frozen=True, slots=True)

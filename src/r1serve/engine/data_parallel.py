@@ -92,7 +92,7 @@ def merge_snapshots(snaps: list[EngineSnapshot]) -> EngineSnapshot:
     return EngineSnapshot(sum(s.num_requests_running for s in snaps), sum(s.num_requests_waiting for s in snaps),
                           (blocks - free) / blocks if blocks else 0.0, blocks, free,
                           sum(s.prefix_cache_queries for s in snaps), sum(s.prefix_cache_hits for s in snaps),
-                          sum(s.num_steps for s in snaps))
+                          sum(s.num_steps for s in snaps), sum(s.grammar_wait_seconds for s in snaps))
 
 
 class DataParallelCore:

@@ -137,7 +137,7 @@ def snapshot(engine: LLMEngine, num_steps: int) -> EngineSnapshot:
     s = engine.stats()
     return EngineSnapshot(s["num_requests_running"], s["num_requests_waiting"], s["kv_cache_usage"],
                           s["num_kv_blocks"], s["num_free_blocks"], s["prefix_cache_queries"],
-                          s["prefix_cache_hits"], num_steps)
+                          s["prefix_cache_hits"], num_steps, s["grammar_wait_seconds"])
 
 
 # ---- on a thread ------------------------------------------------------------------------------

@@ -158,13 +158,11 @@ class MaskFiller:
                 allow(bitmask[i], extra)
         return [row for row, _, _ in rows], bitmask
 
-    def wait(self, pending: Future | None) -> tuple[list[int], torch.Tensor] | None:
-        if pending is None:
-            return None
+    def apply(self, pending: Future, logits: torch.Tensor) -> None:
+        """Wait for the step's masks and apply them to its logits (B, V), in place."""
         start = time.perf_counter()
-        result = pending.result()
+        apply_token_bitmask(logits, *pending.result())
         self.seconds += time.perf_counter() - start
-        return result
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -295,7 +295,7 @@ class LLMEngine:
         sampling = [c.request for c in sched.chunks if c.samples]
         rows = [(i, *row) for i, r in enumerate(sampling) if (row := r.grammar_row()) is not None]
         pending = self._masks.start(rows)
-        return None if pending is None else lambda: self._masks.wait(pending)
+        return None if pending is None else lambda logits: self._masks.apply(pending, logits)
 
     def _on_token(self, parent: ParentRequest, rid: str, lp) -> None:
         idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)

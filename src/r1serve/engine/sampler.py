@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.engine.device_sampler import sample_on_device
-from r1serve.engine.grammar import apply_token_bitmask
 from r1serve.engine.request import Request
 from r1serve.engine.sampling_distribution import filtered_probs
 from r1serve.kernels.argmax_rows import argmax_rows_reference
@@ -30,15 +29,14 @@ class Sampler:
         self.argmax_rows = argmax_rows_reference  # (B, V) logits -> (B,) int64
 
     def __call__(self, logits: torch.Tensor, requests: list[Request], masks=None) -> SampleResult:
-        # logits: (B, V) float32, row b belongs to requests[b]. masks: a callable giving the
-        # step's grammar bitmasks (rows, (R, V/32) int32) or None (engine/grammar.py); called
-        # last, so the masks had the whole forward pass to be computed.
+        # logits: (B, V) float32, row b belongs to requests[b]. masks: a callable that applies
+        # the step's grammar masks to the logits (engine/grammar.py); called as late as it can
+        # be, so the masks had the whole forward pass to be computed.
         want_lp = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None  # vLLM's default: raw model logprobs
         logits = self._apply_penalties(logits, requests)
-        constrained = masks() if masks is not None else None
-        if constrained is not None:
-            apply_token_bitmask(logits, *constrained)
+        if masks is not None:
+            masks(logits)
         tokens = self._sample(logits, requests)
         lps = [None] * len(requests)
         if want_lp:

@@ -33,6 +33,9 @@ class _EngineCollector(Collector):
         counters = {
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
             "prefix_cache_hits": ("Prompt tokens served from the prefix cache.", lambda s: s.prefix_cache_hits),
+            "grammar_wait_seconds": ("Time steps waited for grammar masks and applied them (constrained "
+                                     "decoding's cost beyond what the forward pass hid).",
+                                     lambda s: s.grammar_wait_seconds),
         }
         snaps = self.snapshots()
         for name, (doc, get) in gauges.items():
@@ -58,6 +61,11 @@ class ServerMetrics:
         self.answer_tokens = Counter("r1serve:answer_tokens", "Generated tokens of the answer.", m, registry=r)
         self.request_success = Counter("r1serve:request_success", "Finished requests by finish reason.",
                                        m + ["finished_reason"], registry=r)
+        self.tool_requests = Counter("r1serve:tool_call_requests", "Chat requests with tools, by tool_choice.",
+                                     m + ["tool_choice"], registry=r)
+        self.structured_requests = Counter("r1serve:structured_output_requests",
+                                           "Requests whose output a grammar constrains, by what it is.",
+                                           m + ["kind"], registry=r)
         self.ttft = Histogram("r1serve:time_to_first_token_seconds", "Time to first token.", m,
                               buckets=LATENCY_BUCKETS, registry=r)
         self.ttfat = Histogram("r1serve:time_to_first_answer_token_seconds",
@@ -69,6 +77,15 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("r1serve:request_queue_time_seconds", "Time waiting before the first step.",
                                     m, buckets=LATENCY_BUCKETS, registry=r)
+
+    def count_request(self, model: str, req) -> None:
+        """A chat request's tools and constraint (ChatCompletionRequest)."""
+        if req.tools:
+            self.tool_requests.labels(model, req.tool_mode).inc()
+        if req.tool_mode in ("required", "named"):
+            self.structured_requests.labels(model, "tool_call").inc()
+        elif req.response_format is not None and req.response_format.type != "text":
+            self.structured_requests.labels(model, req.response_format.type).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

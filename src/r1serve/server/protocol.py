@@ -101,6 +101,18 @@ class TextPart(Request):
     text: str
 
 
+class ToolCallFunction(Request):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCallIn(Request):
+    """An earlier assistant turn's tool call, as the API returned it."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(Request):
     # Only an assistant message may come without content (one that made tool calls, say).
     model_config = ConfigDict(extra="ignore", json_schema_extra={
@@ -111,6 +123,8 @@ class ChatMessage(Request):
     content: str | list[TextPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # earlier turns' thinking: accepted and dropped
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @model_validator(mode="after")
     def _content_needed(self):
@@ -124,13 +138,56 @@ class ChatMessage(Request):
         return self.content or ""
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class Tool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs a json_schema object")
+        return self
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = with_rules(
         STREAM_OPTIONS_NEED_STREAM,
         when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, sent=("logprobs",)),
         when("continue_final_message", {"const": True}, {"add_generation_prompt": {"const": False}},
-             sent=("add_generation_prompt",)),
-        when("tools", {"type": "array", "minItems": 1}, {"tool_choice": {"const": "none"}}, sent=("tool_choice",)))
+             sent=("add_generation_prompt",)))
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="none: all the context left after the prompt")
@@ -144,11 +201,11 @@ class ChatCompletionRequest(SamplingFields):
         None, json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})
     max_reasoning_tokens: int | None = Field(None, ge=0, description="r1serve's thinking budget (reasoning "
                                                                       "models only)")
-    tools: list[dict] | None = Field(None, description="tool calling is not supported yet: none, or "
-                                                       "tool_choice 'none'")
-    tool_choice: Any = None
-    response_format: dict | None = Field(None, json_schema_extra={"properties": {"type": {"const": "text"}}},
-                                         description="only {'type': 'text'}")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without; required or a named one needs tools")
+    parallel_tool_calls: bool | None = True
+    response_format: ResponseFormat | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -164,11 +221,14 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("continue_final_message needs add_generation_prompt false and an assistant message last")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tool calling is not supported by this server yet; send no tools (or tool_choice 'none')")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format type {self.response_format.get('type')!r} is not supported; only 'text'")
         return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required, or named (tool_choice names one function)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @property
     def completion_limit(self) -> int | None:

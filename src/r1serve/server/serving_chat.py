@@ -1,6 +1,10 @@
 """POST /v1/chat/completions: messages -> prompt -> engine -> OpenAI/DeepSeek chat response."""
 from __future__ import annotations
 
+import json
+import uuid
+from dataclasses import replace
+
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
@@ -14,6 +18,9 @@ from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, 
 from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
+from r1serve.server.structured_outputs import banned_markers, structured_outputs
+from r1serve.tokenizer.chat_template import ToolArguments
+from r1serve.tool_calls import ToolCallParser
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
@@ -26,12 +33,26 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
         if m.role == "assistant" and END in content:
             content = content.split(END)[-1].lstrip("\n")
         role = "system" if m.role == "developer" else m.role
-        conv.append({"role": role, "content": content} | ({"name": m.name} if m.name else {}))
+        message = {"role": role, "content": content} | ({"name": m.name} if m.name else {})
+        if m.tool_calls:
+            message["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        conv.append(message)
     return conv
 
 
+def _template_call(call) -> dict:
+    # Templates differ in what they expect of arguments: DeepSeek's concatenate them as text,
+    # Qwen's pass them through tojson (chat_template.ToolArguments is both).
+    return {"id": call.id, "type": call.type,
+            "function": {"name": call.function.name, "arguments": ToolArguments.of(call.function.arguments)}}
+
+
 def _render(tok, conv: list[dict], req: ChatCompletionRequest) -> str:
-    kwargs = req.chat_template_kwargs or {}
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.tools and req.tool_mode != "none":  # with "none" the model is not told of tools it may not call
+        kwargs.setdefault("tools", [t.model_dump(exclude_none=True) for t in req.tools])
     try:
         return tok.apply_chat_template(conv, add_generation_prompt=req.add_generation_prompt, **kwargs)
     except (TypeError, AttributeError, LookupError, ArithmeticError) as exc:
@@ -80,6 +101,7 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     k = (req.top_logprobs or 0) if req.logprobs else None
     spec = reasoning_spec(model, req, prompt)
     params = sampling_params(req, max_tokens, k, spec)
+    params = replace(params, structured_outputs=structured_outputs(model, req), logit_bias=banned_markers(model, req))
     request_id = new_id("chatcmpl")
     meter = access.meter(principal, model.name, request_id)
     await meter.admit(len(prompt.token_ids) + req.n * max_tokens)  # the worst case, held against the quota
@@ -101,6 +123,11 @@ class _Chat(ResponseJob):
         self.completion_tokens = [0] * req.n
         self.reasoning_tokens = [0] * req.n
         self.cached = 0
+        # Tool calls are read out of the answer (never out of the reasoning), one parser per choice.
+        fmt = model.tool_format if req.tools and req.tool_mode != "none" else None
+        self.tool_parsers = [ToolCallParser(fmt) for _ in range(req.n)] if fmt else None
+        self.call_ids: list[list[str]] = [[] for _ in range(req.n)]
+        model.metrics.count_request(model.name, req)
 
     def choices(self, finals: list[RequestOutput]) -> list[dict]:
         (final,) = finals
@@ -117,8 +144,34 @@ class _Chat(ResponseJob):
             reasoned = bool(parts.reasoning)
         if not reasoned:  # with no reasoning (parser or not) the answer starts at the first token
             self.timer.answer_is_first_token()
-        self.finish_reasons[c.index] = c.finish_reason
-        return {"index": c.index, "message": message, "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+        finish_reason = c.finish_reason
+        if self.tool_parsers is not None:
+            delta = _fed(self.tool_parsers[c.index], message["content"], finished=True)
+            calls = self._tool_calls(c.index, delta.calls)
+            if calls:
+                message |= {"content": delta.content or None, "tool_calls": calls}
+                finish_reason = _with_calls(finish_reason)
+        self.finish_reasons[c.index] = finish_reason
+        return {"index": c.index, "message": message, "logprobs": self._logprobs(c), "finish_reason": finish_reason}
+
+    def _tool_calls(self, i: int, deltas) -> list[dict]:
+        """OpenAI's tool_calls entries for a choice's call deltas: id, type and name on a call's
+        first delta, argument text on every one. Without parallel_tool_calls only the first call."""
+        out = []
+        for d in deltas:
+            if d.index > 0 and self.req.parallel_tool_calls is False:
+                continue
+            entry: dict = {"index": d.index}
+            if d.name is not None:
+                self.call_ids[i].append(f"call_{uuid.uuid4().hex[:24]}")
+                entry |= {"id": self.call_ids[i][d.index], "type": "function",
+                          "function": {"name": d.name, "arguments": d.arguments}}
+            else:
+                entry["function"] = {"arguments": d.arguments}
+            out.append(entry)
+        if not self.req.stream:
+            out = _whole_calls(out)
+        return out
 
     def _logprobs(self, c: CompletionOutput) -> dict | None:
         if not c.logprobs:
@@ -145,15 +198,25 @@ class _Chat(ResponseJob):
         body: dict = {}
         if delta.reasoning:
             body["reasoning_content"] = delta.reasoning
-        if delta.content:
-            body["content"] = delta.content
+        content, calls = delta.content, []
+        if self.tool_parsers is not None:
+            parsed = _fed(self.tool_parsers[i], content, finished=c.finished)
+            content, calls = parsed.content, self._tool_calls(i, parsed.calls)
+        if content:
+            body["content"] = content
+            self.timer.on_answer()
+        if calls:
+            body["tool_calls"] = calls
             self.timer.on_answer()
         logprobs = self._logprobs(c)
+        finish_reason = c.finish_reason
         if c.finished:
-            self.finish_reasons[i] = c.finish_reason
+            if self.call_ids[i]:
+                finish_reason = _with_calls(finish_reason)
+            self.finish_reasons[i] = finish_reason
         if not body and logprobs is None and not c.finished:
             return []
-        return [self._chunk(i, body, logprobs, c.finish_reason)]
+        return [self._chunk(i, body, logprobs, finish_reason)]
 
     def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> bytes:
         return sse(self.envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
@@ -170,3 +233,28 @@ class _Chat(ResponseJob):
 
     def counts(self) -> tuple[int, int, int, int]:
         return len(self.prompt.token_ids), self.cached, sum(self.completion_tokens), sum(self.reasoning_tokens)
+
+
+def _fed(parser: ToolCallParser, text: str, finished: bool):
+    delta = parser.feed(text)
+    if finished:
+        tail = parser.finish()
+        delta.content += tail.content
+        delta.calls += tail.calls
+    return delta
+
+
+def _whole_calls(entries: list[dict]) -> list[dict]:
+    """Deltas of whole outputs folded into one entry per call (a non-streamed message)."""
+    calls: list[dict] = []
+    for e in entries:
+        if "id" in e:
+            calls.append({"id": e["id"], "type": "function", "function": dict(e["function"])})
+        elif calls:
+            calls[-1]["function"]["arguments"] += e["function"]["arguments"]
+    return calls
+
+
+def _with_calls(finish_reason: str | None) -> str | None:
+    # A reply that ends in its calls is waiting for their results; one cut by max_tokens says so.
+    return "tool_calls" if finish_reason == "stop" else finish_reason

@@ -70,9 +70,41 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+class ToolArguments(str):
+    """A tool call's arguments as templates use them: the JSON text where a template
+    concatenates it (DeepSeek's), the object where it serializes it with tojson or walks its
+    items (Qwen's, and transformers' convention of passing a dict)."""
+
+    value: Any
+
+    @classmethod
+    def of(cls, text: str) -> ToolArguments | str:
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            return text  # not JSON: the text as the client sent it
+        arguments = cls(text)
+        arguments.value = value
+        return arguments
+
+    def items(self):
+        return self.value.items() if isinstance(self.value, dict) else ()
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
     # Jinja's own tojson HTML-escapes <, >, & and ' -- wrong for prompts.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(_unwrapped(value), ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _unwrapped(value: Any) -> Any:
+    if isinstance(value, ToolArguments):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _unwrapped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_unwrapped(v) for v in value]
+    return value
 
 
 def _raise_exception(message: str) -> None:

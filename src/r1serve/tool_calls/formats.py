@@ -26,8 +26,9 @@ from typing import Callable
 
 from r1serve.sampling_params import JSON_OPTIONS
 
-# Whether a marker is one special token of the vocabulary (then a grammar names it by id,
-# since special tokens never match text): its id, or None.
+# A marker's id where it is one token of the vocabulary, else None. A grammar names such a
+# marker by id: the grammar library reads every added token (special or not) as a token
+# that no text matches, and the model was trained to write the one token anyway.
 SpecialId = Callable[[str], "int | None"]
 
 
@@ -200,4 +201,19 @@ def _lark_text(marker: str, special_id: SpecialId) -> str:
 
 
 def _json(schema: dict) -> str:
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    return "%json " + json.dumps({**closed_schema(schema), "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
+
+def closed_schema(schema):
+    """The schema with every object that lists its properties closed to others, as OpenAI's
+    strict mode requires and xgrammar's strict mode assumes: an enforced call writes the
+    declared arguments, not ones it made up (a schema that says additionalProperties keeps it)."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: closed_schema(v) if k not in ("enum", "const", "default", "examples") else v
+              for k, v in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
