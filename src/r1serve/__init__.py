@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from r1serve.outputs import CompletionOutput, Logprob, RequestOutput
-from r1serve.sampling_params import SamplingParams
+from r1serve.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

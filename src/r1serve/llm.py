@@ -15,6 +15,7 @@ from r1serve.errors import InvalidRequestError
 from r1serve.models.catalog import default_cache_dir, resolve_model
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
+from r1serve.tool_calls import ToolCallFormat, detect_format
 
 
 ENGINE_OPTIONS = frozenset(f.name for f in fields(EngineConfig)) - {"model", "cache_dir", "dtype"}
@@ -76,11 +77,19 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """tools (OpenAI's shape) are rendered by the chat template; read the calls out of the
+        text with r1serve.tool_calls.parse_tool_calls(self.tool_format, text), or enforce one
+        with SamplingParams(structured_outputs=...) and the format's grammar."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(conv, add_generation_prompt, **(chat_template_kwargs or {}))
-                   for conv in conversations]
+        kwargs = dict(chat_template_kwargs or {}) | ({"tools": tools} if tools else {})
+        prompts = [self.chat_prompt(conv, add_generation_prompt, **kwargs) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    @property
+    def tool_format(self) -> ToolCallFormat | None:
+        """The format the model's chat template writes tool calls in (None: it has none)."""
+        return detect_format(self.get_tokenizer().chat_template)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that changed it (text is cumulative)."""
