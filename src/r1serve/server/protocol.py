@@ -84,6 +84,8 @@ class SamplingFields(Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(None, description="only with stream true")
     ignore_eos: bool = False
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(None, description="token id (as a string) -> bias added to its logit; -100 bans it")
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -172,6 +174,10 @@ class JsonSchemaFormat(Request):
 
 
 class ResponseFormat(Request):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
 
@@ -187,7 +193,9 @@ class ChatCompletionRequest(SamplingFields):
         STREAM_OPTIONS_NEED_STREAM,
         when("top_logprobs", {"type": "integer"}, {"logprobs": {"const": True}}, sent=("logprobs",)),
         when("continue_final_message", {"const": True}, {"add_generation_prompt": {"const": False}},
-             sent=("add_generation_prompt",)))
+             sent=("add_generation_prompt",)),
+        when("tool_choice", {"anyOf": [{"const": "required"}, {"type": "object"}]},
+             {"tools": {"type": "array", "minItems": 1}}, sent=("tools",)))
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, description="none: all the context left after the prompt")

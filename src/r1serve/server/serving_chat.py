@@ -101,7 +101,9 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     k = (req.top_logprobs or 0) if req.logprobs else None
     spec = reasoning_spec(model, req, prompt)
     params = sampling_params(req, max_tokens, k, spec)
-    params = replace(params, structured_outputs=structured_outputs(model, req), logit_bias=banned_markers(model, req))
+    banned = banned_markers(model, req)
+    params = replace(params, structured_outputs=structured_outputs(model, req),
+                     logit_bias=(params.logit_bias or {}) | banned if banned else params.logit_bias)
     request_id = new_id("chatcmpl")
     meter = access.meter(principal, model.name, request_id)
     await meter.admit(len(prompt.token_ids) + req.n * max_tokens)  # the worst case, held against the quota
