@@ -182,11 +182,11 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llm, monkeypatc
     real = runner.execute
     calls = {"n": 0}
 
-    def flaky(sched):
+    def flaky(sched, masks=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("device fell over")
-        return real(sched)
+        return real(sched, masks)
 
     monkeypatch.setattr(runner, "execute", flaky)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

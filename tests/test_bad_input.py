@@ -323,9 +323,15 @@ CHAT_BODIES = {  # body -> valid?
     "continue without add_generation_prompt false": ({"model": "m", "messages": HI + [
         {"role": "assistant", "content": "Hel"}], "continue_final_message": True}, False),
     "tools": ({"model": "m", "messages": HI, "tools": [{"type": "function"}]}, False),
-    "tools, tool_choice none": ({"model": "m", "messages": HI, "tools": [{"type": "function"}],
+    "tools, tool_choice none": ({"model": "m", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
                                  "tool_choice": "none"}, True),
-    "json mode": ({"model": "m", "messages": HI, "response_format": {"type": "json_object"}}, False),
+    "tool_choice required without tools": ({"model": "m", "messages": HI, "tool_choice": "required"}, False),
+    "a named tool_choice without tools": ({"model": "m", "messages": HI, "tool_choice": {
+        "type": "function", "function": {"name": "f"}}}, False),
+    "json mode": ({"model": "m", "messages": HI, "response_format": {"type": "json_object"}}, True),
+    "json_schema without its schema object": ({"model": "m", "messages": HI,
+                                               "response_format": {"type": "json_schema"}}, False),
+    "an unknown response_format type": ({"model": "m", "messages": HI, "response_format": {"type": "xml"}}, False),
     "user without content": ({"model": "m", "messages": [{"role": "user"}]}, False),
     "assistant without content": ({"model": "m", "messages": HI + [{"role": "assistant"}]}, True),
     "empty stop string": ({"model": "m", "messages": HI, "stop": ["a", ""]}, False),

@@ -57,7 +57,8 @@ class FakeEngine:
 
     def stats(self) -> dict:
         return dict.fromkeys(["num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_kv_blocks",
-                              "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits"], 0)
+                              "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits",
+                              "grammar_wait_seconds"], 0)
 
 
 class Recorder:

@@ -51,6 +51,9 @@ class ParentRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_path, replica: ReplicaSpec | None = None) -> None:
         self.config = config
+        # Constrained decoding, set up by the first request that needs it (engine/grammar.py).
+        self._grammars: GrammarCompiler | None = None
+        self._masks: MaskFiller | None = None
         self.platform = get_platform(config)
         # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (distributed/).
         self.executor = start_executor(config, model_path, self.platform)
@@ -94,9 +97,6 @@ class LLMEngine:
         self._child_parent: dict[str, ParentRequest] = {}
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
-        # Constrained decoding, set up by the first request that needs it (engine/grammar.py).
-        self._grammars: GrammarCompiler | None = None
-        self._masks: MaskFiller | None = None
 
     def _load(self, model_path) -> LoadedModel:
         if self.replicas is not None:
@@ -126,6 +126,8 @@ class LLMEngine:
             self.executor.shutdown()
         if self.replicas is not None:
             self.replicas.shutdown()
+        if self._masks is not None:
+            self._masks.close()
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
         # The CUDA platform's module is loaded only once it is chosen (as get_platform does).

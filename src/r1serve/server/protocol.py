@@ -215,6 +215,14 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = True
     response_format: ResponseFormat | None = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, v, info: ValidationInfo):
+        if (v == "required" or isinstance(v, NamedToolChoice)) and not info.data.get("tools"):
+            shown = repr(v) if isinstance(v, str) else f"naming {v.function.name!r}"
+            raise ValueError(f"tool_choice {shown} needs tools to choose from")
+        return v
+
     @field_validator("chat_template_kwargs")
     @classmethod
     def _no_template_arguments(cls, v):
