@@ -106,3 +106,36 @@ def test_closed_schema_closes_objects_that_list_properties():
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["c"]["additionalProperties"] is True
     assert closed["properties"]["a"]["properties"]["b"] == {"enum": [{"x": 1}]}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather now.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+ARGS = '{"city": "Paris"}'
+
+
+def _history(arguments):
+    return [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+
+
+@pytest.mark.parametrize("r1_format", [False, True])
+def test_templates_render_tools_calls_and_results_as_transformers_does(tmp_path, r1_format):
+    import transformers
+
+    from r1serve.bench.random_checkpoint import write_tokenizer
+    from r1serve.tokenizer import Tokenizer
+    from r1serve.tokenizer.chat_template import ToolArguments
+
+    write_tokenizer(tmp_path, r1_format=r1_format, tools=True)
+    ours = Tokenizer.from_dir(tmp_path)
+    text = ours.apply_chat_template(_history(ToolArguments.of(ARGS)), add_generation_prompt=True, tools=TOOLS)
+    # transformers passes what it is given: DeepSeek's template concatenates the arguments'
+    # text, Qwen-style templates apply tojson to an object.
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        _history(ARGS if r1_format else json.loads(ARGS)), tools=TOOLS, add_generation_prompt=True, tokenize=False,
+        chat_template=ours.chat_template)
+    assert text == theirs
+    fmt = detect_format(ours.chat_template)
+    assert fmt.call_begin in text and "get_weather" in text and "sunny" in text and text.count(ARGS) >= 1

@@ -193,8 +193,10 @@ def test_r1_thinks_freely_then_calls(r1, stream):
     kw = dict(model="r1-tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=150, temperature=0,
               extra_body={"max_reasoning_tokens": 8})
     if not stream:
-        msg = r1.chat.completions.create(**kw).choices[0].message
+        r = r1.chat.completions.create(**kw)
+        msg = r.choices[0].message
         reasoning, calls = msg.reasoning_content, [(c.function.name, c.function.arguments) for c in msg.tool_calls]
+        assert r.usage.completion_tokens_details.reasoning_tokens == 9  # the budget held: 8 + </think>
     else:
         reasoning, calls = "", {}
         for chunk in r1.chat.completions.create(stream=True, **kw):
