@@ -107,7 +107,6 @@ class GrammarCompiler:
         # ids past the tokenizer are never allowed.
         self.tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_token_ids) or None)
-        self.vocab_size = vocab_size
 
     def matcher(self, spec: StructuredOutputsParams) -> LLMatcher:
         matcher = LLMatcher(self.tokenizer, check_grammar(spec), log_level=0)
@@ -118,7 +117,7 @@ class GrammarCompiler:
 
 
 class RequestGrammar:
-    """One request's matcher and whether it has started (after the reasoning, if any)."""
+    """One request's matcher; Request decides which of its tokens it is fed (after any reasoning)."""
 
     def __init__(self, matcher: LLMatcher) -> None:
         self.matcher = matcher

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from r1serve.tool_calls.formats import partial_suffix
+
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "none")
 
@@ -70,7 +72,7 @@ class ReasoningSplitter:
             delta.reasoning += buf[:at]
             self.phase = "answer_start"
             return buf[at + len(END):]
-        keep = _partial_suffix(buf, END)
+        keep = partial_suffix(buf, END)
         delta.reasoning += buf[:len(buf) - keep]
         self._held = buf[len(buf) - keep:]
         return ""
@@ -84,14 +86,6 @@ class ReasoningSplitter:
     def _answer(self, buf: str, delta: Delta) -> str:
         delta.content += buf
         return ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 def split_reasoning(text: str, open_at_start: bool) -> Delta:

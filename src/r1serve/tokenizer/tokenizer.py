@@ -118,12 +118,6 @@ class Tokenizer:
         """The whole tokenizer as tokenizer.json text (what grammar libraries read)."""
         return self._backend.to_str()
 
-    def is_special(self, text: str) -> bool:
-        """Whether text is one added token flagged special (decoding skips those by default)."""
-        token_id = self._backend.token_to_id(text)
-        added = self._backend.get_added_tokens_decoder().get(token_id) if token_id is not None else None
-        return bool(added and added.special)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 

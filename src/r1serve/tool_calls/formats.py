@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,7 @@ from r1serve.sampling_params import JSON_OPTIONS
 # A marker's id where it is one token of the vocabulary, else None. A grammar names such a
 # marker by id: the grammar library reads every added token (special or not) as a token
 # that no text matches, and the model was trained to write the one token anyway.
-SpecialId = Callable[[str], "int | None"]
+MarkerId = Callable[[str], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ToolSpec:
         return cls(fn["name"], fn.get("parameters") or {"type": "object", "properties": {}})
 
 
-class ToolCallFormat:
+class ToolCallFormat(ABC):
     name: str
     block_begin = ""  # opens all of a reply's calls (DeepSeek), or "" (each call stands alone)
     block_end = ""
@@ -58,28 +59,28 @@ class ToolCallFormat:
 
     def partial_opening(self, text: str) -> int:
         """Length of the longest tail of text that could begin an opening marker."""
-        return max(_partial_suffix(text, m) for m in (self.block_begin, self.call_begin) if m)
+        return max(partial_suffix(text, m) for m in (self.block_begin, self.call_begin) if m)
 
+    @abstractmethod
     def read_header(self, text: str) -> tuple[str, int] | None:
         """(name, length of the header) once the header after call_begin is whole, else None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def may_end_args(self, tail: str) -> bool:
         """Whether tail (the end of the argument text so far) could be the start of the
         call's ending, so it must be held back."""
-        raise NotImplementedError
 
+    @abstractmethod
     def strip_args_end(self, args: str) -> str:
         """The argument text without what the format writes between it and call_end."""
-        raise NotImplementedError
 
     def read_whole_call(self, body: str) -> tuple[str, str] | None:
         """A call read at once, for headers read_header does not follow: (name, arguments)."""
         return None
 
-    def grammar(self, tools: list[ToolSpec], parallel: bool, special_id: SpecialId) -> str:
+    @abstractmethod
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
         """A Lark grammar (llguidance's dialect) for one or more calls of these tools."""
-        raise NotImplementedError
 
 
 class DeepSeekV3Format(ToolCallFormat):
@@ -118,8 +119,8 @@ class DeepSeekV3Format(ToolCallFormat):
     def strip_args_end(self, args: str) -> str:
         return args.rstrip().removesuffix("```").rstrip()
 
-    def grammar(self, tools: list[ToolSpec], parallel: bool, special_id: SpecialId) -> str:
-        m = {k: _lark_text(v, special_id) for k, v in (("bb", self.block_begin), ("be", self.block_end),
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
+        m = {k: _lark_text(v, marker_id) for k, v in (("bb", self.block_begin), ("be", self.block_end),
                                                           ("cb", self.call_begin), ("ce", self.call_end),
                                                           ("sep", self.sep))}
         calls = "call" + (' ("\\n" call)*' if parallel else "")
@@ -160,8 +161,8 @@ class HermesFormat(ToolCallFormat):
             return None
         return call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)
 
-    def grammar(self, tools: list[ToolSpec], parallel: bool, special_id: SpecialId) -> str:
-        cb, ce = _lark_text(self.call_begin, special_id), _lark_text(self.call_end, special_id)
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
+        cb, ce = _lark_text(self.call_begin, marker_id), _lark_text(self.call_end, marker_id)
         calls = "call" + (' ("\\n" call)*' if parallel else "")
         rules = [f"start: {calls}", f'call: {cb} "\\n" ({" | ".join(f"call_{i}" for i in range(len(tools)))}) "\\n" {ce}']
         for i, tool in enumerate(tools):
@@ -184,7 +185,9 @@ def detect_format(chat_template: str | None) -> ToolCallFormat | None:
     return None
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of marker (what a stream
+    must hold back until the next piece says whether the marker follows)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
             return n
@@ -195,8 +198,8 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _lark_text(marker: str, special_id: SpecialId) -> str:
-    token = special_id(marker)
+def _lark_text(marker: str, marker_id: MarkerId) -> str:
+    token = marker_id(marker)
     return f"<[{token}]>" if token is not None else _lark_string(marker)
 
 
