@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: messages -> prompt -> engine -> OpenAI/DeepSeek chat response."""
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import replace
 
