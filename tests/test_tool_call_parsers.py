@@ -70,18 +70,11 @@ def test_r1_calls_after_thinking_are_read_from_the_answer_only():
         for piece in (text[:cut], text[cut:], None):
             d = splitter.feed(piece) if piece is not None else splitter.flush()
             reasoning += d.reasoning
-            out = parser.feed(d.content) if piece is not None else _finish(parser, d.content)
+            out = parser.feed(d.content, last=piece is None)
             content += out.content
             names += [c.name for c in out.calls if c.name]
         assert reasoning == "I could call <｜tool▁calls▁begin｜>get_time here.\n" and content == ""
         assert names == ["get_weather", "get_time"]
-
-
-def _finish(parser, text):
-    first, last = parser.feed(text), parser.finish()
-    first.content += last.content
-    first.calls += last.calls
-    return first
 
 
 def test_a_cut_off_call_keeps_its_name_and_what_arguments_came():

@@ -147,7 +147,7 @@ class _Chat(ResponseJob):
             self.timer.answer_is_first_token()
         finish_reason = c.finish_reason
         if self.tool_parsers is not None:
-            delta = _fed(self.tool_parsers[c.index], message["content"], finished=True)
+            delta = self.tool_parsers[c.index].feed(message["content"], last=True)
             calls = self._tool_calls(c.index, delta.calls)
             if calls:
                 message |= {"content": delta.content or None, "tool_calls": calls}
@@ -201,7 +201,7 @@ class _Chat(ResponseJob):
             body["reasoning_content"] = delta.reasoning
         content, calls = delta.content, []
         if self.tool_parsers is not None:
-            parsed = _fed(self.tool_parsers[i], content, finished=c.finished)
+            parsed = self.tool_parsers[i].feed(content, last=c.finished)
             content, calls = parsed.content, self._tool_calls(i, parsed.calls)
         if content:
             body["content"] = content
@@ -234,15 +234,6 @@ class _Chat(ResponseJob):
 
     def counts(self) -> tuple[int, int, int, int]:
         return len(self.prompt.token_ids), self.cached, sum(self.completion_tokens), sum(self.reasoning_tokens)
-
-
-def _fed(parser: ToolCallParser, text: str, finished: bool):
-    delta = parser.feed(text)
-    if finished:
-        tail = parser.finish()
-        delta.content += tail.content
-        delta.calls += tail.calls
-    return delta
 
 
 def _whole_calls(entries: list[dict]) -> list[dict]:

@@ -50,7 +50,8 @@ class ToolCallParser:
         self._held = ""
         self._after_call = False  # no content since the last call ended
 
-    def feed(self, text: str) -> ToolDelta:
+    def feed(self, text: str, last: bool = False) -> ToolDelta:
+        """The next piece of the output; last: it ends the output (held text is then let out)."""
         buf, self._held = self._held + text, ""
         delta = ToolDelta()
         while buf:
@@ -58,19 +59,22 @@ class ToolCallParser:
             if rest is None:  # the phase holds buf back until more text comes
                 break
             buf = rest
+        if last:
+            self._flush(delta)
         return _merged(delta)
 
     def finish(self) -> ToolDelta:
+        return self.feed("", last=True)
+
+    def _flush(self, delta: ToolDelta) -> None:
         """The end of the output: held text is what it looked like."""
         held, self._held = self._held, ""
-        delta = ToolDelta()
         if self.state == "args":
             self._emit_args(self.fmt.strip_args_end(held), delta)
         elif self.state == "header" and self.fmt.call_end in held:
             self._whole_call(held, delta)
         elif self.state in ("text", "header"):  # cut off before a call was readable: plain text
             delta.content += held if self.state == "text" else self.fmt.call_begin + held
-        return _merged(delta)
 
     # Each phase takes buf, writes what is decided into delta and returns the rest to go on
     # with, or holds the rest (self._held) and returns None.
@@ -171,5 +175,4 @@ def _merged(delta: ToolDelta) -> ToolDelta:
 def parse_tool_calls(fmt: ToolCallFormat, text: str) -> tuple[str, list[ParsedCall]]:
     """A whole output: (content, tool calls)."""
     parser = ToolCallParser(fmt)
-    first, last = parser.feed(text), parser.finish()
-    return first.content + last.content, parser.calls
+    return parser.feed(text, last=True).content, parser.calls
