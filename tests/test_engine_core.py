@@ -58,7 +58,8 @@ class FakeEngine:
     def stats(self) -> dict:
         return dict.fromkeys(["num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_kv_blocks",
                               "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits",
-                              "grammar_wait_seconds"], 0)
+                              "grammar_wait_seconds", "spec_num_drafts", "spec_num_draft_tokens",
+                              "spec_num_accepted_tokens"], 0) | {"spec_accepted_per_position": []}
 
 
 class Recorder:

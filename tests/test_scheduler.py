@@ -36,7 +36,7 @@ def run_to_completion(sched: Scheduler, max_steps=10_000) -> list[list]:
         out = sched.schedule()
         assert not out.is_empty, "scheduler stalled with work left"
         steps.append(out)
-        sched.update(out, {c.request.request_id: fake_token(c.request) for c in out.chunks if c.samples})
+        sched.update(out, {c.request.request_id: [fake_token(c.request)] for c in out.chunks if c.samples})
     raise AssertionError("did not finish")
 
 
@@ -69,7 +69,7 @@ def test_decode_and_prefill_share_a_step():
     sched, _ = make_scheduler(budget=10)
     sched.add(make_request("a", [1, 2, 3], max_tokens=5))
     first = sched.schedule()
-    sched.update(first, {"a": 7})
+    sched.update(first, {"a": [7]})
     sched.add(make_request("b", list(range(30)), max_tokens=2))
     out = sched.schedule()
     assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 9)]
@@ -85,7 +85,7 @@ def test_prefix_hit_reuses_blocks():
     out = sched.schedule()
     assert b.num_cached_tokens == 12 and out.chunks[0].start == 12 and out.chunks[0].num_tokens == 1
     assert kv.stats.hits == 12
-    sched.update(out, {"b": 0})
+    sched.update(out, {"b": [0]})
     assert kv.pool.num_free == kv.pool.num_blocks
 
 
@@ -119,7 +119,7 @@ def test_live_prefix_is_shared_not_copied():
     prefix = list(range(8))
     a = make_request("a", prefix + [1], max_tokens=4)
     sched.add(a)
-    sched.update(sched.schedule(), {"a": 3})
+    sched.update(sched.schedule(), {"a": [3]})
     b = make_request("b", prefix + [2], max_tokens=4)
     sched.add(b)
     sched.schedule()
@@ -161,7 +161,7 @@ def test_abort_frees_everything():
     for i in range(4):
         sched.add(make_request(str(i), list(range(10 + i)), max_tokens=50))
     out = sched.schedule()
-    sched.update(out, {c.request.request_id: 1 for c in out.chunks if c.samples})
+    sched.update(out, {c.request.request_id: [1] for c in out.chunks if c.samples})
     sched.add(make_request("waiting", [1, 2, 3]))
     for rid in ["0", "1", "2", "3", "waiting"]:
         assert sched.finish(rid, "abort").finish_reason == "abort"
@@ -174,5 +174,5 @@ def test_eos_and_max_tokens_finish():
     sched, kv = make_scheduler()
     a = make_request("a", [1, 2], max_tokens=10, eos=99)
     sched.add(a)
-    sched.update(sched.schedule(), {"a": 99})
+    sched.update(sched.schedule(), {"a": [99]})
     assert a.finish_reason == "stop" and kv.pool.num_free == kv.pool.num_blocks

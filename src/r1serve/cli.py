@@ -55,6 +55,14 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"],
                    help="mp: ranks are processes of this node; ray: actors of the Ray cluster that "
                         "`ray start` made (RAY_ADDRESS), across its nodes")
+    p.add_argument("--speculative", default=None, choices=["ngram", "mtp"],
+                   help="speculative decoding: ngram drafts from the prompt and output so far; mtp from the "
+                        "checkpoint's multi-token-prediction layer (DeepSeek-V3/R1). Lossless either way")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step (mtp: 1 or 2 suit R1)")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest n-gram matched")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest n-gram matched")
+    p.add_argument("--speculative-max-rows", type=int, default=16,
+                   help="rows a decode step may hold, drafts included, before drafts are cut back")
 
 
 def add_db_arg(p: argparse.ArgumentParser) -> None:
@@ -81,7 +89,10 @@ def engine_options(args) -> dict:
                 cpu_isa=args.cpu_isa, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
                 data_parallel_size=args.data_parallel_size,
-                distributed_executor_backend=args.distributed_executor_backend)
+                distributed_executor_backend=args.distributed_executor_backend,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+                speculative_max_rows=args.speculative_max_rows)
 
 
 def build_llm(args):

@@ -68,6 +68,18 @@ class EngineConfig:
     distributed_executor_backend: str = "mp"  # "mp" | "ray"
     # How long a collective waits for the other ranks before the engine takes one for dead.
     distributed_timeout_s: float = 300.0
+    # Speculative decoding (engine/drafter.py): "ngram" drafts from the request's own tokens
+    # (prompt lookup), "mtp" from the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1);
+    # the target model verifies every draft in the next step, losslessly.
+    speculative: str | None = None  # None | "ngram" | "mtp"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4  # n-gram lengths tried, longest first
+    prompt_lookup_min: int = 2
+    # Speculation is cut back as the batch grows: a decode step holds at most this many rows,
+    # drafts included, before drafts are shortened (and dropped at this many sequences).
+    # Verifying a draft costs a row of the step; past the point where a step's cost stops
+    # being flat in its rows, drafts cost more than they save (docs/speculative.md).
+    speculative_max_rows: int = 16
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
@@ -102,6 +114,14 @@ class EngineConfig:
         _require(self.distributed_timeout_s > 0, f"distributed_timeout_s={self.distributed_timeout_s} must be > 0")
         _require(self.cpu_isa in ("auto", "avx512", "avx2", "neon", "scalar"),
                  f"cpu_isa={self.cpu_isa!r} must be auto, avx512, avx2, neon or scalar")
+        _require(self.speculative in (None, "ngram", "mtp"),
+                 f"speculative={self.speculative!r} must be None, 'ngram' or 'mtp'")
+        _require(self.num_speculative_tokens >= 1,
+                 f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
+        _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+                 f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max={self.prompt_lookup_max} "
+                 "need 1 <= min <= max")
+        _require(self.speculative_max_rows >= 2, f"speculative_max_rows={self.speculative_max_rows} must be >= 2")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -64,6 +64,11 @@ class EngineSnapshot:
     prefix_cache_hits: int = 0
     num_steps: int = 0  # loop iterations (steps and command batches)
     grammar_wait_seconds: float = 0.0  # engine/grammar.py MaskFiller.seconds
+    # Speculative decoding (engine/speculation.py SpecDecodeStats).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

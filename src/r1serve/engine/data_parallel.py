@@ -92,7 +92,15 @@ def merge_snapshots(snaps: list[EngineSnapshot]) -> EngineSnapshot:
     return EngineSnapshot(sum(s.num_requests_running for s in snaps), sum(s.num_requests_waiting for s in snaps),
                           (blocks - free) / blocks if blocks else 0.0, blocks, free,
                           sum(s.prefix_cache_queries for s in snaps), sum(s.prefix_cache_hits for s in snaps),
-                          sum(s.num_steps for s in snaps), sum(s.grammar_wait_seconds for s in snaps))
+                          sum(s.num_steps for s in snaps), sum(s.grammar_wait_seconds for s in snaps),
+                          sum(s.spec_num_drafts for s in snaps), sum(s.spec_num_draft_tokens for s in snaps),
+                          sum(s.spec_num_accepted_tokens for s in snaps),
+                          _sum_positions([s.spec_accepted_per_position for s in snaps]))
+
+
+def _sum_positions(rows: list[tuple[int, ...]]) -> tuple[int, ...]:
+    width = max((len(r) for r in rows), default=0)
+    return tuple(sum(r[j] for r in rows if j < len(r)) for j in range(width))
 
 
 class DataParallelCore:

@@ -137,7 +137,9 @@ def snapshot(engine: LLMEngine, num_steps: int) -> EngineSnapshot:
     s = engine.stats()
     return EngineSnapshot(s["num_requests_running"], s["num_requests_waiting"], s["kv_cache_usage"],
                           s["num_kv_blocks"], s["num_free_blocks"], s["prefix_cache_queries"],
-                          s["prefix_cache_hits"], num_steps, s["grammar_wait_seconds"])
+                          s["prefix_cache_hits"], num_steps, s["grammar_wait_seconds"], s["spec_num_drafts"],
+                          s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"],
+                          tuple(s["spec_accepted_per_position"]))
 
 
 # ---- on a thread ------------------------------------------------------------------------------

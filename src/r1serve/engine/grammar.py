@@ -141,22 +141,33 @@ class MaskFiller:
         self._executor = llguidance.LLExecutor(num_threads=1)
         self.seconds = 0.0  # time the steps waited for masks or spent applying them
 
-    def start(self, rows: list[tuple[int, LLMatcher, int | None]]) -> Future | None:
-        """rows: (row in the step's sampled batch, matcher, or an extra allowed token id).
+    def start(self, rows: list[tuple[int, LLMatcher, int | None, tuple[int, ...]]]) -> Future | None:
+        """rows: (first logits row, matcher, an extra allowed token id or None, drafted tokens).
+        A request with drafts owns 1 + len(drafts) rows: the mask now, then after each draft.
         Returns a future of (row indices, bitmask (R, W) int32), or None with no rows."""
         if not rows:
             return None
         return self._thread.submit(self._fill, rows)
 
-    def _fill(self, rows: list[tuple[int, LLMatcher, int | None]]) -> tuple[list[int], torch.Tensor]:
-        bitmask = torch.full((len(rows), self.words), -1, dtype=torch.int32)
-        # llguidance writes mask i at bitmask.data_ptr() + i * one_mask_bytes, without the GIL.
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m, _) in enumerate(rows)],
-                                               bitmask.data_ptr(), self.words * 4, len(rows))
-        for i, (_, _, extra) in enumerate(rows):
+    def _fill(self, rows) -> tuple[list[int], torch.Tensor]:
+        n = sum(1 + len(d) for *_, d in rows)
+        bitmask = torch.full((n, self.words), -1, dtype=torch.int32)
+        at, targets = [], []
+        for first, _, _, drafts in rows:
+            at.append(len(targets))
+            targets += range(first, first + 1 + len(drafts))
+        # llguidance writes mask i at bitmask.data_ptr() + i * one_mask_bytes, without the GIL;
+        # with drafts it advances each matcher through them, one mask per prefix, and rolls back.
+        if any(d for *_, d in rows):
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(
+                [(m, i, list(d)) for i, (_, m, _, d) in zip(at, rows)], bitmask.data_ptr(), self.words * 4, n)
+        else:
+            self._executor.unsafe_compute_mask_ptr([(m, i) for i, (_, m, _, _) in zip(at, rows)],
+                                                   bitmask.data_ptr(), self.words * 4, n)
+        for i, (_, _, extra, _) in zip(at, rows):
             if extra is not None:
                 allow(bitmask[i], extra)
-        return [row for row, _, _ in rows], bitmask
+        return targets, bitmask
 
     def apply(self, pending: Future, logits: torch.Tensor) -> None:
         """Wait for the step's masks and apply them to its logits (B, V), in place."""

@@ -82,6 +82,19 @@ class KVCacheManager:
         ids.extend(b.block_id for b in new)
         return True
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the request's trailing blocks that hold no position below num_tokens (those
+        rejected drafts were written into). They were never published: only blocks of
+        computed tokens are."""
+        held = self._blocks.get(request.request_id)
+        keep = -(-num_tokens // self.block_size)
+        if held is None or len(held) <= keep:
+            return
+        extra = held[keep:]
+        del held[keep:]
+        del self._block_ids[request.request_id][keep:]
+        self.pool.release(extra[::-1])
+
     def cache_full_blocks(self, request: Request) -> None:
         """Publish the request's blocks that are full and computed to the prefix cache."""
         if not self.enable_prefix_caching:

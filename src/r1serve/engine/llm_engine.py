@@ -14,11 +14,14 @@ from r1serve.distributed.executor import RankFailedError, start_executor
 from r1serve.distributed.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
+from r1serve.engine.drafter import NgramDrafter
+from r1serve.engine.mtp_drafter import MTPDrafter
 from r1serve.engine.grammar import GrammarCompiler, MaskFiller, RequestGrammar
 from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
+from r1serve.engine.speculation import SpecDecodeStats, Speculation, spec_counters
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.layers.moe import DeepseekMoE
 from r1serve.models.loader import LoadedModel, load_model
@@ -88,6 +91,7 @@ class LLMEngine:
         if self.platform.name == "cuda" and not config.enforce_eager and not self.executor:
             self._capture_decode_graphs(kv_caches)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
+        self.speculation = self._speculation()
         n = self.numbers()
         log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token "
                  "(%s), KV cache for %d tokens", arch.architecture, n.parameters, n.active_parameters,
@@ -140,6 +144,17 @@ class LLMEngine:
                                  self.max_model_len, self.platform.device)
         graphs.capture_all()
         self.runner.decode_graphs = graphs
+
+    def _speculation(self) -> Speculation | None:
+        c = self.config
+        if c.speculative is None:
+            return None
+        if c.speculative == "ngram":
+            drafter = NgramDrafter(c.prompt_lookup_min, c.prompt_lookup_max)
+        else:
+            drafter = MTPDrafter.for_engine(self)
+        self.runner.keep_hidden = drafter.needs_hidden_states
+        return Speculation(c, drafter)
 
     def numbers(self) -> ModelNumbers:
         """Parameters, active parameters, weight and KV bytes, and the context the cache holds."""
@@ -260,21 +275,41 @@ class LLMEngine:
             if self.replicas is not None:  # the other replicas' MoE layers need this one's part
                 self.runner.idle_step()
             return []
-        result, ids = self._execute(sched)
-        self.scheduler.update(sched, dict(zip(ids, result.token_ids)))
+        result = self._execute(sched)
+        new = dict(zip(result.request_ids, zip(result.token_ids, result.logprobs)))
         touched: dict[str, ParentRequest] = {}
-        for rid, lp in zip(ids, result.logprobs):
-            parent = self._child_parent.get(rid)
-            if parent is None:  # failed earlier in this step (another child of the same parent)
-                continue
+        failed: list[ParentRequest] = []
+
+        def on_token(req: Request, j: int, token: int) -> None:
+            parent = self._child_parent.get(req.request_id)
+            if parent is None:
+                return
             touched[parent.request_id] = parent
+            lps = new[req.request_id][1]
             try:
-                self._on_token(parent, rid, lp)
+                self._on_token(parent, req, token, lps[j] if lps else None)
             except Exception as exc:  # one request's failure (detokenizing, stop checks) ends it alone
                 parent.error = f"{type(exc).__name__}: {exc}"
-                self.abort_request(parent.request_id)
+                req.finish("abort")
+                failed.append(parent)
+
+        self._record_verified(sched, new)
+        self.scheduler.update(sched, {rid: tokens for rid, (tokens, _) in new.items()}, on_token)
+        for parent in failed:
+            self.abort_request(parent.request_id)
+        if self.speculation is not None:
+            self.speculation.drafter.after_step(sched, self.runner.last_hidden)
+            self.speculation.propose(self.scheduler.running)
         outs = [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
         return [o for o in outs if o is not None]
+
+    def _record_verified(self, sched, new: dict) -> None:
+        if self.speculation is None:
+            return
+        for chunk in sched.chunks:
+            if chunk.draft_token_ids:
+                tokens = new[chunk.request.request_id][0]
+                self.speculation.record(chunk.request, len(chunk.draft_token_ids), len(tokens) - 1)
 
     def _execute(self, sched):
         masks = self._start_masks(sched)
@@ -294,31 +329,37 @@ class LLMEngine:
         the sampler calls, after the forward pass, to get them (None: nothing constrained)."""
         if self._masks is None:
             return None
-        sampling = [c.request for c in sched.chunks if c.samples]
-        rows = [(i, *row) for i, r in enumerate(sampling) if (row := r.grammar_row()) is not None]
+        rows, first = [], 0
+        for chunk in sched.chunks:
+            if not chunk.samples:
+                continue
+            row = chunk.request.grammar_row()
+            if row is not None:
+                rows.append((first, *row, chunk.draft_token_ids))
+            first += 1 + len(chunk.draft_token_ids)
         pending = self._masks.start(rows)
         return None if pending is None else lambda logits: self._masks.apply(pending, logits)
 
-    def _on_token(self, parent: ParentRequest, rid: str, lp) -> None:
-        idx = next(i for i, c in enumerate(parent.children) if c.request_id == rid)
-        child, detok = parent.children[idx], parent.detoks[idx]
-        token = child.token_ids[-1]  # the sampled token, or the one the engine forced in its place
+    def _on_token(self, parent: ParentRequest, child: Request, token: int, lp) -> None:
+        """A token was appended to child (the sampled one, or one the engine forced in its place)."""
+        detok = parent.detoks[next(i for i, c in enumerate(parent.children) if c is child)]
         if lp is not None:
             child.logprobs.append({t: replace(v, decoded_token=self.tokenizer.decode([t])) for t, v in lp.items()})
         stop = detok.add_tokens([token])
         if stop is None and child.finished:
             stop = detok.flush()
         if stop is not None:
-            if child.finished:  # the last allowed token completed a stop string: it ends by "stop"
-                child.finish("stop", stop)
-            else:
-                self.scheduler.finish(rid, "stop", stop)
+            # A stop string: the request ends here, however many tokens the step accepted
+            # after this one; the scheduler drops them and frees the blocks.
+            child.finish("stop", stop)
 
     def _finish_parent(self, parent: ParentRequest) -> RequestOutput:
         out = self._output(parent)
         self._parents.pop(parent.request_id, None)
         for child in parent.children:
             self._child_parent.pop(child.request_id, None)
+            if self.speculation is not None:
+                self.speculation.forget(child.request_id)
         return out
 
     def _output(self, parent: ParentRequest) -> RequestOutput | None:
@@ -363,6 +404,7 @@ class LLMEngine:
             "prefix_cache_hits": self.kv.stats.hits,
             "prefix_cache_evictions": self.kv.pool.num_evictions,
             "grammar_wait_seconds": self._masks.seconds if self._masks else 0.0,
+            **spec_counters(self.speculation.stats if self.speculation else SpecDecodeStats()),
         }
 
 

@@ -52,6 +52,9 @@ class Request:
     forced_token_ids: list[int] = field(default_factory=list)
     # Constrained decoding (engine/grammar.py): follows the output once any reasoning is over.
     grammar: RequestGrammar | None = None
+    # Speculative decoding: tokens a drafter proposes after the last one, verified by the
+    # next step (written to the cache as ordinary tokens, rolled back where rejected).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -99,6 +102,11 @@ class Request:
                 return token_id
         self.check_token_stop(token_id)
         return token_id
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every token but the last is in the cache: the next step computes one (plus drafts)."""
+        return self.num_computed_tokens == self.num_tokens - 1 and not self.finished
 
     def grammar_row(self) -> tuple[object, int | None] | None:
         """What constrains the next token: (matcher, an extra allowed token id), or None (free).

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from r1serve.engine.device_sampler import sample_on_device
+from r1serve.engine.rejection_sampler import Verified, draft_positions, verify
 from r1serve.engine.request import Request
 from r1serve.engine.sampling_distribution import filtered_probs
 from r1serve.kernels.argmax_rows import argmax_rows_reference
@@ -43,6 +44,25 @@ class Sampler:
             lps = [_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs) if r.params.logprobs is not None else None
                    for i, r in enumerate(requests)]
         return SampleResult(tokens, lps)
+
+    def verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[tuple[int, ...]],
+               masks=None) -> list[Verified]:
+        """A step with drafted tokens (engine/rejection_sampler.py). logits: (R, V), request i
+        owns len(drafts[i]) + 1 consecutive rows (a request without drafts, one)."""
+        rows = draft_positions(requests, drafts)
+        want_lp = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        logits = self._apply_penalties(logits, rows)
+        if masks is not None:
+            masks(logits)
+        emitted = verify(logits, self.argmax_rows(logits).tolist(), requests, drafts)
+        out, offset = [], 0
+        for req, d, tokens in zip(requests, drafts, emitted):
+            k = req.params.logprobs
+            lps = None if k is None else [_logprobs(raw_logprobs[offset + j], t, k) for j, t in enumerate(tokens)]
+            out.append(Verified(tokens, lps))
+            offset += len(d) + 1
+        return out
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         if not any(_needs_processing(r) for r in requests):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.request import Request, RequestStatus
@@ -49,14 +50,24 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._make_room(req, n, preempted):
+            drafts = self._drafts(req, n, budget)
+            if drafts and not self.kv.allocate(req, n + len(drafts)):
+                drafts = []  # short of blocks: verify nothing rather than preempt anyone for a guess
+            if not drafts and not self._make_room(req, n, preempted):
                 break
-            chunks.append(self._chunk(req, n))
-            budget -= n
+            chunks.append(self._chunk(req, n, drafts))
+            budget -= n + len(drafts)
             i += 1
         if not preempted:
             budget = self._admit_waiting(budget, chunks)
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The request's drafted tokens that fit this step's budget (drafts count against it
+        like any token); only a request decoding its last known token carries them."""
+        if not req.draft_token_ids or n != req.num_tokens - req.num_computed_tokens or n != 1:
+            return []
+        return req.draft_token_ids[:budget - n]
 
     def _make_room(self, req: Request, n: int, preempted: list[str]) -> bool:
         while not self.kv.allocate(req, n):
@@ -90,28 +101,48 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, drafts: list[int] = ()) -> ScheduledChunk:
         start = req.num_computed_tokens
-        return ScheduledChunk(req, start, n, self.kv.block_table(req.request_id), samples=start + n == req.num_tokens)
+        return ScheduledChunk(req, start, n + len(drafts), self.kv.block_table(req.request_id),
+                              samples=start + n == req.num_tokens, draft_token_ids=tuple(drafts))
 
     def _preempt(self, req: Request) -> None:
         # Recompute, not swap: the request's prompt and outputs are kept, its K/V dropped.
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests after the model ran; returns those that finished."""
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]],
+               on_token: Callable[[Request, int, int], None] | None = None) -> list[Request]:
+        """Advance the scheduled requests after the model ran; returns those that finished.
+
+        sampled: per request, the step's new tokens, one per scored position: the last known
+        token's successor, then each accepted draft's. They are appended one at a time, and
+        each is checked as it would be without speculation (EOS, max_tokens, a reasoning
+        budget; stop strings through on_token(request, index, token)): the first that ends
+        the request drops the rest. A token that differs from the draft at its position
+        (the engine forced another) ends the run too: the next ones were scored after the
+        draft. The cache keeps only positions whose tokens stayed; the rest roll back.
+        """
         finished = []
         for chunk in output.chunks:
             req = chunk.request
-            req.num_computed_tokens = chunk.end
+            drafts = chunk.draft_token_ids
+            known_end = chunk.end - len(drafts)
+            for j, token in enumerate(sampled.get(req.request_id, ())):
+                appended = req.append_token(token)
+                if on_token is not None:
+                    on_token(req, j, appended)
+                if req.finished or (j < len(drafts) and appended != drafts[j]):
+                    break
+            # Positions past the accepted drafts hold rejected ones: not computed.
+            req.num_computed_tokens = min(chunk.end, max(known_end, req.num_tokens - 1))
+            if drafts and not req.finished:
+                self.kv.trim(req, req.num_tokens)
             self.kv.cache_full_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.append_token(token)
             if req.finished:
                 self._remove(req)
                 finished.append(req)

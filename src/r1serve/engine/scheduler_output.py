@@ -15,10 +15,23 @@ class ScheduledChunk:
     num_tokens: int  # tokens computed this step for this request
     block_table: Sequence[int]  # the request's KV blocks, covering start + num_tokens tokens (an int64 array)
     samples: bool  # the chunk reaches the request's last known token, so a new token is sampled
+    # Drafted tokens after the last known one, scored in the same pass (num_tokens counts them).
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The step's input tokens for this request: known ones, then the drafts."""
+        known = self.request.token_ids[self.start:self.end - len(self.draft_token_ids)]
+        return known + list(self.draft_token_ids) if self.draft_token_ids else known
+
+    @property
+    def is_decode(self) -> bool:
+        """One known token (and any drafts): each position can be its own decode row."""
+        return self.samples and self.num_tokens == 1 + len(self.draft_token_ids)
 
 
 @dataclass(frozen=True)

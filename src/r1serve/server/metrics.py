@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from r1serve.engine.async_engine import EngineSnapshot
+from r1serve.engine.speculation import SpecDecodeStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0, 640.0)
@@ -36,6 +37,13 @@ class _EngineCollector(Collector):
             "grammar_wait_seconds": ("Time steps waited for grammar masks and applied them (constrained "
                                      "decoding's cost beyond what the forward pass hid).",
                                      lambda s: s.grammar_wait_seconds),
+            # Speculative decoding, as vLLM names it (spec_decode_*).
+            "spec_decode_num_drafts": ("Verifications of drafted tokens (one per request per step that "
+                                       "scored drafts).", lambda s: s.spec_num_drafts),
+            "spec_decode_num_draft_tokens": ("Drafted tokens scored by the target model.",
+                                             lambda s: s.spec_num_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("Drafted tokens the target model accepted.",
+                                                lambda s: s.spec_num_accepted_tokens),
         }
         snaps = self.snapshots()
         for name, (doc, get) in gauges.items():
@@ -48,6 +56,26 @@ class _EngineCollector(Collector):
             for model, snap in snaps.items():
                 family.add_metric([model], get(snap))
             yield family
+        yield from _spec_families(snaps)
+
+
+def _spec_families(snaps: dict[str, EngineSnapshot]) -> Iterable:
+    per_position = CounterMetricFamily("r1serve:spec_decode_num_accepted_tokens_per_pos",
+                                       "Drafted tokens accepted, by their position in the draft (0 = first).",
+                                       labels=["model_name", "position"])
+    rate = GaugeMetricFamily("r1serve:spec_decode_acceptance_rate",
+                             "Accepted over drafted tokens since start (0 without drafts).", labels=["model_name"])
+    length = GaugeMetricFamily("r1serve:spec_decode_mean_accepted_length",
+                               "Tokens a verification emits on average: accepted drafts + 1.", labels=["model_name"])
+    for model, snap in snaps.items():
+        for j, n in enumerate(snap.spec_accepted_per_position):
+            per_position.add_metric([model, str(j)], n)
+        stats = SpecDecodeStats(snap.spec_num_drafts, snap.spec_num_draft_tokens, snap.spec_num_accepted_tokens)
+        rate.add_metric([model], stats.acceptance_rate)
+        length.add_metric([model], stats.mean_accepted_length)
+    yield per_position
+    yield rate
+    yield length
 
 
 class ServerMetrics:

@@ -1,0 +1,141 @@
+"""Speculative decoding's policy: which requests draft, how many tokens, and its counters.
+
+How many tokens a request drafts next step is the smallest of:
+
+    num_speculative_tokens            the user's k
+    speculative_max_rows // B - 1     B decoding requests: a verification row costs a row of
+                                      the step, and past a few rows a step's cost stops being
+                                      flat (on a CPU, SmolLM2: 5 rows cost 1.26x one, 16
+                                      cost 2.4x; docs/speculative.md). At B >= max_rows / 2
+                                      nothing is drafted: speculation turns itself off.
+    the request's own worth           k maximising expected tokens per step over its cost,
+                                      (1 - a^(k+1)) / (1 - a) / (1 + ROW_COST * k), a being
+                                      the request's running acceptance rate: a request whose
+                                      guesses keep failing stops paying for them (one token
+                                      is tried every PROBE_EVERY steps, to notice a change)
+    what is left                      max_tokens and max_model_len: no drafts past the end
+
+and a request that is being forced (a reasoning budget's end marker), or whose grammar is
+not past its reasoning, drafts nothing. A constrained request's drafts are cut at the first
+token its grammar refuses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from r1serve.config import EngineConfig
+from r1serve.engine.drafter import Drafter
+from r1serve.engine.request import ReasoningState, Request
+
+# Marginal cost of one more row in a one-sequence decode step, relative to the step
+# (measured on SmolLM2 decode steps on AVX512 and AVX2 CPUs: 1.07x for 2 rows, 1.26x for 5).
+ROW_COST = 0.065
+PROBE_EVERY = 8
+PRIOR_ACCEPTANCE = 0.5  # a new request's acceptance rate, before it has drafted
+ACCEPTANCE_DECAY = 0.7  # weight of the past in the running rate, per verified draft token
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0  # verifications: requests in steps that scored drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts accepted at position j
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification emits on average: accepted drafts plus the target's own one."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def record(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        while len(self.accepted_per_position) < num_drafted:
+            self.accepted_per_position.append(0)
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+
+def spec_counters(stats: SpecDecodeStats) -> dict:
+    """The engine's stats() entries (summed across replicas, exported as /metrics counters)."""
+    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_accepted_per_position": list(stats.accepted_per_position)}
+
+
+def best_draft_length(acceptance: float, k_max: int) -> int:
+    """The k in 0..k_max with the most expected tokens per unit of step cost."""
+    def worth(k: int) -> float:
+        expected = sum(acceptance ** j for j in range(k + 1))  # 1 + a + ... + a^k
+        return expected / (1 + ROW_COST * k)
+    return max(range(k_max + 1), key=worth)
+
+
+class Speculation:
+    def __init__(self, config: EngineConfig, drafter: Drafter) -> None:
+        self.k = config.num_speculative_tokens
+        self.max_rows = config.speculative_max_rows
+        self.drafter = drafter
+        self.stats = SpecDecodeStats()
+        self._acceptance: dict[str, float] = {}
+        self._idle_steps: dict[str, int] = {}
+
+    def batch_limit(self, num_decoding: int) -> int:
+        """Draft tokens per request a step of num_decoding requests allows."""
+        return max(0, min(self.k, self.max_rows // max(num_decoding, 1) - 1))
+
+    def record(self, request: Request, drafted: int, accepted: int) -> None:
+        self.stats.record(drafted, accepted)
+        rate = self._acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
+        for j in range(drafted):  # each drafted position verified: 1 if accepted, else 0
+            if j > accepted:
+                break  # positions after the first rejection were never tested
+            rate = ACCEPTANCE_DECAY * rate + (1 - ACCEPTANCE_DECAY) * (j < accepted)
+        self._acceptance[request.request_id] = rate
+
+    def propose(self, requests: list[Request]) -> None:
+        """Set each decoding request's draft_token_ids for the next step."""
+        decoding = [r for r in requests if r.is_decoding]
+        limit = self.batch_limit(len(decoding))
+        for req in decoding:
+            k = min(limit, self._worth(req), self._room(req)) if limit else 0
+            drafts = self.drafter.propose(req, k) if k > 0 and self._may_draft(req) else []
+            if drafts and req.grammar is not None:
+                drafts = drafts[:req.grammar.matcher.validate_tokens(drafts)]
+            req.draft_token_ids = drafts
+
+    def forget(self, request_id: str) -> None:
+        self.drafter.forget(request_id)
+        self._acceptance.pop(request_id, None)
+        self._idle_steps.pop(request_id, None)
+
+    def _worth(self, req: Request) -> int:
+        k = best_draft_length(self._acceptance.get(req.request_id, PRIOR_ACCEPTANCE), self.k)
+        if k:
+            self._idle_steps.pop(req.request_id, None)
+            return k
+        idle = self._idle_steps.get(req.request_id, 0) + 1
+        self._idle_steps[req.request_id] = idle % PROBE_EVERY
+        return 1 if idle == PROBE_EVERY else 0
+
+    @staticmethod
+    def _room(req: Request) -> int:
+        # Emitting k drafts + 1 must not pass max_tokens or max_model_len.
+        p = req.params
+        left = req.max_model_len - req.num_tokens
+        if p.max_tokens is not None:
+            left = min(left, p.max_tokens - req.num_output_tokens)
+        return max(0, left - 1)
+
+    @staticmethod
+    def _may_draft(req: Request) -> bool:
+        if req.forced_token_ids:
+            return False
+        if req.grammar is not None and req.reasoning_state in (ReasoningState.UNKNOWN, ReasoningState.OPEN):
+            return False  # the mask's rules differ around the reasoning markers
+        return True
