@@ -121,6 +121,9 @@ class EngineConfig:
         _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
                  f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max={self.prompt_lookup_max} "
                  "need 1 <= min <= max")
+        _require(self.speculative != "mtp" or (self.tensor_parallel_size == 1 and self.data_parallel_size == 1),
+                 "speculative='mtp' runs on one rank for now (tensor_parallel_size and data_parallel_size 1): the MTP "
+                 "layer's MoE would need its own collectives; speculative='ngram' works with any layout")
         _require(self.speculative_max_rows >= 2, f"speculative_max_rows={self.speculative_max_rows} must be >= 2")
 
 

@@ -82,16 +82,19 @@ def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False
 def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool = True, seed: int = 0,
                       r1_tokenizer: bool = False, tool_tokens: bool = False) -> Path:
     """A random DeepseekV3ForCausalLM saved as R1 saves it (per-expert tensors, a non-zero
-    e_score_correction_bias, YaRN rope, and one multi-token-prediction layer after the last)."""
+    e_score_correction_bias, YaRN rope, and one multi-token-prediction layer after the last).
+
+    The MTP layer's decoder block is a real random DeepSeek-V3 layer: the model is built with
+    one layer more, whose tensors become `model.layers.{L}.*` beside enorm, hnorm, eh_proj,
+    shared_head.norm and the layer's copies of the embedding and head, as R1 stores them."""
     import transformers
-    from safetensors.torch import load_file, save_file
 
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0} if yarn else None
     cfg = transformers.DeepseekV3Config(
         vocab_size=VOCAB, num_key_value_heads=sizes["num_attention_heads"], max_position_embeddings=1024,
         rope_parameters=rope, routed_scaling_factor=2.5, norm_topk_prob=True, bos_token_id=None, eos_token_id=0,
-        tie_word_embeddings=False, **sizes)
+        tie_word_embeddings=False, **(sizes | {"num_hidden_layers": sizes["num_hidden_layers"] + mtp}))
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -105,12 +108,25 @@ def write_deepseek_v3(path: Path, sizes: dict, *, yarn: bool = True, mtp: bool =
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path, r1_format=r1_tokenizer, tools=tool_tokens)
     if mtp:
-        layer, hidden = sizes["num_hidden_layers"], sizes["hidden_size"]
-        weights = load_file(path / "model.safetensors")
-        weights[f"model.layers.{layer}.eh_proj.weight"] = torch.zeros(hidden, 2 * hidden)
-        weights[f"model.layers.{layer}.enorm.weight"] = torch.ones(hidden)
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        _add_mtp_tensors(path, sizes["num_hidden_layers"], sizes["hidden_size"])
     return path
+
+
+def _add_mtp_tensors(path: Path, layer: int, hidden: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    p = f"model.layers.{layer}"
+    weights[f"{p}.enorm.weight"] = 1 + 0.1 * torch.randn(hidden)
+    weights[f"{p}.hnorm.weight"] = 1 + 0.1 * torch.randn(hidden)
+    weights[f"{p}.shared_head.norm.weight"] = 1 + 0.1 * torch.randn(hidden)
+    weights[f"{p}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden) / (2 * hidden) ** 0.5
+    weights[f"{p}.embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights[f"{p}.shared_head.head.weight"] = weights["lm_head.weight"].clone()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config |= {"num_hidden_layers": layer, "num_nextn_predict_layers": 1}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_llama(path: Path, sizes: dict, *, max_position_embeddings: int = 4096, seed: int = 0) -> Path:

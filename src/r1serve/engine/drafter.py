@@ -32,8 +32,9 @@ class Drafter(ABC):
         needs_hidden_states."""
 
     @abstractmethod
-    def propose(self, request: Request, k: int) -> list[int]:
-        """Up to k tokens to follow the request's last one (fewer, or none, if it has no guess)."""
+    def propose(self, requests: list[Request], ks: list[int]) -> list[list[int]]:
+        """For each decoding request, up to ks[i] tokens to follow its last one (fewer, or
+        none, where it has no guess; ks[i] may be 0)."""
 
     def forget(self, request_id: str) -> None:
         """The request ended or was preempted: drop what is kept for it."""
@@ -48,7 +49,10 @@ class NgramDrafter(Drafter):
         self.min_n, self.max_n = min_n, max_n
         self._index: dict[str, tuple[dict[tuple[int, ...], int], list[int]]] = {}
 
-    def propose(self, request: Request, k: int) -> list[int]:
+    def propose(self, requests: list[Request], ks: list[int]) -> list[list[int]]:
+        return [self._lookup(r, k) if k > 0 else [] for r, k in zip(requests, ks)]
+
+    def _lookup(self, request: Request, k: int) -> list[int]:
         tokens = request.token_ids
         index, indexed = self._index.setdefault(request.request_id, ({}, [0]))
         # Index every n-gram that ends before the last token; the suffix itself is the query.

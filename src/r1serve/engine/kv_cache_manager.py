@@ -20,9 +20,14 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 lookahead_layers: bool = False) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # A cache layer whose entry at position p depends on token p + 1 too (the MTP layer's):
+        # the last block of a hit then holds one entry computed for another continuation, so
+        # that block is recomputed rather than adopted.
+        self.lookahead_layers = lookahead_layers
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
@@ -59,6 +64,8 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
+        if self.lookahead_layers and hit:
+            hit.pop()
         self.stats.queries += request.num_tokens
         self.stats.hits += len(hit) * self.block_size
         return hit

@@ -79,8 +79,9 @@ class LLMEngine:
         self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
         self.max_model_len = self._max_model_len()
         shape = self.kv_spec.layer_shape(self.num_kv_blocks, config.block_size)
-        kv_caches = [self.platform.zeros(shape, self.kv_dtype) for _ in range(arch.num_layers)]
-        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        kv_caches = [self.platform.zeros(shape, self.kv_dtype) for _ in range(self.kv_spec.num_layers)]
+        self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                 lookahead_layers=config.speculative == "mtp")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
         if self.executor:

@@ -100,11 +100,15 @@ class Speculation:
 
     def propose(self, requests: list[Request]) -> None:
         """Set each decoding request's draft_token_ids for the next step."""
-        decoding = [r for r in requests if r.is_decoding]
+        decoding = []
+        for req in requests:
+            if req.is_decoding:
+                decoding.append(req)
+            else:
+                req.draft_token_ids = []
         limit = self.batch_limit(len(decoding))
-        for req in decoding:
-            k = min(limit, self._worth(req), self._room(req)) if limit else 0
-            drafts = self.drafter.propose(req, k) if k > 0 and self._may_draft(req) else []
+        ks = [min(limit, self._worth(r), self._room(r)) if limit and self._may_draft(r) else 0 for r in decoding]
+        for req, drafts in zip(decoding, self.drafter.propose(decoding, ks)):
             if drafts and req.grammar is not None:
                 drafts = drafts[:req.grammar.matcher.validate_tokens(drafts)]
             req.draft_token_ids = drafts

@@ -2,9 +2,9 @@
 
 Layer i is dense (a plain MLP) for i < first_k_dense_replace, MoE after (every
 moe_layer_freq-th layer). Checkpoint names are R1's own: per-expert
-`mlp.experts.{e}.gate_proj/up_proj/down_proj` are stacked here into w13 / w2, and the
-multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is skipped until
-speculative decoding uses it.
+`mlp.experts.{e}.gate_proj/up_proj/down_proj` are stacked here into w13 / w2. The
+multi-token-prediction layer (`model.layers.{num_hidden_layers}`, models/deepseek_mtp.py)
+is loaded only for speculative decoding with it (with_mtp), and skipped otherwise.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding, yarn_mscale
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.causal_lm import CausalLM
+from r1serve.models.deepseek_mtp import SHARED_WITH_MAIN, DeepseekMTPLayer
 from r1serve.models.checkpoint_slice import SKIP, Selection, TensorSlice, vocab_rows
 
 log = logging.getLogger("r1serve.models")
@@ -114,14 +115,30 @@ _FUSED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    def __init__(self, arch: ArchConfig, tp: TensorParallel = TensorParallel()) -> None:
+    supports_mtp = True
+
+    def __init__(self, arch: ArchConfig, tp: TensorParallel = TensorParallel(), with_mtp: bool = False) -> None:
         config = DeepseekV3Config.from_arch(arch)
         super().__init__(arch, DeepseekV3Model(config, tp), tp.dense())
         self.config = config
         self.moe_tp = tp  # the MoE layers' group: under DP attention, wider than the rest's
+        self.mtp: DeepseekMTPLayer | None = None
+        if with_mtp:
+            if config.num_nextn_predict_layers < 1:
+                raise ModelLoadError("speculative='mtp' needs a checkpoint with a multi-token-prediction layer "
+                                     "(config.json num_nextn_predict_layers >= 1); this one has none")
+            block = DeepseekV3DecoderLayer(config, arch.num_layers, tp)
+            self.mtp = DeepseekMTPLayer(block, arch.hidden_size, arch.rms_norm_eps)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec.latent(self.cfg.num_layers, self.config.mla.latent_dim)
+        # The MTP layer attends over its own cache: one more layer, after the others.
+        return KVCacheSpec.latent(self.cfg.num_layers + (self.mtp is not None), self.config.mla.latent_dim)
+
+    def mtp_forward(self, input_ids, positions, previous_hidden, kv_cache, meta) -> torch.Tensor:
+        """The MTP layer over (N,) tokens t[p+1] at positions p, with (N, hidden) hidden states
+        H[p]; returns (N, hidden), for compute_logits (the shared head) and for chaining."""
+        rope = self.model.rotary(positions, previous_hidden.dtype)
+        return self.mtp(self.model.embed_tokens(input_ids), previous_hidden, positions, rope, kv_cache, meta)
 
     def idle_step(self) -> None:
         """A step with no tokens of this replica's own, under DP attention: every MoE layer
@@ -141,7 +158,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         params = dict(self.named_parameters())
         loaded, skipped = set(), 0
         for name, tensor in weights:
-            if self._is_mtp(name):
+            if self._is_mtp(name) and (self.mtp is None or name.endswith(SHARED_WITH_MAIN)):
                 skipped += 1
                 continue
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
@@ -155,11 +172,18 @@ class DeepseekV3ForCausalLM(CausalLM):
             with torch.no_grad():
                 target.copy_(tensor)
             loaded.add(name)
-        if skipped:
-            log.info("skipped %d multi-token-prediction tensors (used later by speculative decoding)", skipped)
+        if self.mtp is not None and not any(self._is_mtp(n) for n in loaded):
+            raise ModelLoadError(f"speculative='mtp': the checkpoint has no multi-token-prediction tensors "
+                                 f"(model.layers.{self.cfg.num_layers}.*) though config.json declares "
+                                 f"num_nextn_predict_layers={self.config.num_nextn_predict_layers}")
+        if skipped and self.mtp is None:
+            log.info("skipped %d multi-token-prediction tensors (speculative='mtp' loads them)", skipped)
         self._check_complete(loaded)
-        for layer in self.model.layers:
+        for layer in self._layers():
             layer.self_attn.absorb_weights()
+
+    def _layers(self) -> list[nn.Module]:
+        return list(self.model.layers) + ([self.mtp.block] if self.mtp is not None else [])
 
     def _is_mtp(self, name: str) -> bool:
         m = re.match(r"model\.layers\.(\d+)\.", name)
@@ -167,6 +191,9 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def param_name(self, checkpoint_name: str) -> str:
         """The parameter a checkpoint tensor is loaded into."""
+        if self._is_mtp(checkpoint_name):
+            suffix = checkpoint_name.split(".", 3)[3]  # after model.layers.{L}.
+            checkpoint_name = "mtp." + DeepseekMTPLayer.param_name(suffix)
         m = _EXPERT.search(checkpoint_name)
         if m:
             stacked = "w2" if m.group(2) == "down_proj" else "w13"
@@ -198,7 +225,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         its whole experts, under expert parallelism), its rows of the vocabulary; the
         multi-token-prediction layer not at all."""
         tp, c, a = self.tp, self.config.mla, self.cfg
-        if self._is_mtp(name):
+        if self._is_mtp(name) and (self.mtp is None or name.endswith(SHARED_WITH_MAIN)):
             return SKIP
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return TensorSlice(0, *tp.padded_split(a.vocab_size))
@@ -229,15 +256,17 @@ class DeepseekV3ForCausalLM(CausalLM):
         return TensorSlice(dim, *tp.split(size, "intermediate_size"))
 
     def _moe(self, name: str) -> DeepseekMoE:
-        return self.model.layers[int(name.split(".")[2])].mlp
+        return self._layers()[int(name.split(".")[2])].mlp
 
     def _check_complete(self, loaded: set[str]) -> None:
         c = self.config
         expected = {"model.embed_tokens.weight", "model.norm.weight"}
         if not self.cfg.tie_word_embeddings:
             expected.add("lm_head.weight")
-        for i in range(self.cfg.num_layers):
+        for i in range(len(self._layers())):
             p = f"model.layers.{i}"
+            if i == self.cfg.num_layers:
+                expected |= {f"{p}.{w}.weight" for w in ("enorm", "hnorm", "eh_proj", "shared_head.norm")}
             expected |= {f"{p}.self_attn.kv_a_proj_with_mqa.weight", f"{p}.self_attn.kv_b_proj.weight",
                          f"{p}.self_attn.o_proj.weight"}
             if c.is_moe_layer(i):

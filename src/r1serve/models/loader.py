@@ -60,8 +60,14 @@ def load_model(path: Path, platform: Platform, config: EngineConfig,
         raise ModelLoadError(str(e)) from None
     # Build without allocating or initialising weights, then materialise on the device:
     # random init of billions of parameters would cost more than loading them.
+    options = {}
+    if config.speculative == "mtp":
+        if not getattr(cls, "supports_mtp", False):
+            raise ModelLoadError(f"speculative='mtp' drafts with a multi-token-prediction layer, which "
+                                 f"{arch.architecture} does not have (DeepSeek-V3/R1 do); use speculative='ngram'")
+        options["with_mtp"] = True
     with torch.device("meta"):
-        model = cls(arch, tp)
+        model = cls(arch, tp, **options)
     model = model.to(torch_dtype).to_empty(device=platform.device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):

@@ -1,0 +1,372 @@
+"""Speculative decoding: lossless and exact.
+
+Greedy output is the same tokens with drafts as without (n-gram drafts on tiny Llama and the
+real SmolLM2, MTP drafts on a tiny DeepSeek-V3 with a real random MTP layer), batched, over
+prefix-cache hits, chunked prefill and preemption, with no KV block left behind; sampled
+output keeps its distribution (chi-square against the exact one); every stop inside an
+accepted run lands where it would without drafts; the counters count what was drafted and
+accepted; the MTP layer's forward matches a plain-torch twin built on transformers' layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from r1serve import LLM, SamplingParams, StructuredOutputsParams
+from r1serve.engine.drafter import Drafter
+from r1serve.errors import ModelLoadError
+from r1serve.sampling_params import ReasoningSpec
+
+from tiny_models import make_deepseek_v3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPEAT = [5, 17, 42, 99, 3, 250, 7] * 3
+PROMPTS = [REPEAT, [11, 12], list(range(40, 77)), [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 2]
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def make(path, speculative=None, **kw) -> LLM:
+    opts = {"dtype": "float32", "num_kv_blocks": 64, "block_size": 8, "speculative": speculative, **kw}
+    if speculative == "ngram":
+        opts.setdefault("prompt_lookup_min", 1)
+    return LLM(model=str(path), **opts)
+
+
+def outputs(llm: LLM, prompts, params=GREEDY):
+    return [r.outputs for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def token_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    return [o[0].token_ids for o in outputs(llm, prompts, params)]
+
+
+def assert_idle(llm: LLM) -> None:
+    engine = llm.engine
+    assert not engine.scheduler.has_unfinished()
+    assert engine.kv.pool.num_free == engine.num_kv_blocks  # every block back, rejected drafts' too
+
+
+@pytest.fixture(scope="module")
+def plain(tiny) -> LLM:
+    return make(tiny)
+
+
+@pytest.fixture(scope="module")
+def ngram(tiny) -> LLM:
+    return make(tiny, "ngram")
+
+
+# ---- greedy: the same tokens ---------------------------------------------------------------------
+
+
+def test_ngram_greedy_is_identical_batched_and_over_prefix_hits(plain, ngram):
+    want = token_ids(plain, PROMPTS)
+    before = ngram.engine.stats()
+    assert token_ids(ngram, PROMPTS) == want
+    hits = ngram.engine.stats()["prefix_cache_hits"]
+    assert token_ids(ngram, PROMPTS) == want  # again: the prompts now hit the prefix cache
+    after = ngram.engine.stats()
+    assert after["prefix_cache_hits"] > hits
+    assert after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"] > 20
+    assert_idle(ngram)
+
+
+@pytest.mark.parametrize("opts", [dict(enable_chunked_prefill=True, max_num_batched_tokens=8),
+                                  dict(num_kv_blocks=12), dict(num_speculative_tokens=1)],
+                         ids=["chunked-prefill", "preemption", "k1"])
+def test_ngram_greedy_is_identical_under_pressure(tiny, plain, opts):
+    llm = make(tiny, "ngram", **opts)
+    prompts = PROMPTS[:3] if "num_kv_blocks" in opts else PROMPTS
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    assert [r.outputs[0].token_ids for r in results] == token_ids(plain, prompts)
+    if "num_kv_blocks" in opts:
+        assert sum(r.metrics["num_preemptions"] for r in results) > 0
+    assert llm.engine.stats()["spec_num_accepted_tokens"] > 0
+    assert_idle(llm)
+
+
+def test_smollm2_quoting_is_identical_and_mostly_accepted(smollm2_gguf):
+    text = ("Paged attention keeps the KV cache in fixed-size blocks, so that a request grows one block at a "
+            "time and a finished request gives its blocks back at once.")
+    messages = [{"role": "user", "content": f"Repeat this sentence exactly, twice:\n\n{text}"}]
+    params = SamplingParams(temperature=0, max_tokens=80)
+    want = LLM(str(smollm2_gguf)).chat([messages], params)[0].outputs[0]
+    llm = LLM(str(smollm2_gguf), speculative="ngram", num_speculative_tokens=4)
+    got = llm.chat([messages], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.text == want.text
+    stats = llm.engine.stats()
+    assert stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] > 0.5
+    assert_idle(llm)
+
+
+# ---- every stop inside an accepted run -----------------------------------------------------------
+
+
+def _loop_prompt(plain) -> list[int]:
+    """REPEAT and the tiny model's own first 24 tokens after it: from there it loops (period
+    8, with one detour), so prompt lookup drafts runs that are accepted and one that is not."""
+    return REPEAT + token_ids(plain, [REPEAT], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+
+
+def _stop_cases(plain, prompt) -> dict[str, SamplingParams]:
+    tok = token_ids(plain, [prompt])[0]
+    piece = plain.get_tokenizer().decode(tok[9:11])
+    return {
+        "max_tokens": SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+        "stop_token": SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[tok[3]]),
+        "min_tokens": SamplingParams(temperature=0, max_tokens=40, min_tokens=12, stop_token_ids=[tok[3]]),
+        "stop_string": SamplingParams(temperature=0, max_tokens=40, stop=[piece], ignore_eos=True),
+        "stop_string_kept": SamplingParams(temperature=0, max_tokens=40, stop=[piece], include_stop_str_in_output=True,
+                                           ignore_eos=True),
+        "reasoning_budget": SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                           reasoning=ReasoningSpec((11,), (7, 8), open_at_start=True, max_tokens=12)),
+        "penalties_logprobs": SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3,
+                                             presence_penalty=0.4, logit_bias={260: 2.0}, logprobs=3),
+    }
+
+
+@pytest.mark.parametrize("case", ["max_tokens", "stop_token", "min_tokens", "stop_string", "stop_string_kept",
+                                  "reasoning_budget", "penalties_logprobs"])
+def test_stops_and_processing_inside_accepted_runs(plain, ngram, case):
+    prompt = _loop_prompt(plain)
+    params = _stop_cases(plain, prompt)[case]
+    want = outputs(plain, [prompt], params)[0][0]
+    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    got = outputs(ngram, [prompt], params)[0][0]
+    assert (got.token_ids, got.text, got.finish_reason, got.stop_reason, got.num_reasoning_tokens) == \
+        (want.token_ids, want.text, want.finish_reason, want.stop_reason, want.num_reasoning_tokens)
+    if params.logprobs:
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before  # the run did go through drafts
+    assert_idle(ngram)
+
+
+def test_n_greedy_children_and_aborts(ngram, plain):
+    params = SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True)
+    want = token_ids(plain, [REPEAT])[0][:20]
+    assert [c.token_ids for c in outputs(ngram, [REPEAT], params)[0]] == [want] * 3
+    engine = ngram.engine
+    engine.add_request("gone", {"prompt_token_ids": REPEAT}, SamplingParams(temperature=0, max_tokens=200,
+                                                                            ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    engine.abort_request("gone")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_idle(ngram)
+
+
+def test_structured_output_drafts_pass_through_the_grammar(plain, ngram):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["abc", "abd"]},
+                                                        "minItems": 6, "maxItems": 6}},
+              "required": ["tags"], "additionalProperties": False}
+    params = SamplingParams(temperature=0, max_tokens=120, structured_outputs=StructuredOutputsParams(json=schema))
+    want = outputs(plain, [REPEAT], params)[0][0]
+    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    got = outputs(ngram, [REPEAT], params)[0][0]
+    assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+    assert len(json.loads(got.text)["tags"]) == 6
+    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before
+    assert_idle(ngram)
+
+
+# ---- sampling: the same distribution --------------------------------------------------------------
+
+
+class CyclingDrafter(Drafter):
+    """Drafts from a few candidates in turn: right at some positions, wrong at others, so
+    both the acceptance and the residual draw are exercised."""
+
+    def __init__(self, candidates: list[int]) -> None:
+        self.candidates, self.calls = candidates, 0
+
+    def propose(self, requests, ks):
+        out = []
+        for k in ks:
+            self.calls += 1
+            out.append([self.candidates[(self.calls + j) % len(self.candidates)] for j in range(k)])
+        return out
+
+
+def _exact_pairs(plain: LLM, prompt: list[int], temperature: float, top_k: int) -> dict[tuple[int, int], float]:
+    """P(t1, t2) under temperature and top-k, from the model's raw logprobs."""
+    def dist(p):
+        lp = plain.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=1, logprobs=top_k))[0]
+        ranked = sorted(lp.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)[:top_k]
+        top = {t: v.logprob / temperature for t, v in ranked}
+        z = math.log(sum(math.exp(v) for v in top.values()))
+        return {t: math.exp(v - z) for t, v in top.items()}
+    first = dist(prompt)
+    return {(a, b): pa * pb for a, pa in first.items() for b, pb in dist(prompt + [a]).items()}
+
+
+def _chi_square_p(observed: Counter, expected: dict, n: int) -> float:
+    stat = sum((observed.get(cell, 0) - n * p) ** 2 / (n * p) for cell, p in expected.items())
+    assert sum(observed.values()) == sum(observed.get(c, 0) for c in expected)  # no sample off the support
+    dof = len(expected) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_rejection_sampling_keeps_the_distribution(tiny, plain):
+    temperature, top_k, n = 1.5, 3, 900
+    exact = _exact_pairs(plain, REPEAT, temperature, top_k)
+    llm = make(tiny, "ngram", num_speculative_tokens=2, speculative_max_rows=4096, max_num_seqs=512)
+    second = Counter()
+    for (_, b), p in exact.items():
+        second[b] += p
+    candidates = [b for b, _ in second.most_common(3)]
+    llm.engine.speculation.drafter = CyclingDrafter(candidates)
+    llm.engine.speculation._worth = lambda req: 2  # draft every step, whatever the acceptance so far
+    params = [SamplingParams(temperature=temperature, top_k=top_k, max_tokens=3, seed=s, ignore_eos=True)
+              for s in range(n)]
+    results = llm.generate([{"prompt_token_ids": REPEAT}] * n, params)
+    pairs = Counter(tuple(r.outputs[0].token_ids[:2]) for r in results)
+    stats = llm.engine.stats()
+    assert stats["spec_num_drafts"] >= n  # the second token of every sample went through verification
+    assert 0.1 < stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] < 0.9  # both outcomes, often
+    assert _chi_square_p(pairs, exact, n) > 1e-3
+    assert_idle(llm)
+
+
+def test_seeded_sampling_is_reproducible(ngram):
+    params = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=30, seed=11, ignore_eos=True)
+    assert token_ids(ngram, [REPEAT], params) == token_ids(ngram, [REPEAT], params)
+
+
+# ---- counters ----------------------------------------------------------------------------------
+
+
+class ScriptedDrafter(Drafter):
+    """Knows the greedy continuation: drafts two right tokens, then wrong ones."""
+
+    def __init__(self, answer: list[int], prompt_len: int) -> None:
+        self.answer, self.prompt_len = answer, prompt_len
+        self.drafted = self.expected_accepted = self.verifications = 0
+
+    def propose(self, requests, ks):
+        out = []
+        for req, k in zip(requests, ks):
+            at = req.num_tokens - self.prompt_len
+            right = self.answer[at:at + min(k, 2)]
+            wrong = [(t + 1) % 384 for t in self.answer[at + len(right):at + k]]
+            out.append(right + wrong)
+            if k:
+                self.verifications += 1
+                self.drafted += k
+                self.expected_accepted += len(right)
+        return out
+
+
+def test_counters_count_what_was_drafted_and_accepted(tiny, plain):
+    answer = token_ids(plain, [REPEAT], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0]
+    llm = make(tiny, "ngram", num_speculative_tokens=3)
+    drafter = ScriptedDrafter(answer, len(REPEAT))
+    llm.engine.speculation.drafter = drafter
+    got = token_ids(llm, [REPEAT], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0]
+    assert got == answer
+    s = llm.engine.stats()
+    assert (s["spec_num_drafts"], s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"]) == \
+        (drafter.verifications, drafter.drafted, drafter.expected_accepted)
+    assert s["spec_accepted_per_position"][2:] in ([], [0])  # the third draft is always wrong
+    assert s["spec_accepted_per_position"][0] == s["spec_num_drafts"]
+
+
+# ---- DeepSeek MTP --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dsv3(tmp_path_factory):
+    return make_deepseek_v3(tmp_path_factory.mktemp("dsv3-mtp"))
+
+
+@pytest.mark.parametrize("opts", [{}, dict(num_kv_blocks=14), dict(enable_chunked_prefill=True,
+                                                                  max_num_batched_tokens=8)],
+                         ids=["batched", "preemption", "chunked-prefill"])
+def test_mtp_greedy_is_identical(dsv3, opts):
+    prompts = PROMPTS[:3] if opts else PROMPTS
+    want = token_ids(make(dsv3, **opts), prompts)
+    llm = make(dsv3, "mtp", num_speculative_tokens=2, **opts)
+    assert token_ids(llm, prompts) == want
+    assert token_ids(llm, prompts) == want  # over prefix-cache hits: the hit's last block recomputed
+    assert llm.engine.stats()["spec_num_drafts"] > 0
+    assert_idle(llm)
+
+
+def _mtp_twin(path, tokens: list[int], chain: list[int]) -> list[torch.Tensor]:
+    """The MTP layer in plain torch around transformers' own decoder layer, over the whole
+    sequence at once: the logits (V,) after the last position, then after each draft of
+    `chain` fed back as the next position's token (with the layer's output as its H)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    main = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    L = main.config.num_hidden_layers
+    full = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=L + 1,
+                                                             attn_implementation="eager").eval()
+    w = load_file(path / "model.safetensors")
+
+    def norm(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + main.config.rms_norm_eps) * \
+            w[f"model.layers.{L}.{name}.weight"]
+
+    ids = torch.tensor(tokens)
+    logits = []
+    with torch.no_grad():
+        H = main.model(ids[None, :-1]).last_hidden_state[0]  # (n, hidden) after the final norm, positions 0..n-1
+        emb = main.model.embed_tokens(ids[1:]).clone()  # t[p+1]
+        emb[0] = 0.0  # position 0 masked
+        for i in range(len(chain) + 1):
+            x = torch.cat([norm(emb, "enorm"), norm(H, "hnorm")], -1) @ w[f"model.layers.{L}.eh_proj.weight"].T
+            n = x.shape[0]
+            pos = torch.arange(n)[None]
+            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+            out = full.model.layers[L](x[None], attention_mask=mask, position_ids=pos,
+                                       position_embeddings=full.model.rotary_emb(x[None], pos))
+            normed = norm((out[0] if isinstance(out, tuple) else out)[0], "shared_head.norm")
+            logits.append(main.lm_head(normed[-1]))
+            if i < len(chain):
+                emb = torch.cat([emb, main.model.embed_tokens(torch.tensor([chain[i]]))])
+                H = torch.cat([H, normed[-1:]])
+    return logits
+
+
+def test_mtp_forward_matches_a_plain_torch_twin(dsv3):
+    llm = make(dsv3, "mtp", num_speculative_tokens=3)
+    engine, prompt = llm.engine, PROMPTS[2]
+    engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    engine.step()  # the prefill: samples t_n, then the MTP layer runs over every prompt position
+    req = engine.scheduler.running[0]
+    drafter = engine.speculation.drafter
+    head = drafter.head("r")
+    assert head.position == len(prompt) - 1
+    with torch.inference_mode():
+        got_first = engine.loaded.model.compute_logits(head.hidden[None])[0]
+    drafts = drafter.propose([req], [3])[0]
+    want = _mtp_twin(dsv3, req.token_ids, drafts[:2])
+    torch.testing.assert_close(got_first, want[0], atol=1e-4, rtol=1e-4)
+    assert drafts == [int(lg.argmax()) for lg in want]  # the chain, fed its own drafts, agrees to the end
+    engine.abort_request("r")
+    engine.step()
+    assert_idle(llm)
+
+
+def test_mtp_is_refused_where_there_is_no_mtp_layer(tiny, tmp_path):
+    with pytest.raises(ModelLoadError, match="multi-token-prediction"):
+        make(tiny, "mtp")
+    no_mtp = make_deepseek_v3(tmp_path / "no-mtp", mtp=False)
+    with pytest.raises(ModelLoadError, match="no multi-token-prediction tensors"):
+        make(no_mtp, "mtp")
+    config = json.loads((no_mtp / "config.json").read_text())
+    (no_mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 0}))
+    with pytest.raises(ModelLoadError, match="num_nextn_predict_layers >= 1"):
+        make(no_mtp, "mtp")
+    with pytest.raises(ValueError, match="one rank"):
+        make(tiny, "mtp", tensor_parallel_size=2)
