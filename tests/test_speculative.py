@@ -370,3 +370,36 @@ def test_mtp_is_refused_where_there_is_no_mtp_layer(tiny, tmp_path):
         make(no_mtp, "mtp")
     with pytest.raises(ValueError, match="one rank"):
         make(tiny, "mtp", tensor_parallel_size=2)
+
+
+# ---- through the server -------------------------------------------------------------------------
+
+
+def test_server_streams_the_same_text_and_exports_the_counters(tiny, plain, tmp_path):
+    import httpx
+
+    from r1serve.bench.server_counters import read_spec_counters
+    from server_process import ServerProcess
+
+    prompt = _loop_prompt(plain)
+    want = outputs(plain, [prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0][0].text
+    server = ServerProcess([str(tiny), "--served-model-name", "tiny", "--speculative", "ngram", "--prompt-lookup-min",
+                            "1", "--threads", "1"], tmp_path / "server.log")
+    try:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        whole = httpx.post(f"{server.base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        streamed = ""
+        with httpx.stream("POST", f"{server.base}/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streamed += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+        assert whole == streamed == want
+        server.wait_idle()
+        counters = read_spec_counters(server.base + "/v1", {})
+        assert counters.num_drafts > 0 and 0 < counters.num_accepted_tokens <= counters.num_draft_tokens
+        rate = server.metric("r1serve:spec_decode_acceptance_rate")
+        assert rate == pytest.approx(counters.num_accepted_tokens / counters.num_draft_tokens)
+        assert server.metric("r1serve:spec_decode_num_accepted_tokens_per_pos_total") == counters.num_accepted_tokens
+        assert server.metric("r1serve:spec_decode_num_accepted_tokens_per_pos_total", position="0") > 0
+    finally:
+        server.stop()

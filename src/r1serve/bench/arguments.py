@@ -29,6 +29,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
                    help="r1serve's ranks (on one node: each gets its share of the cores)")
     p.add_argument("--expert-parallel", action="store_true", help="r1serve: DeepSeekMoE experts split across the ranks")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="r1serve's engine replicas")
+    p.add_argument("--speculative", default=None, choices=["ngram", "mtp"],
+                   help="r1serve's speculative decoding (its acceptance is reported per cell)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="r1serve's draft tokens per step")
     p.add_argument("--llama-server-pid", type=int, default=None,
                    help="its process id, to read its peak memory from /proc (optional)")
     p.add_argument("--baseline", default="transformers", help="the system ratios are taken against")

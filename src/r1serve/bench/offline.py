@@ -137,6 +137,8 @@ def spawn_worker(args, systems: str, conc: int, peer: PeerDtype | None):
             "--data-parallel-size", str(args.data_parallel_size)]
     if args.expert_parallel:
         cmd += ["--expert-parallel"]
+    if args.speculative:
+        cmd += ["--speculative", args.speculative, "--num-speculative-tokens", str(args.num_speculative_tokens)]
     if args.llama_server_url:
         cmd += ["--llama-server-url", args.llama_server_url]
     if args.llama_server_pid:
@@ -185,7 +187,9 @@ def open_runner(args, system: str, cache_dir: Path):
     runner = {"r1serve": lambda: R1ServeRunner(args.model, args.dtype, cache_dir, cpu_isa=args.cpu_isa,
                                                tensor_parallel_size=args.tensor_parallel_size,
                                                expert_parallel=args.expert_parallel,
-                                               data_parallel_size=args.data_parallel_size),
+                                               data_parallel_size=args.data_parallel_size,
+                                               speculative=args.speculative,
+                                               num_speculative_tokens=args.num_speculative_tokens),
               "transformers": lambda: TransformersRunner(args.model, args.peer_dtype, cache_dir),
               "http": lambda: HttpRunner(args),
               "llama-server": lambda: EndpointRunner(_llama_server_url(args), args.llama_server_pid)}[system]()
@@ -206,13 +210,15 @@ def _llama_server_url(args) -> str:
 def timed_run(runner, ps: list[str], output_len: int) -> dict:
     ttft = runner.ttft(ps[0])
     cpu0 = runner.cpu_s() if hasattr(runner, "cpu_s") else {}
+    spec0 = runner.spec_stats() if hasattr(runner, "spec_stats") else None
     t0 = time.perf_counter()
     n_out = runner.generate(ps, output_len)
     elapsed = time.perf_counter() - t0
+    spec = spec0.since(runner.spec_stats()) if spec0 is not None else None
     assert n_out == len(ps) * output_len, f"{type(runner).__name__} produced {n_out} tokens, " \
                                           f"expected {len(ps) * output_len}"
     cpu = {k: v - cpu0[k] for k, v in runner.cpu_s().items()} if cpu0 else {}
-    return {"ttft_s": ttft, "time_s": elapsed, "cpu_s": cpu}
+    return {"ttft_s": ttft, "time_s": elapsed, "cpu_s": cpu, "spec": spec}
 
 
 def close_runner(runner) -> float:
@@ -228,6 +234,11 @@ def cell_row(args, system: str, conc: int, runner, runs: list[dict], peak_mib: f
            "ttft_s": statistics.median(r["ttft_s"] for r in runs), "peak_rss_mib": peak_mib}
     for key in runs[0]["cpu_s"]:  # CPU seconds per timed run of the processes around the engine (http)
         row[f"{key}_cpu_s"] = statistics.median(r["cpu_s"][key] for r in runs)
+    specs = [r["spec"] for r in runs if r.get("spec") is not None and r["spec"].num_drafts]
+    if specs:
+        total = sum(specs[1:], specs[0])
+        row |= {"spec_acceptance_rate": total.acceptance_rate, "spec_mean_accepted_length": total.mean_accepted_length,
+                "spec_num_drafts": total.num_drafts}
     return row
 
 
@@ -243,6 +254,14 @@ class R1ServeRunner:
 
         outs = self.llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
         return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def spec_stats(self):
+        """The engine's speculative-decoding counters (None for data-parallel replicas, whose
+        counters live in their processes)."""
+        from r1serve.engine.spec_decode_stats import SpecDecodeStats
+
+        stats = getattr(self.llm.engine, "stats", None)
+        return SpecDecodeStats.from_counters(stats()) if stats else None
 
     def close(self) -> float:
         """Stop the other ranks, if any; this process's peak RSS in MiB (rank 0's)."""
@@ -302,6 +321,10 @@ def report(rounds: list[list[dict]], args) -> None:
         if ratios:
             r[f"ratio_vs_{base}"], r["ratios_per_round"] = statistics.median(ratios), ratios
     for r in rows:
+        if "spec_acceptance_rate" in r:
+            print(f"{r['system']} at concurrency {r['concurrency']}: speculative decoding accepted "
+                  f"{r['spec_acceptance_rate']:.0%} of drafted tokens, {r['spec_mean_accepted_length']:.2f} tokens "
+                  f"per verification")
         if "server_cpu_s" in r:
             tokens = r["concurrency"] * r["output_len"]
             print(f"{r['system']} at concurrency {r['concurrency']}: CPU per run (median) {r['server_cpu_s']:.2f} s "

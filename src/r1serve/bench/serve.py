@@ -23,6 +23,7 @@ from tqdm import tqdm
 from r1serve.bench.serve_client import RequestResult, RequestSpec, send
 from r1serve.bench.serve_dataset import load_requests
 from r1serve.bench.serve_report import LevelReport, summarize, table, write_outputs
+from r1serve.bench.server_counters import read_spec_counters
 from r1serve.errors import InvalidRequestError
 
 
@@ -111,9 +112,11 @@ def main(args, cache_dir: Path) -> list[LevelReport]:
             else [(c, None) for c in _levels(args.concurrency, int, "--concurrency")])
     levels = []
     for concurrency, rate in plan:
+        before = read_spec_counters(base, headers)
         results, duration = asyncio.run(run_level(base, headers, specs, args, concurrency, rate, count))
+        after = read_spec_counters(base, headers) if before is not None else None
         load = f"concurrency {concurrency}" if concurrency else f"rate {rate:g}/s"
-        levels.append(summarize(load, results, duration, slo_ttft, slo_tpot))
+        levels.append(summarize(load, results, duration, slo_ttft, slo_tpot, before.since(after) if after else None))
         print(f"  {load}: {levels[-1].completed} ok, {levels[-1].failed} failed, "
               f"{levels[-1].output_tokens_per_s:.1f} output tok/s", file=sys.stderr)
     print(table(levels))

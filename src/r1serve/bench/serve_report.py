@@ -44,13 +44,16 @@ class LevelReport:
     ttfat_ms: dict  # time to first answer token (reasoning models)
     goodput: float | None  # requests/s meeting every SLO given
     errors: list[str]
+    # Speculative decoding over the level, from the server's /metrics (None: it has none).
+    spec_decode: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def summarize(load: str, results: list[RequestResult], duration: float, slo_ttft: float | None,
-              slo_tpot: float | None) -> LevelReport:
+              slo_tpot: float | None, spec=None) -> LevelReport:
+    """spec: the server's speculative-decoding counters over the level (SpecDecodeStats)."""
     ok = [r for r in results if r.ok]
     out = sum(r.output_tokens or 0 for r in ok)
     prompt = sum(r.prompt_tokens or 0 for r in ok)
@@ -66,7 +69,15 @@ def summarize(load: str, results: list[RequestResult], duration: float, slo_ttft
         percentiles([gap for r in ok for gap in r.itls]),
         percentiles([r.e2e for r in ok if r.e2e is not None]),
         percentiles([r.ttfat for r in ok if r.ttfat is not None]),
-        good, sorted({r.error for r in results if r.error})[:5])
+        good, sorted({r.error for r in results if r.error})[:5], _spec_figures(spec))
+
+
+def _spec_figures(spec) -> dict | None:
+    if spec is None or not spec.num_drafts:
+        return None
+    return {"num_drafts": spec.num_drafts, "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens, "acceptance_rate": spec.acceptance_rate,
+            "mean_accepted_length": spec.mean_accepted_length}
 
 
 def _meets(r: RequestResult, slo_ttft: float | None, slo_tpot: float | None) -> bool:
@@ -88,6 +99,10 @@ def table(levels: list[LevelReport]) -> str:
                     f"{lv.output_tokens_per_s:>10.1f} {lv.total_tokens_per_s:>10.1f} {_ms(lv.ttft_ms['median']):>9} "
                     f"{_ms(lv.ttft_ms['p99']):>9} {_ms(lv.tpot_ms['median']):>9} {_ms(lv.itl_ms['p99']):>8} "
                     f"{_ms(lv.e2e_ms['median']):>9} {'-' if lv.goodput is None else f'{lv.goodput:.2f}':>8}")
+        if lv.spec_decode:
+            sd = lv.spec_decode
+            rows.append(f"{'':>16} speculative decoding: {sd['acceptance_rate']:.0%} of {sd['num_draft_tokens']} "
+                        f"drafted tokens accepted, {sd['mean_accepted_length']:.2f} tokens per verification")
         if lv.reasoning_tokens:
             rows.append(f"{'':>16} reasoning {lv.reasoning_tokens} / answer {lv.answer_tokens} tokens; "
                         f"time to first answer token median {_ms(lv.ttfat_ms['median'])} ms")

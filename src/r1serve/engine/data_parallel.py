@@ -28,6 +28,7 @@ from r1serve.distributed.replica_group import ReplicaSpec
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot, Failed,
                                           Reply, Shutdown, Stepped, Stopped, check_command)
 from r1serve.engine.engine_core import EngineSink, ProcessCore
+from r1serve.engine.spec_decode_stats import sum_positions
 from r1serve.errors import InvalidRequestError
 from r1serve.outputs import RequestOutput
 
@@ -95,12 +96,7 @@ def merge_snapshots(snaps: list[EngineSnapshot]) -> EngineSnapshot:
                           sum(s.num_steps for s in snaps), sum(s.grammar_wait_seconds for s in snaps),
                           sum(s.spec_num_drafts for s in snaps), sum(s.spec_num_draft_tokens for s in snaps),
                           sum(s.spec_num_accepted_tokens for s in snaps),
-                          _sum_positions([s.spec_accepted_per_position for s in snaps]))
-
-
-def _sum_positions(rows: list[tuple[int, ...]]) -> tuple[int, ...]:
-    width = max((len(r) for r in rows), default=0)
-    return tuple(sum(r[j] for r in rows if j < len(r)) for j in range(width))
+                          tuple(sum_positions([s.spec_accepted_per_position for s in snaps])))
 
 
 class DataParallelCore:

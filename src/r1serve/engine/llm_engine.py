@@ -21,7 +21,8 @@ from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
-from r1serve.engine.speculation import SpecDecodeStats, Speculation, spec_counters
+from r1serve.engine.spec_decode_stats import SpecDecodeStats, spec_counters
+from r1serve.engine.speculation import Speculation
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.layers.moe import DeepseekMoE
 from r1serve.models.loader import LoadedModel, load_model

@@ -21,11 +21,10 @@ token its grammar refuses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from r1serve.config import EngineConfig
 from r1serve.engine.drafter import Drafter
 from r1serve.engine.request import ReasoningState, Request
+from r1serve.engine.spec_decode_stats import SpecDecodeStats
 
 # Marginal cost of one more row in a one-sequence decode step, relative to the step
 # (measured on SmolLM2 decode steps on AVX512 and AVX2 CPUs: 1.07x for 2 rows, 1.26x for 5).
@@ -33,39 +32,6 @@ ROW_COST = 0.065
 PROBE_EVERY = 8
 PRIOR_ACCEPTANCE = 0.5  # a new request's acceptance rate, before it has drafted
 ACCEPTANCE_DECAY = 0.7  # weight of the past in the running rate, per verified draft token
-
-
-@dataclass
-class SpecDecodeStats:
-    num_drafts: int = 0  # verifications: requests in steps that scored drafts
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [j]: drafts accepted at position j
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens a verification emits on average: accepted drafts plus the target's own one."""
-        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
-
-    def record(self, num_drafted: int, num_accepted: int) -> None:
-        self.num_drafts += 1
-        self.num_draft_tokens += num_drafted
-        self.num_accepted_tokens += num_accepted
-        while len(self.accepted_per_position) < num_drafted:
-            self.accepted_per_position.append(0)
-        for j in range(num_accepted):
-            self.accepted_per_position[j] += 1
-
-
-def spec_counters(stats: SpecDecodeStats) -> dict:
-    """The engine's stats() entries (summed across replicas, exported as /metrics counters)."""
-    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
-            "spec_num_accepted_tokens": stats.num_accepted_tokens,
-            "spec_accepted_per_position": list(stats.accepted_per_position)}
 
 
 def best_draft_length(acceptance: float, k_max: int) -> int:
