@@ -18,6 +18,7 @@ import torch
 
 from r1serve import LLM, SamplingParams, StructuredOutputsParams
 from r1serve.engine.drafter import Drafter
+from r1serve.engine.speculation import Speculation
 from r1serve.errors import ModelLoadError
 from r1serve.sampling_params import ReasoningSpec
 
@@ -223,8 +224,7 @@ def test_rejection_sampling_keeps_the_distribution(tiny, plain):
     for (_, b), p in exact.items():
         second[b] += p
     candidates = [b for b, _ in second.most_common(3)]
-    llm.engine.speculation.drafter = CyclingDrafter(candidates)
-    llm.engine.speculation._worth = lambda req: 2  # draft every step, whatever the acceptance so far
+    llm.engine.speculation = Speculation(llm.engine.config, CyclingDrafter(candidates), adaptive=False)
     params = [SamplingParams(temperature=temperature, top_k=top_k, max_tokens=3, seed=s, ignore_eos=True)
               for s in range(n)]
     results = llm.generate([{"prompt_token_ids": REPEAT}] * n, params)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Only flag definitions at import: building the parser must not load torch, FastAPI or the
 # load generator (each command imports what it runs).
-from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args
+from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args, add_speculative_args
 from r1serve.planner.cli import add_args as add_hw_args
 from r1serve.errors import R1ServeError
 from r1serve.tool_calls import PARSERS as TOOL_PARSERS
@@ -317,6 +317,11 @@ def cmd_bench(args) -> None:
 
         bench_serve(args, cache_dir_from(args))
         return
+    if args.bench_command == "speculative":
+        from r1serve.bench.speculative import main as bench_speculative
+
+        bench_speculative(args, cache_dir_from(args))
+        return
     if args.bench_command == "random-model":
         from r1serve.bench.random_checkpoint import main as random_model
 
@@ -424,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(bench.add_parser("serve", help="load an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, "
                                                    "goodput"))
     add_random_model_args(bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks"))
+    add_speculative_args(bench.add_parser("speculative", help="speculative decoding against plain decoding, "
+                                                               "same model, same run"))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("hw", help="accelerators: catalog, serving planner (%% of an H100), local measurement")

@@ -42,6 +42,21 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--speculative", default="ngram", choices=["ngram", "mtp"])
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--workloads", default="quote,chat", help="quote (repeat a passage), chat (an essay)")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent requests")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all cells")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"])
+    p.add_argument("--draft-sweep", default="1,2,4,7,15",
+                   help="draft lengths k to time a one-sequence verification step at (against k = 0)")
+    p.add_argument("--out", default="results/bench_speculative.json")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="the model name the server knows")

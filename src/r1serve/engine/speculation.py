@@ -4,9 +4,9 @@ How many tokens a request drafts next step is the smallest of:
 
     num_speculative_tokens            the user's k
     speculative_max_rows // B - 1     B decoding requests: a verification row costs a row of
-                                      the step, and past a few rows a step's cost stops being
-                                      flat (on a CPU, SmolLM2: 5 rows cost 1.26x one, 16
-                                      cost 2.4x; docs/speculative.md). At B >= max_rows / 2
+                                      the step, and a step's cost grows with its rows (on a
+                                      CPU, SmolLM2: 1 + k rows cost about 1 + 0.1k; 16 cost
+                                      2.5x one; docs/speculative.md). At B > max_rows / 2
                                       nothing is drafted: speculation turns itself off.
     the request's own worth           k maximising expected tokens per step over its cost,
                                       (1 - a^(k+1)) / (1 - a) / (1 + ROW_COST * k), a being
@@ -26,9 +26,10 @@ from r1serve.engine.drafter import Drafter
 from r1serve.engine.request import ReasoningState, Request
 from r1serve.engine.spec_decode_stats import SpecDecodeStats
 
-# Marginal cost of one more row in a one-sequence decode step, relative to the step
-# (measured on SmolLM2 decode steps on AVX512 and AVX2 CPUs: 1.07x for 2 rows, 1.26x for 5).
-ROW_COST = 0.065
+# What one more draft adds to a one-sequence decode step, relative to the step: SmolLM2 on a
+# 2-core AVX512 EPYC, `r1serve bench speculative` (k = 1: 1.01-1.15x, 2: 1.10-1.29x, 4: 1.41-1.53x,
+# 7: 1.8-2.0x; docs/speculative.md). Break-even for one draft: 10% acceptance.
+ROW_COST = 0.1
 PROBE_EVERY = 8
 PRIOR_ACCEPTANCE = 0.5  # a new request's acceptance rate, before it has drafted
 ACCEPTANCE_DECAY = 0.7  # weight of the past in the running rate, per verified draft token
@@ -43,10 +44,13 @@ def best_draft_length(acceptance: float, k_max: int) -> int:
 
 
 class Speculation:
-    def __init__(self, config: EngineConfig, drafter: Drafter) -> None:
+    def __init__(self, config: EngineConfig, drafter: Drafter, adaptive: bool = True) -> None:
         self.k = config.num_speculative_tokens
         self.max_rows = config.speculative_max_rows
         self.drafter = drafter
+        # False: every request drafts the most the batch and its length allow, whatever its
+        # acceptance (what a measurement of the verification's cost wants).
+        self.adaptive = adaptive
         self.stats = SpecDecodeStats()
         self._acceptance: dict[str, float] = {}
         self._idle_steps: dict[str, int] = {}
@@ -85,6 +89,8 @@ class Speculation:
         self._idle_steps.pop(request_id, None)
 
     def _worth(self, req: Request) -> int:
+        if not self.adaptive:
+            return self.k
         k = best_draft_length(self._acceptance.get(req.request_id, PRIOR_ACCEPTANCE), self.k)
         if k:
             self._idle_steps.pop(req.request_id, None)
