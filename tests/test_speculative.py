@@ -78,8 +78,9 @@ def test_ngram_greedy_is_identical_batched_and_over_prefix_hits(plain, ngram):
 
 
 @pytest.mark.parametrize("opts", [dict(enable_chunked_prefill=True, max_num_batched_tokens=8),
-                                  dict(num_kv_blocks=12), dict(num_speculative_tokens=1)],
-                         ids=["chunked-prefill", "preemption", "k1"])
+                                  dict(num_kv_blocks=12), dict(num_speculative_tokens=1),
+                                  dict(tensor_parallel_size=2)],
+                         ids=["chunked-prefill", "preemption", "k1", "tensor-parallel"])
 def test_ngram_greedy_is_identical_under_pressure(tiny, plain, opts):
     llm = make(tiny, "ngram", **opts)
     prompts = PROMPTS[:3] if "num_kv_blocks" in opts else PROMPTS
@@ -89,6 +90,7 @@ def test_ngram_greedy_is_identical_under_pressure(tiny, plain, opts):
         assert sum(r.metrics["num_preemptions"] for r in results) > 0
     assert llm.engine.stats()["spec_num_accepted_tokens"] > 0
     assert_idle(llm)
+    llm.close()
 
 
 def test_smollm2_quoting_is_identical_and_mostly_accepted(smollm2_gguf):
@@ -403,3 +405,26 @@ def test_server_streams_the_same_text_and_exports_the_counters(tiny, plain, tmp_
         assert server.metric("r1serve:spec_decode_num_accepted_tokens_per_pos_total", position="0") > 0
     finally:
         server.stop()
+
+
+def test_bench_speculative_runs_and_checks_equality(tiny, tmp_path, capsys):
+    from r1serve.cli import main
+
+    out = tmp_path / "spec.json"
+    assert main(["bench", "speculative", "--model", str(tiny), "--concurrency", "1,2", "--rounds", "1",
+                 "--output-len", "12", "--draft-sweep", "1,2", "--dtype", "float32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["workload"], r["concurrency"]) for r in result["rows"]] == [("quote", 1), ("quote", 2), ("chat", 1),
+                                                                         ("chat", 2)]
+    assert set(result["step_cost_by_drafts"]) == {"0", "1", "2"}
+    assert "tok/verify" in capsys.readouterr().out
+
+
+def test_bench_serve_reports_the_acceptance():
+    from r1serve.bench.serve_report import summarize, table
+    from r1serve.engine.spec_decode_stats import SpecDecodeStats
+
+    level = summarize("concurrency 1", [], 1.0, None, None, SpecDecodeStats(10, 40, 30))
+    assert level.spec_decode["acceptance_rate"] == 0.75 and level.spec_decode["mean_accepted_length"] == 4.0
+    assert "75% of 40 drafted tokens accepted, 4.00 tokens per verification" in table([level])
+    assert summarize("concurrency 1", [], 1.0, None, None, None).spec_decode is None
