@@ -205,6 +205,8 @@ FOUND = {
     "a limit past it": ("POST", "/v1/admin/keys", {"json": {"name": "big", "tpm": 2**53}}, 400),
     "token ids as 5.0": ("POST", "/v1/completions", {"json": {"model": MODEL, "prompt": [5.0, 17], "max_tokens": 1}},
                          200),
+    "a logit_bias key that is no token id": ("POST", "/v1/chat/completions", {"json": {
+        "model": MODEL, "messages": HELLO, "max_tokens": 1, "logit_bias": {"": 1.0}}}, 400),
     "template arguments": ("POST", "/v1/chat/completions", {"json": {
         "model": MODEL, "messages": HELLO, "max_tokens": 1, "chat_template_kwargs": {"messages": []}}}, 400),
 }

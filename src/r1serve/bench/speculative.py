@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from r1serve.engine.drafter import Drafter
+
 PASSAGES = [
     "A paged KV cache stores the keys and values of every sequence in fixed-size blocks, so that a sequence "
     "grows one block at a time and a finished sequence returns its blocks at once. A block table maps each "
@@ -94,19 +96,11 @@ def main(args, cache_dir: Path) -> dict:
     return result
 
 
-class LastTokenDrafter:
+class LastTokenDrafter(Drafter):
     """Drafts k copies of the last token: a guess the model mostly rejects, at full cost."""
-
-    needs_hidden_states = False
-
-    def after_step(self, output, hidden) -> None:
-        pass
 
     def propose(self, requests, ks):
         return [[r.token_ids[-1]] * k for r, k in zip(requests, ks)]
-
-    def forget(self, request_id: str) -> None:
-        pass
 
 
 def verification_costs(llm, ks: list[int], rounds: int) -> dict[int, float]:
@@ -114,9 +108,11 @@ def verification_costs(llm, ks: list[int], rounds: int) -> dict[int, float]:
     (medians over rounds): what the speculation policy weighs a draft against."""
     from dataclasses import replace
 
+    from r1serve.bench.decode_step import median_step
     from r1serve.engine.speculation import Speculation
 
     engine, kept = llm.engine, llm.engine.speculation
+    prompt_ids = llm.chat_prompt(conversations("chat", 1)[0])["prompt_token_ids"]
     per_round = []
     try:
         for i in range(rounds):
@@ -124,26 +120,11 @@ def verification_costs(llm, ks: list[int], rounds: int) -> dict[int, float]:
             for k in ks:
                 config = replace(engine.config, num_speculative_tokens=max(k, 1), speculative_max_rows=max(k + 1, 2))
                 engine.speculation = Speculation(config, LastTokenDrafter(), adaptive=False) if k else None
-                times[k] = _median_step(llm, f"verify-{i}-{k}")
+                times[k] = median_step(llm, prompt_ids, 32, f"verify-{i}-{k}")
             per_round.append({k: t / times[ks[0]] for k, t in times.items()})
     finally:
         engine.speculation = kept
     return {k: statistics.median(x[k] for x in per_round) for k in ks}
-
-
-def _median_step(llm, tag: str, steps: int = 32) -> float:
-    from r1serve import SamplingParams
-
-    engine = llm.engine
-    engine.add_request(tag, llm.chat_prompt(conversations("chat", 1)[0]),
-                       SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
-    engine.step()  # the prefill and the first token
-    times = []
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _run(llm, convs: list[list[dict]], max_tokens: int) -> dict:

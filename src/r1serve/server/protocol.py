@@ -64,6 +64,14 @@ class StreamOptions(Request):
     continuous_usage_stats: bool = False  # vLLM's extension: usage on every chunk
 
 
+def _token_id_keys_only(schema: dict) -> None:
+    # The validator refuses any key that is not a token id; pydantic's schema for a
+    # pattern-keyed dict (patternProperties) would let any other key through.
+    for branch in schema.get("anyOf", [schema]):
+        if "patternProperties" in branch:
+            branch["additionalProperties"] = False
+
+
 class SamplingFields(Request):
     """What chat and completions share: sampling and stopping, OpenAI names plus vLLM's extras."""
 
@@ -85,7 +93,8 @@ class SamplingFields(Request):
     stream_options: StreamOptions | None = Field(None, description="only with stream true")
     ignore_eos: bool = False
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
-        Field(None, description="token id (as a string) -> bias added to its logit; -100 bans it")
+        Field(None, description="token id (as a string) -> bias added to its logit; -100 bans it",
+              json_schema_extra=_token_id_keys_only)
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
