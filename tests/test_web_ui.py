@@ -7,6 +7,7 @@ server cannot be made to produce on demand (401, 429, quota) are played by page.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -355,10 +356,12 @@ def test_usage_dashboard_charts_real_usage(page, ui_server):
     expect(page.locator("#quota")).to_contain_text("runs open")  # no key on this server
 
 
+_TODAY = dt.datetime.now(dt.timezone.utc).date()
 USAGE = {"object": "usage",
          "key": {"id": "k1", "name": "alice", "quota_tokens": 1000, "used_tokens": 250, "remaining_tokens": 750,
                  "rpm": 60, "tpm": None},
-         "data": [{"day": f"2026-11-{d:02d}", "model": m, "requests": d, "prompt_tokens": 10 * d, "cached_tokens": d,
+         # Days within the dashboard's default period whatever today is: d days after 10 days ago.
+         "data": [{"day": (_TODAY - dt.timedelta(days=10 - d)).isoformat(), "model": m, "requests": d, "prompt_tokens": 10 * d, "cached_tokens": d,
                    "completion_tokens": 5 * d, "reasoning_tokens": 2 * d if m == "r1" else 0, "total_tokens": 15 * d}
                   for d in (3, 4, 9) for m in ("r1", "smollm2")]}
 

@@ -60,10 +60,6 @@ class Verified:
     token_ids: list[int]  # the accepted drafts, then one token of the target's own
     logprobs: list[dict[int, Logprob]] | None  # per emitted token, if the request wants them
 
-    @property
-    def num_accepted(self) -> int:
-        return len(self.token_ids) - 1
-
 
 def draft_positions(requests: list[Request], drafts: list[tuple[int, ...]]) -> list[Request | DraftPosition]:
     """One entry per scored row: request i contributes len(drafts[i]) + 1, in order."""
