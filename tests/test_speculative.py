@@ -18,7 +18,7 @@ import torch
 
 from r1serve import LLM, SamplingParams, StructuredOutputsParams
 from r1serve.engine.drafter import Drafter
-from r1serve.engine.speculation import Speculation
+from r1serve.engine.speculation import Speculation, StepCosts, plan_drafts
 from r1serve.errors import ModelLoadError
 from r1serve.sampling_params import ReasoningSpec
 
@@ -238,9 +238,15 @@ def test_rejection_sampling_keeps_the_distribution(tiny, plain):
     assert_idle(llm)
 
 
-def test_seeded_sampling_is_reproducible(ngram):
-    params = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, max_tokens=30, seed=11, ignore_eos=True)
-    assert token_ids(ngram, [REPEAT], params) == token_ids(ngram, [REPEAT], params)
+def test_a_seeded_request_gives_the_same_tokens_with_or_without_drafts(plain, ngram):
+    prompt = _loop_prompt(plain)
+    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    for params in [SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05, max_tokens=30, seed=11, ignore_eos=True),
+                   SamplingParams(temperature=0.5, top_k=5, repetition_penalty=1.1, max_tokens=30, seed=3,
+                                  ignore_eos=True, n=2)]:
+        want = [c.token_ids for c in outputs(plain, [prompt], params)[0]]
+        assert [c.token_ids for c in outputs(ngram, [prompt], params)[0]] == want
+    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before
 
 
 # ---- counters ----------------------------------------------------------------------------------
@@ -279,6 +285,34 @@ def test_counters_count_what_was_drafted_and_accepted(tiny, plain):
         (drafter.verifications, drafter.drafted, drafter.expected_accepted)
     assert s["spec_accepted_per_position"][2:] in ([], [0])  # the third draft is always wrong
     assert s["spec_accepted_per_position"][0] == s["spec_num_drafts"]
+
+
+# ---- the policy -----------------------------------------------------------------------------------
+
+
+def test_the_plan_drafts_while_the_step_gains_tokens_per_unit_of_cost():
+    flat = [0.0] + [1.0] * 16  # extra rows cost nothing: everyone drafts to its cap
+    assert plan_drafts([0.9, 0.9], [4, 3], flat) == [4, 3]
+    assert sum(plan_drafts([0.9] * 10, [4] * 10, flat)) == 6  # 16 rows at most
+    linear = [0.0] + [1 + 0.1 * (r - 1) for r in range(1, 17)]
+    assert plan_drafts([0.5], [4], linear) == [2]  # (1 + .5 + .25) / 1.2 beats 1.5 / 1.1 and 1.875 / 1.3
+    assert plan_drafts([0.05], [4], linear) == [0]
+    assert plan_drafts([0.9, 0.2], [4, 4], linear) == [4, 0]  # the likely guesses first
+    steep = [0.0] + [float(r) for r in range(1, 17)]  # a row costs a whole step: drafting never pays
+    assert plan_drafts([0.99, 0.99], [4, 4], steep) == [0, 0]
+
+
+def test_step_costs_are_measured_and_priced_from_below_where_unseen():
+    costs = StepCosts(8)
+    assert costs.costs()[1:4] == pytest.approx([1.0, 1.1, 1.2])
+    costs.observe(1, 0.010)
+    costs.observe(3, 0.016)
+    got = costs.costs()
+    assert got[1] == 0.010 and got[3] == 0.016
+    assert got[2] == pytest.approx(0.011)  # from 1 row at +10% a row
+    assert got[5] == pytest.approx(0.016 * 1.4 / 1.2)  # from 3 rows
+    costs.observe(4, 0.001)  # noise below a smaller count's cost: never priced cheaper than it
+    assert costs.costs()[4] == 0.016
 
 
 # ---- DeepSeek MTP --------------------------------------------------------------------------------

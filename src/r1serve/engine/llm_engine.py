@@ -277,7 +277,10 @@ class LLMEngine:
             if self.replicas is not None:  # the other replicas' MoE layers need this one's part
                 self.runner.idle_step()
             return []
+        started = time.perf_counter()
         result = self._execute(sched)
+        if self.speculation is not None and all(c.is_decode for c in sched.chunks):
+            self.speculation.observe_step(sum(c.num_tokens for c in sched.chunks), time.perf_counter() - started)
         new = dict(zip(result.request_ids, zip(result.token_ids, result.logprobs)))
         touched: dict[str, ParentRequest] = {}
         failed: list[ParentRequest] = []

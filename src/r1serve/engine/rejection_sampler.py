@@ -4,16 +4,18 @@ A request with k drafts d_1..d_k is scored at k + 1 positions in one pass: posit
 the target's distribution p_j for the token after d_1..d_j (p_0 after the last known token).
 Walking j = 0, 1, ...:
 
-    greedy    accept d_{j+1} while it is argmax p_j; then emit argmax p_j
-    sampled   accept d_{j+1} with probability p_j(d_{j+1}); on rejection emit a draw from
-              p_j with d_{j+1} removed (renormalised); after k acceptances, a draw from p_k
+    greedy    t_j = argmax p_j
+    sampled   t_j = a draw from p_j, made as plain decoding makes it: the exponential race
+              argmax p_j / q, q ~ Exp(1) from the request's own generator
 
-Drafts here are deterministic proposals (an n-gram continuation, the MTP head's argmax), so
-the draft distribution is a point mass and the standard speculative-sampling rule
-(Leviathan et al. 2023; Chen et al. 2023), accept with min(1, p/q) and resample from
-max(p - q, 0), takes the form above. Either way each emitted token is distributed exactly as
-without speculation: greedy output is the same tokens, sampled output the same distribution.
-Every draw uses the request's own seeded generator.
+emit t_j, and go on while t_j equals d_{j+1}. The drafts are point guesses (an n-gram
+continuation, the MTP head's argmax), so this accepts d_{j+1} with probability p_j(d_{j+1})
+and, on a rejection, emits a draw from p_j without d_{j+1}: the speculative-sampling rule
+(Leviathan et al. 2023; Chen et al. 2023; accept with min(1, p/q), resample from
+max(p - q, 0)) for a point-mass q, with the same acceptance. Drawing the target's own token
+at each position makes the coupling exact beyond the distribution: each emitted token
+uses the request's generator once, in order, as without speculation, so a seeded request
+gives the same tokens with or without drafts, whatever was drafted and whatever the batch.
 
 Each position's logits are processed as the plain sampler would process them for that
 prefix (min_tokens, penalties and logit_bias see the drafts before it; grammar masks were
@@ -23,6 +25,7 @@ Logprobs are the raw model logprobs at each emitted position, as without specula
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -81,43 +84,26 @@ def verify(processed: torch.Tensor, argmax: list[int], requests: list[Request],
     out, offset = [], 0
     for req, d in zip(requests, drafts):
         if req.params.greedy:
-            out.append(_greedy(argmax[offset:offset + len(d) + 1], d))
+            out.append(_accepted_run(lambda j, at=offset: argmax[at + j], d))
         else:
-            out.append(_sampled(probs, [where[offset + j] for j in range(len(d) + 1)], d, req.generator))
+            out.append(_accepted_run(lambda j, at=offset, g=req.generator: _draw(probs[where[at + j]], g), d))
         offset += len(d) + 1
     return out
 
 
-def _greedy(argmax: list[int], drafts: tuple[int, ...]) -> list[int]:
+def _accepted_run(pick: Callable[[int], int], drafts: tuple[int, ...]) -> list[int]:
+    """t_j = pick(j) for j = 0, 1, ...: emitted while each equals the draft at its position.
+    pick is called only for the positions emitted (a sampled one draws as it is called)."""
     tokens = []
-    for j, best in enumerate(argmax):
-        tokens.append(best)
-        if j == len(drafts) or best != drafts[j]:
+    for j in range(len(drafts) + 1):
+        tokens.append(pick(j))
+        if j == len(drafts) or tokens[-1] != drafts[j]:
             break
-    return tokens
-
-
-def _sampled(probs: torch.Tensor, rows: list[int], drafts: tuple[int, ...], gen: torch.Generator) -> list[int]:
-    # probs rows may be unnormalised (min-p zeroes tokens without renormalising).
-    tokens = []
-    for j, row in enumerate(rows):
-        p = probs[row]
-        if j == len(drafts):
-            tokens.append(_draw(p, gen))
-            break
-        d = drafts[j]
-        u = float(torch.rand((), generator=gen, device=p.device))
-        if u * float(p.sum()) < float(p[d]):
-            tokens.append(d)
-            continue
-        residual = p.clone()
-        residual[d] = 0.0
-        tokens.append(_draw(residual, gen))
-        break
     return tokens
 
 
 def _draw(p: torch.Tensor, gen: torch.Generator) -> int:
-    # The exponential race the plain sampler uses: argmax p / q, q ~ Exp(1), draws from p.
+    # The exponential race the plain sampler uses: argmax p / q, q ~ Exp(1), draws from p
+    # (p may be unnormalised: min-p zeroes tokens without renormalising).
     q = torch.empty_like(p).exponential_(generator=gen)
     return int(torch.argmax(p / q))

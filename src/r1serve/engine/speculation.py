@@ -1,23 +1,27 @@
 """Speculative decoding's policy: which requests draft, how many tokens, and its counters.
 
-How many tokens a request drafts next step is the smallest of:
+A step's drafts are chosen to make the step's expected tokens per second highest, by what
+this engine measured a decode step to cost at each number of rows (StepCosts):
 
-    num_speculative_tokens            the user's k
-    speculative_max_rows // B - 1     B decoding requests: a verification row costs a row of
-                                      the step, and a step's cost grows with its rows (on a
-                                      CPU, SmolLM2: 1 + k rows cost about 1 + 0.1k; 16 cost
-                                      2.5x one; docs/speculative.md). At B > max_rows / 2
-                                      nothing is drafted: speculation turns itself off.
-    the request's own worth           k maximising expected tokens per step over its cost,
-                                      (1 - a^(k+1)) / (1 - a) / (1 + ROW_COST * k), a being
-                                      the request's running acceptance rate: a request whose
-                                      guesses keep failing stops paying for them (one token
-                                      is tried every PROBE_EVERY steps, to notice a change)
-    what is left                      max_tokens and max_model_len: no drafts past the end
+    B decoding requests make B rows; a draft adds one. Request i's j-th draft yields a
+    token with probability a_i^j, a_i its running acceptance rate (new requests: 0.5).
+    Candidate drafts are taken most likely first, and the step keeps the prefix n that
+    maximises (B + sum of their probabilities) / cost(B + n).
 
-and a request that is being forced (a reasoning budget's end marker), or whose grammar is
-not past its reasoning, drafts nothing. A constrained request's drafts are cut at the first
-token its grammar refuses.
+A verification row costs what a decode row costs (drafts are laid out as decode rows), and
+that cost differs by platform: on a 2-core EPYC a one-sequence step verifying 2 drafts
+costs 1.12x one without on the AVX512 kernels and 1.6x on the AVX2 ones
+(docs/speculative.md). So the table is measured as the engine runs, every decode step
+timed under its row count; a count not yet seen is priced from the nearest one seen below
+it at PRIOR_ROW_COST per row. As the batch grows, each draft's chance must beat the
+tokens per row the step already makes, and past a few sequences none does: speculation
+turns itself off. A step never holds more than speculative_max_rows rows.
+
+Within that, a request drafts at most num_speculative_tokens, nothing past max_tokens or
+max_model_len, and one whose guesses keep failing stops paying for them (one token is
+tried every PROBE_EVERY steps, to notice a change). A request being forced (a reasoning
+budget's end marker), or whose grammar is not past its reasoning, drafts nothing; a
+constrained request's drafts are cut at the first token its grammar refuses.
 """
 from __future__ import annotations
 
@@ -26,21 +30,58 @@ from r1serve.engine.drafter import Drafter
 from r1serve.engine.request import ReasoningState, Request
 from r1serve.engine.spec_decode_stats import SpecDecodeStats
 
-# What one more draft adds to a one-sequence decode step, relative to the step: SmolLM2 on a
-# 2-core AVX512 EPYC, `r1serve bench speculative` (k = 1: 1.01-1.15x, 2: 1.10-1.29x, 4: 1.41-1.53x,
-# 7: 1.8-2.0x; docs/speculative.md). Break-even for one draft: 10% acceptance.
-ROW_COST = 0.1
+PRIOR_ROW_COST = 0.1  # a row count's cost before it is measured: +10% of a step per row
+STEP_COST_WEIGHT = 0.1  # weight of a new step time in its row count's running mean
 PROBE_EVERY = 8
 PRIOR_ACCEPTANCE = 0.5  # a new request's acceptance rate, before it has drafted
 ACCEPTANCE_DECAY = 0.7  # weight of the past in the running rate, per verified draft token
+MIN_WORTH = 0.02  # a draft less likely than this is not tried (but for the probe)
 
 
-def best_draft_length(acceptance: float, k_max: int) -> int:
-    """The k in 0..k_max with the most expected tokens per unit of step cost."""
-    def worth(k: int) -> float:
-        expected = sum(acceptance ** j for j in range(k + 1))  # 1 + a + ... + a^k
-        return expected / (1 + ROW_COST * k)
-    return max(range(k_max + 1), key=worth)
+class StepCosts:
+    """Seconds a decode step takes by its number of rows, measured as the engine runs."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.seconds = [0.0] * (max_rows + 1)  # [rows]: running mean; 0: not seen yet
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if 0 < rows < len(self.seconds):
+            old = self.seconds[rows]
+            self.seconds[rows] = seconds if old == 0 else old + STEP_COST_WEIGHT * (seconds - old)
+
+    def costs(self) -> list[float]:
+        """[rows]: a step's cost in any consistent unit, non-decreasing in rows."""
+        out, last_seen, last = [0.0], None, 0.0
+        for rows in range(1, len(self.seconds)):
+            t = self.seconds[rows]
+            if t:
+                last_seen = (rows, t)
+            elif last_seen is None:
+                t = 1 + PRIOR_ROW_COST * (rows - 1)
+            else:
+                r0, t0 = last_seen
+                t = t0 * (1 + PRIOR_ROW_COST * (rows - 1)) / (1 + PRIOR_ROW_COST * (r0 - 1))
+            last = max(last, t)
+            out.append(last)
+        return out
+
+
+def plan_drafts(acceptance: list[float], caps: list[int], costs: list[float]) -> list[int]:
+    """Draft lengths for a step of len(acceptance) decoding requests (each at most caps[i])
+    that maximise expected tokens per unit of step cost; costs[rows] as StepCosts gives."""
+    b = len(acceptance)
+    candidates = sorted(((a ** j, i) for i, (a, cap) in enumerate(zip(acceptance, caps))
+                         for j in range(1, cap + 1) if a ** j >= MIN_WORTH), reverse=True)
+    candidates = candidates[:max(0, len(costs) - 1 - b)]
+    best_n, best, tokens = 0, b / costs[b] if b < len(costs) else 0.0, float(b)
+    for n, (p, _) in enumerate(candidates, start=1):
+        tokens += p
+        if tokens / costs[b + n] > best:
+            best_n, best = n, tokens / costs[b + n]
+    ks = [0] * b
+    for _, i in candidates[:best_n]:
+        ks[i] += 1
+    return ks
 
 
 class Speculation:
@@ -48,16 +89,17 @@ class Speculation:
         self.k = config.num_speculative_tokens
         self.max_rows = config.speculative_max_rows
         self.drafter = drafter
-        # False: every request drafts the most the batch and its length allow, whatever its
-        # acceptance (what a measurement of the verification's cost wants).
+        # False: every request drafts the most its length allows, whatever its acceptance
+        # and the step's cost (what a measurement of the verification's cost wants).
         self.adaptive = adaptive
         self.stats = SpecDecodeStats()
+        self.step_costs = StepCosts(self.max_rows)
         self._acceptance: dict[str, float] = {}
         self._idle_steps: dict[str, int] = {}
 
-    def batch_limit(self, num_decoding: int) -> int:
-        """Draft tokens per request a step of num_decoding requests allows."""
-        return max(0, min(self.k, self.max_rows // max(num_decoding, 1) - 1))
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A decode-only step of `rows` rows ran in `seconds` (forward and sampling)."""
+        self.step_costs.observe(rows, seconds)
 
     def record(self, request: Request, drafted: int, accepted: int) -> None:
         self.stats.record(drafted, accepted)
@@ -76,28 +118,40 @@ class Speculation:
                 decoding.append(req)
             else:
                 req.draft_token_ids = []
-        limit = self.batch_limit(len(decoding))
-        ks = [min(limit, self._worth(r), self._room(r)) if limit and self._may_draft(r) else 0 for r in decoding]
-        for req, drafts in zip(decoding, self.drafter.propose(decoding, ks)):
+        caps = [min(self.k, self._room(r)) if self._may_draft(r) else 0 for r in decoding]
+        for req, drafts in zip(decoding, self.drafter.propose(decoding, self._plan(decoding, caps))):
             if drafts and req.grammar is not None:
                 drafts = drafts[:req.grammar.matcher.validate_tokens(drafts)]
             req.draft_token_ids = drafts
+
+    def _plan(self, decoding: list[Request], caps: list[int]) -> list[int]:
+        if not decoding:
+            return []
+        if not self.adaptive:
+            return [min(cap, self.max_rows // len(decoding) - 1) for cap in caps]
+        rates = [self._acceptance.get(r.request_id, PRIOR_ACCEPTANCE) for r in decoding]
+        costs = self.step_costs.costs()
+        ks = plan_drafts(rates, caps, costs)
+        # A request whose guesses failed until even alone it would not draft tries one now
+        # and then (once per PROBE_EVERY steps of the whole batch), to notice a change.
+        hopeless = costs[2] / costs[1] - 1 if self.max_rows >= 2 else 1.0
+        rows = len(decoding) + sum(ks)
+        for i, req in enumerate(decoding):
+            if ks[i] == 0 and caps[i] and rates[i] < hopeless and rows < self.max_rows \
+                    and self._probe(req, len(decoding)):
+                ks[i], rows = 1, rows + 1
+        return ks
 
     def forget(self, request_id: str) -> None:
         self.drafter.forget(request_id)
         self._acceptance.pop(request_id, None)
         self._idle_steps.pop(request_id, None)
 
-    def _worth(self, req: Request) -> int:
-        if not self.adaptive:
-            return self.k
-        k = best_draft_length(self._acceptance.get(req.request_id, PRIOR_ACCEPTANCE), self.k)
-        if k:
-            self._idle_steps.pop(req.request_id, None)
-            return k
+    def _probe(self, req: Request, batch: int) -> bool:
+        every = PROBE_EVERY * batch
         idle = self._idle_steps.get(req.request_id, 0) + 1
-        self._idle_steps[req.request_id] = idle % PROBE_EVERY
-        return 1 if idle == PROBE_EVERY else 0
+        self._idle_steps[req.request_id] = idle % every
+        return idle >= every
 
     @staticmethod
     def _room(req: Request) -> int:
