@@ -310,7 +310,7 @@ def test_step_costs_are_measured_and_priced_from_below_where_unseen():
     got = costs.costs()
     assert got[1] == 0.010 and got[3] == 0.016
     assert got[2] == pytest.approx(0.011)  # from 1 row at +10% a row
-    assert got[5] == pytest.approx(0.016 * 1.4 / 1.2)  # from 3 rows
+    assert got[5] == pytest.approx(0.016 + 2 * 0.003)  # at the slope from 1 to 3 rows, 3 ms a row
     costs.observe(4, 0.001)  # noise below a smaller count's cost: never priced cheaper than it
     assert costs.costs()[4] == 0.016
 

@@ -62,7 +62,7 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest n-gram matched")
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest n-gram matched")
     p.add_argument("--speculative-max-rows", type=int, default=16,
-                   help="rows a decode step may hold, drafts included, before drafts are cut back")
+                   help="most rows a decode step holds, drafts included (within it drafts follow measured step costs)")
 
 
 def add_db_arg(p: argparse.ArgumentParser) -> None:

@@ -75,10 +75,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4  # n-gram lengths tried, longest first
     prompt_lookup_min: int = 2
-    # Speculation is cut back as the batch grows: a decode step holds at most this many rows,
-    # drafts included, before drafts are shortened (and dropped at this many sequences).
-    # Verifying a draft costs a row of the step; past the point where a step's cost stops
-    # being flat in its rows, drafts cost more than they save (docs/speculative.md).
+    # The most rows a decode step holds, drafts included. Within it, drafts are chosen by the
+    # step costs the engine measures (engine/speculation.py): past a few sequences they cost
+    # more than they save, and none are made (docs/speculative.md).
     speculative_max_rows: int = 16
 
     def __post_init__(self) -> None:

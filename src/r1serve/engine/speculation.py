@@ -12,8 +12,8 @@ A verification row costs what a decode row costs (drafts are laid out as decode 
 that cost differs by platform: on a 2-core EPYC a one-sequence step verifying 2 drafts
 costs 1.12x one without on the AVX512 kernels and 1.6x on the AVX2 ones
 (docs/speculative.md). So the table is measured as the engine runs, every decode step
-timed under its row count; a count not yet seen is priced from the nearest one seen below
-it at PRIOR_ROW_COST per row. As the batch grows, each draft's chance must beat the
+timed under its row count; a count not yet seen is extrapolated from those seen below it
+(at least PRIOR_ROW_COST per row). As the batch grows, each draft's chance must beat the
 tokens per row the step already makes, and past a few sequences none does: speculation
 turns itself off. A step never holds more than speculative_max_rows rows.
 
@@ -50,17 +50,23 @@ class StepCosts:
             self.seconds[rows] = seconds if old == 0 else old + STEP_COST_WEIGHT * (seconds - old)
 
     def costs(self) -> list[float]:
-        """[rows]: a step's cost in any consistent unit, non-decreasing in rows."""
-        out, last_seen, last = [0.0], None, 0.0
+        """[rows]: a step's cost in any consistent unit, non-decreasing in rows. A count not
+        seen yet is extrapolated from the seen ones below it: at the per-row slope between
+        the two largest (PRIOR_ROW_COST of a one-row step with fewer), never flatter."""
+        out, seen, last = [0.0], [], 0.0
         for rows in range(1, len(self.seconds)):
             t = self.seconds[rows]
             if t:
-                last_seen = (rows, t)
-            elif last_seen is None:
+                seen.append((rows, t))
+            elif not seen:
                 t = 1 + PRIOR_ROW_COST * (rows - 1)
             else:
-                r0, t0 = last_seen
-                t = t0 * (1 + PRIOR_ROW_COST * (rows - 1)) / (1 + PRIOR_ROW_COST * (r0 - 1))
+                (r1, t1) = seen[-1]
+                slope = t1 * PRIOR_ROW_COST / (1 + PRIOR_ROW_COST * (r1 - 1))
+                if len(seen) > 1:
+                    r0, t0 = seen[-2]
+                    slope = max(slope, (t1 - t0) / (r1 - r0))
+                t = t1 + slope * (rows - r1)
             last = max(last, t)
             out.append(last)
         return out
@@ -125,8 +131,8 @@ class Speculation:
             req.draft_token_ids = drafts
 
     def _plan(self, decoding: list[Request], caps: list[int]) -> list[int]:
-        if not decoding:
-            return []
+        if len(decoding) >= self.max_rows or not any(caps):
+            return [0] * len(decoding)  # no room for a draft: the common case of a full batch
         if not self.adaptive:
             return [min(cap, self.max_rows // len(decoding) - 1) for cap in caps]
         rates = [self._acceptance.get(r.request_id, PRIOR_ACCEPTANCE) for r in decoding]
