@@ -351,9 +351,14 @@ def e2e_rows(args, workdir: Path) -> list[dict]:
     for kind in args.e2e_models.split(","):
         path = random_checkpoint(kind, workdir / kind, args.smoke)
         for conc in [int(c) for c in args.concurrency.split(",")]:
-            for system in ("r1serve", "r1serve --enforce-eager", "transformers"):
-                rows.append({"model": kind, "system": system, "concurrency": conc,
-                             **guarded_e2e(system, path, conc, args)})
+            tokens, speculative = {}, f"r1serve --speculative {'mtp' if kind == 'deepseek' else 'ngram'}"
+            for system in ("r1serve", "r1serve --enforce-eager", speculative, "transformers"):
+                row = guarded_e2e(system, path, conc, args)
+                tokens[system] = row.pop("tokens", None)
+                if system == speculative and "error" not in row:
+                    # Lossless: greedy output with drafts (n-gram on Llama, MTP on DeepSeek) is plain's.
+                    row["same_tokens"] = tokens[system] == tokens["r1serve"]
+                rows.append({"model": kind, "system": system, "concurrency": conc, **row})
                 print(f"  {kind} {system} concurrency {conc}: {rows[-1]}", flush=True)
     return rows
 
@@ -366,7 +371,7 @@ def random_checkpoint(kind: str, path: Path, smoke: bool) -> Path:
     from r1serve.bench.random_checkpoint import DEEPSEEK_V3_BENCH, DEEPSEEK_V3_TINY, VOCAB, write_deepseek_v3, write_tokenizer
 
     if kind == "deepseek":
-        return write_deepseek_v3(path, DEEPSEEK_V3_TINY if smoke else DEEPSEEK_V3_BENCH, mtp=False)
+        return write_deepseek_v3(path, DEEPSEEK_V3_TINY if smoke else DEEPSEEK_V3_BENCH)  # with an MTP layer
     if kind != "llama":
         raise ValueError(f"unknown e2e model {kind!r}; use llama or deepseek")
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -393,31 +398,34 @@ def run_e2e(system: str, path: Path, conc: int, args) -> dict:
     prompt_len, n = 32, (8 if args.smoke else args.output_len)
     g = torch.Generator().manual_seed(conc)
     prompts = torch.randint(1, 384, (conc, prompt_len), generator=g)
+    speculative = system.split("--speculative ")[1] if "--speculative" in system else None
     run = transformers_runner(path, args.device) if system == "transformers" else \
-        r1serve_runner(path, args.device, conc, enforce_eager="--enforce-eager" in system)
+        r1serve_runner(path, args.device, conc, enforce_eager="--enforce-eager" in system, speculative=speculative)
     run(prompts[:1], 4)  # warm-up: compiles, graph capture already done at load
     t0 = time.perf_counter()
-    produced = run(prompts, n)
+    produced, tokens = run(prompts, n)
     seconds = time.perf_counter() - t0
     assert produced == conc * n, f"{system} produced {produced} tokens, expected {conc * n}"
     del run
     gc.collect()  # the engine and its KV cache go before the next system loads
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return {"output_tokens": produced, "seconds": seconds, "tok_s": produced / seconds}
+    return {"output_tokens": produced, "seconds": seconds, "tok_s": produced / seconds, "tokens": tokens}
 
 
-def r1serve_runner(path: Path, device: str, conc: int, enforce_eager: bool):
+def r1serve_runner(path: Path, device: str, conc: int, enforce_eager: bool, speculative: str | None = None):
     from r1serve import LLM, SamplingParams
 
     # On the CPU (--smoke) the twins: the point there is the script, not the C++ kernels.
     llm = LLM(model=str(path), dtype="bfloat16", device=device, max_num_seqs=max(conc, 1), kv_cache_memory_gib=4,
-              max_model_len=1024, enforce_eager=enforce_eager, kernel="auto" if device == "cuda" else "reference")
+              max_model_len=1024, enforce_eager=enforce_eager, kernel="auto" if device == "cuda" else "reference",
+              speculative=speculative, num_speculative_tokens=2)
 
-    def run(prompts, n: int) -> int:
+    def run(prompts, n: int) -> tuple[int, list[list[int]]]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], params)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        return sum(map(len, tokens)), tokens
 
     return run
 
@@ -428,11 +436,12 @@ def transformers_runner(path: Path, device: str):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
 
-    def run(prompts, n: int) -> int:
+    def run(prompts, n: int) -> tuple[int, list[list[int]]]:
         with torch.inference_mode():
             out = model.generate(prompts.to(device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  pad_token_id=0, attention_mask=torch.ones_like(prompts, device=device))
-        return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
+        new = out[:, prompts.shape[1]:]
+        return new.numel(), new.tolist()
 
     return run
 
@@ -459,13 +468,14 @@ def format_kernel_table(results: list[Result]) -> str:
 
 
 def format_e2e_table(rows: list[dict]) -> str:
-    out = [["model", "system", "concurrency", "tok/s", "vs transformers"]]
+    out = [["model", "system", "concurrency", "tok/s", "vs transformers", "same tokens as r1serve"]]
     base = {(r["model"], r["concurrency"]): r.get("tok_s") for r in rows if r["system"] == "transformers"}
     for r in rows:
         ref = base.get((r["model"], r["concurrency"]))
         ratio = f"{r['tok_s'] / ref:.2f}x" if r.get("tok_s") and ref else "-"
+        same = {True: "yes", False: "NO"}.get(r.get("same_tokens"), "")
         out.append([r["model"], r["system"], str(r["concurrency"]),
-                    _num(r.get("tok_s"), ".1f") if "error" not in r else "ERROR " + r["error"][:50], ratio])
+                    _num(r.get("tok_s"), ".1f") if "error" not in r else "ERROR " + r["error"][:50], ratio, same])
     return _table(out)
 
 

@@ -67,6 +67,8 @@ def test_smoke_run_checks_every_kernel_against_its_twin(gpu_check, tmp_path):
     assert kernels == {"paged_decode_attention", "mla_decode_attention", "write_latent", "rotary_kv_write",
                        "add_rms_norm", "fp8_act_quant", "fp8_block_gemm", "fused_moe", "fused_moe_fp8"}
     assert all(r["ok"] and r["error"] is None for r in data["kernels"]), data["kernels"]
-    assert {r["system"] for r in data["e2e"]} == {"r1serve", "r1serve --enforce-eager", "transformers"}
+    assert {r["system"] for r in data["e2e"]} == {"r1serve", "r1serve --enforce-eager", "r1serve --speculative ngram",
+                                                  "transformers"}
+    assert all(r["same_tokens"] for r in data["e2e"] if "--speculative" in r["system"]), data["e2e"]
     assert all(r["tok_s"] > 0 for r in data["e2e"]), data["e2e"]
     assert status == 0

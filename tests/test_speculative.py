@@ -441,7 +441,7 @@ def test_server_streams_the_same_text_and_exports_the_counters(tiny, plain, tmp_
         server.stop()
 
 
-def test_bench_speculative_runs_and_checks_equality(tiny, tmp_path, capsys):
+def test_bench_speculative_reports_speed_acceptance_and_equality(tiny, tmp_path, capsys):
     from r1serve.cli import main
 
     out = tmp_path / "spec.json"
@@ -451,6 +451,7 @@ def test_bench_speculative_runs_and_checks_equality(tiny, tmp_path, capsys):
     assert [(r["workload"], r["concurrency"]) for r in result["rows"]] == [("quote", 1), ("quote", 2), ("chat", 1),
                                                                          ("chat", 2)]
     assert set(result["step_cost_by_drafts"]) == {"0", "1", "2"}
+    assert all(r["same_tokens"] == 1.0 for r in result["rows"])  # float32: exactly plain's tokens
     assert "tok/verify" in capsys.readouterr().out
 
 

@@ -5,8 +5,8 @@
 One process holds two engines on the same model: plain, and with `--speculative ngram` (or
 mtp for a checkpoint with an MTP layer). Each round runs every (workload, concurrency)
 cell on both, in alternating order, so a cell's ratio pairs runs seconds apart on a noisy
-machine; the table gives medians over rounds. Decoding is greedy, so both engines must
-produce the same tokens: the benchmark checks that too.
+machine; the table gives medians over rounds. Decoding is greedy, so both engines should
+produce the same tokens: the table gives the share of requests that did.
 
 Workloads: `quote` asks the model to repeat a passage given in the prompt (the work prompt
 lookup exists for: summaries, code edits, RAG answers, a reasoning model restating the
@@ -75,8 +75,6 @@ def main(args, cache_dir: Path) -> dict:
                 runs[(workload, conc, name)] = _run(engines[name], convs, args.output_len) | {
                     "spec": spec0.since(SpecDecodeStats.from_counters(engines[name].engine.stats()))}
             plain, spec = runs[(workload, conc, "plain")], runs[(workload, conc, "speculative")]
-            if plain["tokens"] != spec["tokens"]:
-                raise AssertionError(f"{workload} at concurrency {conc}: greedy output differs with speculation")
             print(f"  round {i + 1}: {workload} c={conc}: plain {plain['tok_s']:.1f} tok/s, speculative "
                   f"{spec['tok_s']:.1f} tok/s", file=sys.stderr)
         rounds.append(runs)
@@ -143,26 +141,30 @@ def _row(rounds: list[dict], workload: str, conc: int) -> dict:
     ratios = [s["tok_s"] / p["tok_s"] for p, s in zip(plain, spec)]
     stats = sum((s["spec"] for s in spec[1:]), spec[0]["spec"])
     out_tokens = sum(len(t) for s in spec for t in s["tokens"])
+    same = [a == b for p, s in zip(plain, spec) for a, b in zip(p["tokens"], s["tokens"])]
     return {"workload": workload, "concurrency": conc, "plain_tok_s": statistics.median(p["tok_s"] for p in plain),
             "speculative_tok_s": statistics.median(s["tok_s"] for s in spec), "ratio": statistics.median(ratios),
             "ratios_per_round": ratios, "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
             "drafted_per_output_token": stats.num_draft_tokens / out_tokens if out_tokens else 0.0,
-            "tokens_per_request": out_tokens / len(spec) / conc}
+            "tokens_per_request": out_tokens / len(spec) / conc, "same_tokens": sum(same) / len(same)}
 
 
 def _table(rows: list[dict], result: dict) -> str:
     lines = [f"{'workload':>8} {'conc':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'ratio':>6} {'accepted':>9} "
-             f"{'tok/verify':>11} {'drafts/tok':>11} {'per round':>28}"]
+             f"{'tok/verify':>11} {'drafts/tok':>11} {'same':>5} {'per round':>28}"]
     for r in rows:
         lines.append(f"{r['workload']:>8} {r['concurrency']:>5} {r['plain_tok_s']:12.1f} {r['speculative_tok_s']:11.1f} "
                      f"{r['ratio']:5.2f}x {r['acceptance_rate']:9.0%} {r['mean_accepted_length']:11.2f} "
-                     f"{r['drafted_per_output_token']:11.2f} {' '.join(f'{x:.2f}' for x in r['ratios_per_round']):>28}")
+                     f"{r['drafted_per_output_token']:11.2f} {r['same_tokens']:5.0%} "
+                     f"{' '.join(f'{x:.2f}' for x in r['ratios_per_round']):>28}")
     costs = result["step_cost_by_drafts"]
     lines.append("\none sequence's decode step verifying k drafts (x no drafts): "
                  + ", ".join(f"k={k}: {c:.2f}x" for k, c in costs.items()))
     m = result["machine"]
-    lines.append(f"\ndrafts/tok 0: speculation turned itself off at that batch (speculative_max_rows); "
-                 f"peak RSS of the process holding both engines {result['peak_rss_mib']:.0f} MiB")
+    lines.append(f"\ndrafts/tok 0: speculation turned itself off at that batch; same: requests whose greedy "
+                 f"tokens match plain's (in bf16 a near-tie can flip with the batch or the prefix-cache state, "
+                 f"drafts or not; the float32 tests check exact equality); peak RSS of the process holding "
+                 f"both engines {result['peak_rss_mib']:.0f} MiB")
     lines.append(f"machine: {m['model']}; {', '.join(m['isa']) or 'no vector ISA flags read'}")
     return "\n".join(lines)
