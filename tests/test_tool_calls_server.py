@@ -179,11 +179,14 @@ def test_langchain_bind_tools_and_structured_output(hermes):
 # ---- R1: reasoning, then calls in DeepSeek's format ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def r1(tmp_path_factory):
+# With speculative decoding by the MTP layer too: drafts go through the reasoning budget, the
+# tool-call grammar and the streamed parser like any token.
+@pytest.fixture(scope="module", params=[[], ["--speculative", "mtp", "--num-speculative-tokens", "2"]],
+                ids=["plain", "mtp-speculative"])
+def r1(request, tmp_path_factory):
     path = write_deepseek_v3(tmp_path_factory.mktemp("r1tools"), DEEPSEEK_V3_TINY, r1_tokenizer=True, tool_tokens=True)
-    server = ServerProcess([str(path), "--served-model-name", "r1-tiny", "--dtype", "float32", "--threads", "1"],
-                           tmp_path_factory.mktemp("r1tools-log") / "server.log")
+    server = ServerProcess([str(path), "--served-model-name", "r1-tiny", "--dtype", "float32", "--threads", "1",
+                            *request.param], tmp_path_factory.mktemp("r1tools-log") / "server.log")
     yield openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
     server.stop()
 

@@ -9,8 +9,8 @@ this engine measured a decode step to cost at each number of rows (StepCosts):
     maximises (B + sum of their probabilities) / cost(B + n).
 
 A verification row costs what a decode row costs (drafts are laid out as decode rows), and
-that cost differs by platform: on a 2-core EPYC a one-sequence step verifying 2 drafts
-costs 1.12x one without on the AVX512 kernels and 1.6x on the AVX2 ones
+that cost differs by platform: on a 2-core EPYC a one-sequence step verifying 4 drafts
+cost 1.10-1.40x one without on the AVX512 kernels and 1.54-1.61x on the AVX2 ones
 (docs/speculative.md). So the table is measured as the engine runs, every decode step
 timed under its row count; a count not yet seen is extrapolated from those seen below it
 (at least PRIOR_ROW_COST per row). As the batch grows, each draft's chance must beat the
