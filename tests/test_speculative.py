@@ -1,11 +1,12 @@
 """Speculative decoding: lossless and exact.
 
-Greedy output is the same tokens with drafts as without (n-gram drafts on tiny Llama and the
-real SmolLM2, MTP drafts on a tiny DeepSeek-V3 with a real random MTP layer), batched, over
-prefix-cache hits, chunked prefill and preemption, with no KV block left behind; sampled
-output keeps its distribution (chi-square against the exact one); every stop inside an
+Greedy output is the same tokens with n-gram drafts as without (tiny Llama and the real
+SmolLM2), batched, over prefix-cache hits, chunked prefill, preemption and tensor
+parallelism, with no KV block left behind; sampled output keeps its distribution
+(chi-square against the exact one) and a seeded request its tokens; every stop inside an
 accepted run lands where it would without drafts; the counters count what was drafted and
-accepted; the MTP layer's forward matches a plain-torch twin built on transformers' layer.
+accepted; the policy plans by measured step costs; the server and the benchmarks report it.
+DeepSeek's MTP drafter: test_deepseek_mtp.py.
 """
 from __future__ import annotations
 
@@ -19,37 +20,11 @@ import torch
 from r1serve import LLM, SamplingParams, StructuredOutputsParams
 from r1serve.engine.drafter import Drafter
 from r1serve.engine.speculation import Speculation, StepCosts, plan_drafts
-from r1serve.errors import ModelLoadError
 from r1serve.sampling_params import ReasoningSpec
 
-from tiny_models import make_deepseek_v3
+from spec_runs import GREEDY, PROMPTS, REPEAT, assert_idle, make, outputs, token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REPEAT = [5, 17, 42, 99, 3, 250, 7] * 3
-PROMPTS = [REPEAT, [11, 12], list(range(40, 77)), [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 2]
-GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-
-
-def make(path, speculative=None, **kw) -> LLM:
-    opts = {"dtype": "float32", "num_kv_blocks": 64, "block_size": 8, "speculative": speculative, **kw}
-    if speculative == "ngram":
-        opts.setdefault("prompt_lookup_min", 1)
-    return LLM(model=str(path), **opts)
-
-
-def outputs(llm: LLM, prompts, params=GREEDY):
-    return [r.outputs for r in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
-
-
-def token_ids(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
-    return [o[0].token_ids for o in outputs(llm, prompts, params)]
-
-
-def assert_idle(llm: LLM) -> None:
-    engine = llm.engine
-    assert not engine.scheduler.has_unfinished()
-    assert engine.kv.pool.num_free == engine.num_kv_blocks  # every block back, rejected drafts' too
 
 
 @pytest.fixture(scope="module")
@@ -313,99 +288,6 @@ def test_step_costs_are_measured_and_priced_from_below_where_unseen():
     assert got[5] == pytest.approx(0.016 + 2 * 0.003)  # at the slope from 1 to 3 rows, 3 ms a row
     costs.observe(4, 0.001)  # noise below a smaller count's cost: never priced cheaper than it
     assert costs.costs()[4] == 0.016
-
-
-# ---- DeepSeek MTP --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_deepseek_v3(tmp_path_factory.mktemp("dsv3-mtp"))
-
-
-@pytest.mark.parametrize("opts", [{}, dict(num_kv_blocks=14), dict(enable_chunked_prefill=True,
-                                                                  max_num_batched_tokens=8)],
-                         ids=["batched", "preemption", "chunked-prefill"])
-def test_mtp_greedy_is_identical(dsv3, opts):
-    prompts = PROMPTS[:3] if opts else PROMPTS
-    want = token_ids(make(dsv3, **opts), prompts)
-    llm = make(dsv3, "mtp", num_speculative_tokens=2, **opts)
-    assert token_ids(llm, prompts) == want
-    assert token_ids(llm, prompts) == want  # over prefix-cache hits: the hit's last block recomputed
-    assert llm.engine.stats()["spec_num_drafts"] > 0
-    assert_idle(llm)
-
-
-def _mtp_twin(path, tokens: list[int], chain: list[int]) -> list[torch.Tensor]:
-    """The MTP layer in plain torch around transformers' own decoder layer, over the whole
-    sequence at once: the logits (V,) after the last position, then after each draft of
-    `chain` fed back as the next position's token (with the layer's output as its H)."""
-    import transformers
-    from safetensors.torch import load_file
-
-    main = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    L = main.config.num_hidden_layers
-    full = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=L + 1,
-                                                             attn_implementation="eager").eval()
-    w = load_file(path / "model.safetensors")
-
-    def norm(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + main.config.rms_norm_eps) * \
-            w[f"model.layers.{L}.{name}.weight"]
-
-    ids = torch.tensor(tokens)
-    logits = []
-    with torch.no_grad():
-        H = main.model(ids[None, :-1]).last_hidden_state[0]  # (n, hidden) after the final norm, positions 0..n-1
-        emb = main.model.embed_tokens(ids[1:]).clone()  # t[p+1]
-        emb[0] = 0.0  # position 0 masked
-        for i in range(len(chain) + 1):
-            x = torch.cat([norm(emb, "enorm"), norm(H, "hnorm")], -1) @ w[f"model.layers.{L}.eh_proj.weight"].T
-            n = x.shape[0]
-            pos = torch.arange(n)[None]
-            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-            out = full.model.layers[L](x[None], attention_mask=mask, position_ids=pos,
-                                       position_embeddings=full.model.rotary_emb(x[None], pos))
-            normed = norm((out[0] if isinstance(out, tuple) else out)[0], "shared_head.norm")
-            logits.append(main.lm_head(normed[-1]))
-            if i < len(chain):
-                emb = torch.cat([emb, main.model.embed_tokens(torch.tensor([chain[i]]))])
-                H = torch.cat([H, normed[-1:]])
-    return logits
-
-
-def test_mtp_forward_matches_a_plain_torch_twin(dsv3):
-    llm = make(dsv3, "mtp", num_speculative_tokens=3)
-    engine, prompt = llm.engine, PROMPTS[2]
-    engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
-    engine.step()  # the prefill: samples t_n, then the MTP layer runs over every prompt position
-    req = engine.scheduler.running[0]
-    drafter = engine.speculation.drafter
-    head = drafter.head("r")
-    assert head.position == len(prompt) - 1
-    with torch.inference_mode():
-        got_first = engine.loaded.model.compute_logits(head.hidden[None])[0]
-    drafts = drafter.propose([req], [3])[0]
-    want = _mtp_twin(dsv3, req.token_ids, drafts[:2])
-    torch.testing.assert_close(got_first, want[0], atol=1e-4, rtol=1e-4)
-    assert drafts == [int(lg.argmax()) for lg in want]  # the chain, fed its own drafts, agrees to the end
-    engine.abort_request("r")
-    engine.step()
-    assert_idle(llm)
-
-
-def test_mtp_is_refused_where_there_is_no_mtp_layer(tiny, tmp_path):
-    with pytest.raises(ModelLoadError, match="multi-token-prediction"):
-        make(tiny, "mtp")
-    no_mtp = make_deepseek_v3(tmp_path / "no-mtp", mtp=False)
-    with pytest.raises(ModelLoadError, match="no multi-token-prediction tensors"):
-        make(no_mtp, "mtp")
-    config = json.loads((no_mtp / "config.json").read_text())
-    (no_mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 0}))
-    with pytest.raises(ModelLoadError, match="num_nextn_predict_layers >= 1"):
-        make(no_mtp, "mtp")
-    with pytest.raises(ValueError, match="one rank"):
-        make(tiny, "mtp", tensor_parallel_size=2)
 
 
 # ---- through the server -------------------------------------------------------------------------
