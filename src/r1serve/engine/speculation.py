@@ -18,8 +18,8 @@ tokens per row the step already makes, and past a few sequences none does: specu
 turns itself off. A step never holds more than speculative_max_rows rows.
 
 Within that, a request drafts at most num_speculative_tokens, nothing past max_tokens or
-max_model_len, and one whose guesses keep failing stops paying for them (one token is
-tried every PROBE_EVERY steps, to notice a change). A request being forced (a reasoning
+max_model_len, and one whose guesses failed until even alone it would not draft tries one
+token once per PROBE_EVERY x B steps, to notice a change. A request being forced (a reasoning
 budget's end marker), or whose grammar is not past its reasoning, drafts nothing; a
 constrained request's drafts are cut at the first token its grammar refuses.
 """
