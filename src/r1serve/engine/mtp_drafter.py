@@ -79,7 +79,8 @@ class MTPDrafter(Drafter):
         last = 0
         for req, start, ids in zip(reqs, rows.starts, rows.token_ids):
             last += len(ids)
-            self._heads[req.request_id] = MTPHead(start + len(ids) - 1, out[last - 1])
+            # A copy: a view would keep the whole step's output (a long prefill's) alive.
+            self._heads[req.request_id] = MTPHead(start + len(ids) - 1, out[last - 1].clone())
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], ks: list[int]) -> list[list[int]]:
