@@ -8,11 +8,17 @@ PROMPTS = [REPEAT, [11, 12], list(range(40, 77)), [300, 1, 2, 3, 4, 5, 6, 7, 8, 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
-def make(path, speculative=None, **kw) -> LLM:
+def make(path, speculative=None, adaptive: bool = False, **kw) -> LLM:
+    """A float32 engine; with speculation not adaptive by default: every request drafts all
+    it may at every step, so that what a test checks goes through drafts whatever the step
+    times measured on a busy machine would make the policy choose."""
     opts = {"dtype": "float32", "num_kv_blocks": 64, "block_size": 8, "speculative": speculative, **kw}
     if speculative == "ngram":
         opts.setdefault("prompt_lookup_min", 1)
-    return LLM(model=str(path), **opts)
+    llm = LLM(model=str(path), **opts)
+    if speculative is not None:
+        llm.engine.speculation.adaptive = adaptive
+    return llm
 
 
 def outputs(llm: LLM, prompts, params=GREEDY):

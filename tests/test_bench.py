@@ -72,13 +72,15 @@ def test_r1serve_cell_generates_every_token(tiny, tmp_path):
 def test_http_cell_counts_tokens_from_the_servers_usage(tiny, tmp_path):
     parser = argparse.ArgumentParser()
     add_args(parser)
-    args = parser.parse_args(["--model", str(tiny), "--output-len", "8", "--dtype", "float32"])
+    # 3 x 64 tokens: enough streamed chunks that the API server's CPU time, which /proc counts
+    # in clock ticks (10 ms), is sure to reach one.
+    args = parser.parse_args(["--model", str(tiny), "--output-len", "64", "--dtype", "float32"])
     args.cache_dir = str(tmp_path)
     t0 = time.perf_counter()
-    row = run_cell(args, "http", 3, tmp_path)  # asserts every one of the 3 x 8 tokens came back
+    row = run_cell(args, "http", 3, tmp_path)  # asserts every one of the 3 x 64 tokens came back
     wall = time.perf_counter() - t0
     assert row["system"] == "http"
-    assert_rate_counts_every_token(row, 3 * 8, wall)
+    assert_rate_counts_every_token(row, 3 * 64, wall)
     # The server's peak is its own process tree's, which holds an engine process with torch
     # imported: more than a bare `import torch` takes here, less than the machine has.
     assert torch_import_peak_mib() < row["peak_rss_mib"] < machine_memory_mib()
