@@ -74,10 +74,10 @@ def draft_positions(requests: list[Request], drafts: list[tuple[int, ...]]) -> l
 
 
 def verify(processed: torch.Tensor, argmax: list[int], requests: list[Request],
-           drafts: list[tuple[int, ...]]) -> list[list[int]]:
-    """processed: (rows, V) logits after penalties and masks, rows as draft_positions lays
-    them out; argmax: their greedy tokens. Returns each request's emitted tokens."""
-    rows = draft_positions(requests, drafts)
+           drafts: list[tuple[int, ...]], rows: list[Request | DraftPosition]) -> list[list[int]]:
+    """processed: (rows, V) logits after penalties and masks, laid out as `rows`
+    (draft_positions(requests, drafts), which the caller already built for the penalties);
+    argmax: their greedy tokens. Returns each request's emitted tokens."""
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     probs = filtered_probs(processed[random_rows], [rows[i] for i in random_rows]) if random_rows else None
     where = {row: i for i, row in enumerate(random_rows)}

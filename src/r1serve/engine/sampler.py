@@ -55,7 +55,7 @@ class Sampler:
         logits = self._apply_penalties(logits, rows)
         if masks is not None:
             masks(logits)
-        emitted = verify(logits, self.argmax_rows(logits).tolist(), requests, drafts)
+        emitted = verify(logits, self.argmax_rows(logits).tolist(), requests, drafts, rows)
         out, offset = [], 0
         for req, d, tokens in zip(requests, drafts, emitted):
             k = req.params.logprobs
