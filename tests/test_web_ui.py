@@ -128,8 +128,11 @@ def test_answer_streams_in_and_history_is_sent(page, ui_server):
     count_answer_updates(page)
     send(page, "Name a colour.", model="smollm2")
 
-    turn = last_turn(page)
+    # Bound by index, not `.last`: a locator resolves again at each use, and after the second
+    # send `.last` is the second answer.
+    turn = page.locator(".turn.assistant").nth(0)
     expect(turn.locator(".answer")).not_to_be_empty()
+    answer = turn.locator(".answer").inner_text()  # what the page showed, read before the next send
     assert page.evaluate("window.answerUpdates") >= 2, "the answer arrived in one piece, not streamed"
     expect(turn.locator("details.reasoning")).to_be_hidden()  # SmolLM2 has no reasoning parser
     expect(turn.locator(".meta")).to_contain_text("completion tokens")  # from the include_usage chunk
@@ -137,11 +140,12 @@ def test_answer_streams_in_and_history_is_sent(page, ui_server):
     expect(page.locator("#stop")).to_be_disabled()
 
     send(page, "And another one.")
+    expect(page.locator(".turn.assistant")).to_have_count(2)
+    assert turn.locator(".answer").inner_text() == answer  # the first answer is left as it was
     first, second = (body for body, _ in bodies)
     assert first | {"messages": None} == {"model": "smollm2", "messages": None, "stream": True,
                                           "stream_options": {"include_usage": True}, "temperature": 0,
                                           "top_p": 0.95, "max_tokens": 24}
-    answer = turn.locator(".answer").inner_text()
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert second["messages"][1]["content"].strip() == answer.strip()
     assert all("authorization" not in headers for _, headers in bodies)  # no key entered: no header
