@@ -144,3 +144,47 @@ def test_llama_server_cell_runs_against_any_openai_endpoint(tiny, tmp_path):
     args.llama_server_url = None
     with pytest.raises(ValueError, match="needs --llama-server-url"):
         run_cell(args, "llama-server", 1, tmp_path)
+
+
+def test_first_token_skips_events_without_text():
+    """A server may send events before its first token (llama-server reports a long prompt's
+    progress): TTFT is the first event carrying text, not the first bytes."""
+    events = [b'data: {"prompt_progress":{"processed":512}}\n\n', b'data: {"choices":[{"text":"a"}]}\n\n',
+              b'data: {"choices":[],"usage":{"completion_tokens":1}}\n\n', b"data: [DONE]\n\n"]
+    stream = StreamedResponse(post_request("127.0.0.1", "/v1/completions", {"prompt": "hi"}))
+    stream.feed(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    for e in events:
+        stream.feed(b"%x\r\n%s\r\n" % (len(e), e))
+        time.sleep(0.01)
+    stream.feed(b"0\r\n\r\n")
+    assert stream.complete and stream.first_token_s > stream.first_body_s + 0.005
+    assert stream.last_body_s >= stream.first_token_s
+
+
+def test_vs_llama_server_measures_a_real_server(tmp_path):
+    """One server's round of `bench vs-llama-server` (start, decode at 1 and 2 streams,
+    prefill, peak memory) against a real `r1serve serve` of a small GGUF; and the table's
+    ratios are paired within rounds."""
+    from gguf_models import write_model
+
+    from r1serve.bench.arguments import add_vs_llama_server_args
+    from r1serve.bench.vs_llama_server import Round, Server, _free_port, commands, measure, report
+
+    path = write_model(tmp_path / "m.gguf", "qwen2", "q4_k_m")
+    parser = argparse.ArgumentParser()
+    add_vs_llama_server_args(parser)
+    args = parser.parse_args([str(path), "--llama-server", "/nonexistent", "--streams", "1,2", "--decode-tokens", "6",
+                              "--prompt-tokens", "64", "--context", "512", "--threads", "1",
+                              "--r1serve-args", "--dtype", "float32"])
+    port = _free_port()
+    cmd = commands(args, port, 0.01)["r1serve"]
+    assert cmd[-2:] == ["--dtype", "float32"] and "--no-webui" in commands(args, port, 0.01)["llama-server"]
+    r = measure(Server("r1serve", cmd, port), args, "t")
+    assert r.start_s > 0 and set(r.decode_tok_s) == {1, 2} and all(v > 0 for v in r.decode_tok_s.values())
+    assert 40 <= r.prompt_tokens < 512 and r.prefill_tok_s > 0 and 0 < r.peak_mib < machine_memory_mib()
+    rounds = [Round("r1serve", 2.0, {1: 20.0}, 100.0, 60, 900.0), Round("llama-server", 1.0, {1: 10.0}, 50.0, 60, 1000.0),
+              Round("r1serve", 4.0, {1: 10.0}, 40.0, 60, 900.0), Round("llama-server", 1.0, {1: 10.0}, 50.0, 60, 1000.0)]
+    args.streams = [1]
+    table = report(rounds, args)
+    assert table["start (s)"]["ratio"] == 3.0 and table["decode, 1 stream (tok/s)"]["ratio"] == 1.5
+    assert table["peak memory (MiB)"]["ratio"] == 0.9

@@ -98,6 +98,20 @@ def test_bad_sampling_flag_is_an_error_before_loading(capsys, tiny, monkeypatch)
     assert err.startswith("error: ") and "temperature=-1.0" in err and ">= 0" in err
 
 
+def test_serve_on_a_taken_port_fails_before_loading(capsys, tiny, monkeypatch):
+    import socket
+
+    from r1serve.engine import engine_core
+
+    monkeypatch.setattr(engine_core.ProcessCore, "spawn", lambda self: pytest.fail("an engine started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out, err = run(capsys, "serve", *engine_args(tiny), "--port", str(port))
+    assert rc == 2 and out == "" and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
 def test_bad_choice_is_an_argparse_error(capsys, tiny):
     with pytest.raises(SystemExit) as ei:
         main(["generate", str(tiny), "--prompt", "x", "--dtype", "float64"])

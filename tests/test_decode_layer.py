@@ -42,10 +42,10 @@ def _greedy(llm):
 
 @pytest.mark.parametrize("isa", _runnable_isas())
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("opts", [dict(dtype="float32", group_quant="int4"),
-                                  dict(dtype="float32", group_quant="int8"),
-                                  dict(dtype="bfloat16", group_quant="int4", group_quant_max_rows=2)],
-                         ids=["float32-int4", "float32-int8", "bf16-int4-up-to-2-rows"])
+@pytest.mark.parametrize("opts", [dict(dtype="float32", quantization="int4"),
+                                  dict(dtype="float32", quantization="int8"),
+                                  dict(dtype="bfloat16", quantization="int4")],
+                         ids=["float32-int4", "float32-int8", "bf16-int4"])
 def test_whole_layer_kernel_is_the_modules_bit_for_bit(checkpoints, arch, opts, isa):
     if cpu_kernels(isa) is None:
         pytest.skip(f"the {isa} build could not be compiled here")
@@ -54,7 +54,7 @@ def test_whole_layer_kernel_is_the_modules_bit_for_bit(checkpoints, arch, opts, 
     bound = {b.op: b for b in llm.engine.kernels}["decode_layer"]
     assert bound.kernel == f"csrc/{isa}" and bound.modules == len(layers)
     assert all(layer.decode_layer != layer.run_modules for layer in layers)
-    fused = _greedy(llm)  # bf16: batches past the groups' 2 rows run the modules
+    fused = _greedy(llm)
     for layer in layers:
         layer.decode_layer = layer.run_modules
     assert _greedy(llm) == fused
@@ -62,8 +62,8 @@ def test_whole_layer_kernel_is_the_modules_bit_for_bit(checkpoints, arch, opts, 
 
 
 def test_other_layers_keep_their_modules(checkpoints, tmp_path):
-    dense = LLM(str(checkpoints["llama"]), dtype="float32", group_quant="off", num_kv_blocks=32)
-    assert {b.op: b.kernel for b in dense.engine.kernels}["decode_layer"] == "reference"  # no groups: dense GEMMs
+    dense = LLM(str(checkpoints["llama"]), dtype="float32", quantization="none", num_kv_blocks=32)
+    assert {b.op: b.kernel for b in dense.engine.kernels}["decode_layer"] == "reference"  # dense GEMMs
     mla = LLM(str(make_deepseek_v3(tmp_path / "v3")), dtype="float32", num_kv_blocks=32)
     assert {b.op: b.kernel for b in mla.engine.kernels}["decode_layer"] == "reference"  # MLA + MoE
     assert all(layer.decode_layer == layer.run_modules for layer in _layers(mla))

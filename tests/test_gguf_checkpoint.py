@@ -383,6 +383,22 @@ def test_random_bytes(tmp_path):
         GGUFCheckpoint.open(path)
 
 
+def test_header_reader_reads_what_gguf_py_reads(smollm2_gguf, tiny_qwen2, every_type):
+    """r1serve's one-pass header reader (models/gguf_file.py) against gguf-py's GGUFReader:
+    every metadata value, and every tensor's name, type, shape, offset, size and data."""
+    from r1serve.models.gguf_file import GGUFFile
+
+    for path in (smollm2_gguf, tiny_qwen2, every_type[0].path):
+        ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+        fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert ours.metadata == fields, path
+        assert len(ours.tensors) == len(theirs.tensors)
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert (a.name, a.tensor_type, a.shape, a.data_offset, a.n_bytes) == \
+                (b.name, b.tensor_type, tuple(int(d) for d in b.shape), b.data_offset, b.n_bytes)
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+
+
 @pytest.mark.parametrize("keep", [0.05, 0.5, 0.98])
 def test_truncated_file(tiny_qwen2, tmp_path, keep):
     data = tiny_qwen2.read_bytes()

@@ -10,7 +10,6 @@ from r1serve.kernels.cpu_decode_attention import cpu_attention, decode_attention
 from r1serve.kernels.cpu_extension import cpu_kernels
 from r1serve.kernels.cpu_paged_decode import paged_decode_attention
 from r1serve.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
-from r1serve.kernels.int8_weight_linear import int8_linear, int8_linear_reference, quantize_per_channel
 from r1serve.kernels.onednn_linear import (CANDIDATE_ROWS, PAD_TO_ROWS, measure_padding, pack_weight, packed_linear,
                                            packing_available)
 from r1serve.platforms.cpu.linear import CpuLinear
@@ -74,24 +73,6 @@ def test_write_kv_lands_in_the_right_slots():
     assert torch.equal(vc[2, 1, 0], -k[0, 0]) and kc.abs().sum() == k.sum()
 
 
-def test_int8_quantization_error_is_bounded():
-    w = torch.randn(64, 96)
-    q, scales = quantize_per_channel(w)
-    assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_int8_linear_matches_twin(rows):
-    torch.manual_seed(0)
-    w = torch.randn(96, 64)
-    q, scales = quantize_per_channel(w)
-    x = torch.randn(rows, 64).bfloat16()
-    got = int8_linear(x, q, scales.bfloat16()).float()
-    expected = int8_linear_reference(x, q, scales.bfloat16()).float()
-    torch.testing.assert_close(got, expected, atol=0.1, rtol=2e-2)
-
-
 needs_onednn = pytest.mark.skipif(not packing_available(), reason="oneDNN bf16 GEMM not available on this CPU")
 
 
@@ -105,17 +86,18 @@ def test_packed_linear_is_bit_identical_to_twin(rows):
 
 
 @needs_onednn
-def test_cpu_linear_switches_on_row_count():
+def test_cpu_linear_packed_for_onednn_is_the_dense_linear():
     torch.manual_seed(0)
     dense = nn.Linear(64, 32, bias=True).bfloat16()
-    layer = CpuLinear(dense, int8_max_rows=4, pack=True)
-    small, big = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
-    assert torch.equal(layer(big), dense(big))  # packed bf16 path: exact
-    torch.testing.assert_close(layer(small).float(), dense(small).float(), atol=0.1, rtol=0.05)
-    assert not torch.equal(layer(small), dense(small))  # the int8 path really ran
-    assert layer.weight is None  # the packed copy replaced it
-    unpacked = CpuLinear(dense, int8_max_rows=0, pack=False)
-    assert torch.equal(unpacked(big), dense(big)) and unpacked.weight is dense.weight
+    w = dense.weight.detach()
+    layer = CpuLinear(32, 64, dense.bias, dense=w, pack=True)
+    for rows in (1, 2, 8, 40):
+        x = torch.randn(rows, 64).bfloat16()
+        assert torch.equal(layer(x), dense(x))  # packed bf16: exact at every batch size
+    assert layer.weight is None and layer.packed is not None  # the packed copy replaced it
+    unpacked = CpuLinear(32, 64, dense.bias, dense=w, pack=False)
+    x = torch.randn(8, 64).bfloat16()
+    assert torch.equal(unpacked(x), dense(x)) and unpacked.weight is w
 
 
 @needs_onednn
@@ -125,7 +107,7 @@ def test_padded_small_batches_match_the_unpadded_rows(rows):
     bf16 accumulation order); rows outside the band are not padded at all."""
     torch.manual_seed(0)
     dense = nn.Linear(96, 80, bias=True).bfloat16()
-    layer = CpuLinear(dense, int8_max_rows=0, pack=True)
+    layer = CpuLinear(80, 96, dense.bias, dense=dense.weight.detach(), pack=True)
     layer.pad_from_rows = 8
     x = torch.randn(rows, 96).bfloat16()
     got = layer(x)

@@ -108,25 +108,25 @@ def test_layouts_that_cannot_split_are_refused_clearly(checkpoints, tmp_path):
 def test_gguf_tensor_parallel_matches_one_rank(smollm2_gguf):
     # Three ranks: SmolLM2 has 9 heads and 3 KV heads. Quantized blocks split by rows (q/k/v,
     # gate/up, the vocabulary) and by whole blocks of columns (o_proj, down_proj).
-    from r1serve.kernels.group_quant_linear import dequantize_groups
+    from r1serve.kernels.quantized_weight import dequantize
 
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
     opts = dict(dtype="float32", max_model_len=512, kv_cache_memory_gib=0.1)
     # Dense weights dequantized from each rank's blocks: the sums differ only in their order.
     runs = []
     for tp in (1, 3):
-        with LLM(str(smollm2_gguf), **opts, group_quant="off", tensor_parallel_size=tp) as llm:
+        with LLM(str(smollm2_gguf), **opts, quantization="none", tensor_parallel_size=tp) as llm:
             runs.append(completion(llm.generate(["The capital of France is"], params)[0].outputs[0]))
     assert_same(runs[1:], runs[:1])
-    # The int4 kernels: each rank's groups are exactly its slice of one rank's. (Their greedy
+    # The quantized kernels: each rank's packed weights are exactly its slice of one rank's. (Their greedy
     # tokens may part after a few steps: the activations' int8 rounding magnifies the ULPs
     # by which the all-reduced sums differ, as in any tensor-parallel engine's quantized GEMMs.)
     with LLM(str(smollm2_gguf), **opts) as one, LLM(str(smollm2_gguf), **opts, tensor_parallel_size=3) as three:
         whole, part = (dict(llm.engine.loaded.model.named_modules()) for llm in (one, three))
         layer = "model.layers.3."
-        w = {n: dequantize_groups(whole[layer + n].grouped) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+        w = {n: dequantize(whole[layer + n].quantized) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
                                                                      "mlp.gate_up_proj", "mlp.down_proj")}
-        got = {n: dequantize_groups(part[layer + n].grouped) for n in w}
+        got = {n: dequantize(part[layer + n].quantized) for n in w}
         q, kv = 3 * 64, 64  # rank 0's heads: 3 of 9 query heads, 1 of 3 KV heads
         assert torch.equal(got["self_attn.qkv_proj"], torch.cat([w["self_attn.qkv_proj"][:q],
                                                                  w["self_attn.qkv_proj"][576:576 + kv],
@@ -135,7 +135,7 @@ def test_gguf_tensor_parallel_matches_one_rank(smollm2_gguf):
         assert torch.equal(got["mlp.gate_up_proj"], torch.cat([w["mlp.gate_up_proj"][:512],
                                                                w["mlp.gate_up_proj"][1536:1536 + 512]]))
         assert torch.equal(got["mlp.down_proj"], w["mlp.down_proj"][:, :512])
-        assert torch.equal(dequantize_groups(part["lm_head"].grouped), dequantize_groups(whole["lm_head"].grouped)[:16384])
+        assert torch.equal(dequantize(part["lm_head"].quantized), dequantize(whole["lm_head"].quantized)[:16384])
 
 
 # ---- the replica router -------------------------------------------------------------------------

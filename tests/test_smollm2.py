@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct GGUF: r1serve's greedy output against transformers
 loading the same file, token for token, one at a time and batched, with the dense float32
-weights; with the quantized paths on (int4/int8 groups, activations quantized per 32), the
-documented tolerance (docs/performance.md, "Quantized paths")."""
+weights; with the file's own blocks packed for the quantized GEMM (activations quantized
+per 32), the documented tolerance (docs/performance.md, "Quantized paths")."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,7 @@ N = 64
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):
-    return LLM(str(smollm2_gguf), dtype="float32", group_quant="off")  # dense float32: exact
+    return LLM(str(smollm2_gguf), dtype="float32", quantization="none")  # dense float32: exact
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +97,21 @@ def _runnable(isa):
 
 
 @pytest.mark.parametrize("opts", [
-    dict(dtype="float32"),  # what a CPU without native bf16 runs: groups serve every batch
+    dict(dtype="float32"),  # what a CPU without native bf16 runs
     pytest.param(dict(dtype="float32", cpu_isa="avx2"), marks=pytest.mark.skipif(not _runnable("avx2"), reason="no AVX2")),
     dict(),  # dtype auto
-], ids=["float32-groups", "float32-groups-avx2", "auto"])
+], ids=["float32-blocks", "float32-blocks-avx2", "auto"])
 def test_quantized_paths_stay_within_the_documented_tolerance(smollm2_gguf, hf_model, reference, llm, opts):
     """Teacher-forced along transformers' own greedy continuations: the next-token
     distributions stay within KL 0.01 nats on average (0.05 at worst) and the greedy token
     agrees at >= 90% of positions. A wrong kernel puts KL near or above 1."""
     fast = LLM(str(smollm2_gguf), num_kv_blocks=64, **opts)
     linears = [m for m in fast.engine.runner.model.modules() if type(m).__name__ == "CpuLinear"]
-    assert linears and all(m.grouped is not None for m in linears)  # the quantized paths are on
+    assert linears and all(m.quantized is not None for m in linears)  # the file's blocks serve every batch
     engine = fast.engine
-    # float32: the tied embedding's rows come from the lm_head's int8 groups (Q8_0's codes)
+    # The tied embedding's rows come from the same packed table as the lm_head (Q8_0's codes)
     embed = engine.runner.model.model.embed_tokens
-    assert (embed.weight is None and embed.grouped is not None) == (engine.loaded.dtype == torch.float32)
+    assert embed.weight is None and embed.table is fast.engine.runner.model.lm_head.quantized
     assert engine.kv_dtype == torch.bfloat16  # kv_cache_dtype auto under the rounded activations too
     for conv, continuation in zip(CONVERSATIONS[2:], reference[2:]):
         prompt = llm.chat_prompt(conv)["prompt_token_ids"]

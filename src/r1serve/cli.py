@@ -9,7 +9,8 @@ from pathlib import Path
 
 # Only flag definitions at import: building the parser must not load torch, FastAPI or the
 # load generator (each command imports what it runs).
-from r1serve.bench.arguments import add_offline_args, add_random_model_args, add_serve_args, add_speculative_args
+from r1serve.bench.arguments import (add_offline_args, add_random_model_args, add_serve_args, add_speculative_args,
+                                     add_vs_llama_server_args)
 from r1serve.planner.cli import add_args as add_hw_args
 from r1serve.errors import R1ServeError
 from r1serve.tool_calls import PARSERS as TOOL_PARSERS
@@ -34,11 +35,10 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kernel", default="auto", choices=["auto", "reference"],
                    help="'reference' runs the plain-torch twins of every kernel")
-    p.add_argument("--int8-small-batch", default="auto", choices=["auto", "on", "off"],
-                   help="int8 weight copies for small decode batches on the CPU (auto: on for GGUF models)")
-    p.add_argument("--group-quant", default="auto", choices=["auto", "int4", "int8", "off"],
-                   help="int4/int8 group-quantized weights on the CPU (auto: each linear as its GGUF stores it, "
-                        "e.g. Q4_1 -> int4; 'off' keeps dense float weights)")
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "int4", "int8", "none"],
+                   help="how weights are held on the CPU. auto: a GGUF's quantized matrices in their own block "
+                        "form (Q4_K, Q6_K, Q8_0, ...), float ones in the model's dtype; int4/int8: float matrices "
+                        "quantized once at load; none: every weight dense (dequantized), the exact path")
     p.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "neon", "scalar"],
                    help="vector ISA of the CPU kernels (auto: the CPU's best; a lower one measures what such CPUs run)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -85,7 +85,7 @@ def engine_options(args) -> dict:
     return dict(device=args.device, max_model_len=args.max_model_len, kv_cache_memory_gib=args.kv_cache_memory_gib,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, kernel=args.kernel, num_threads=args.threads,
-                int8_small_batch=args.int8_small_batch, group_quant=args.group_quant, enforce_eager=args.enforce_eager,
+                quantization=args.quantization, enforce_eager=args.enforce_eager,
                 cpu_isa=args.cpu_isa, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
                 data_parallel_size=args.data_parallel_size,
@@ -186,19 +186,13 @@ def cmd_info(args) -> None:
 
 
 def linear_report(model) -> list[dict]:
-    """How the model's linears compute, grouped by what they keep (platforms/cpu/linear.py)."""
+    """How the model's linears compute, grouped by the form of their weight (platforms/cpu/linear.py)."""
     from collections import Counter
-
-    from r1serve.platforms.cpu.linear import ALL_ROWS, CpuLinear
 
     kinds: Counter = Counter()
     for m in model.modules():
-        if isinstance(m, CpuLinear):
-            grouped = f"int{m.grouped.bits} groups up to {'all' if m.group_max_rows == ALL_ROWS else m.group_max_rows} rows" \
-                if m.grouped is not None else None
-            dense = "packed bf16" if m.packed is not None else "F.linear" if m.weight is not None else None
-            kinds[" + ".join(x for x in (grouped, f"int8 up to {m.int8_max_rows} rows" if m.int8_max_rows else None,
-                                         dense) if x)] += 1
+        if type(m).__name__ == "CpuLinear":
+            kinds[m.extra_repr().split(", ", 2)[2]] += 1
         elif type(m).__name__ in ("Linear", "Fp8BlockLinear"):
             kinds[type(m).__name__] += 1
     return [{"linear": kind, "count": n} for kind, n in sorted(kinds.items())]
@@ -219,27 +213,62 @@ def _config_only_info(path: Path, args) -> dict:
 
 
 def cmd_serve(args) -> None:
+    import logging
+
     from r1serve.config import EngineConfig
     from r1serve.models.catalog import resolve_model
-    from r1serve.server.app import ServerConfig
-    from r1serve.server.launch import serve
-    from r1serve.server.served_model import ModelSpec
 
     if args.served_model_name and len(args.served_model_name) != len(args.model):
         raise R1ServeError(f"--served-model-name was given {len(args.served_model_name)} time(s) for "
                            f"{len(args.model)} model(s); give one name per model or none")
     names = args.served_model_name or args.model
     cache_dir = cache_dir_from(args)
-    specs = tuple(ModelSpec(name, resolve_model(model, cache_dir),
-                            EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)),
-                            args.reasoning_parser, args.tool_call_parser)
-                  for name, model in zip(names, args.model))
+    engines = {name: (resolve_model(model, cache_dir),
+                      EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)))
+               for name, model in zip(names, args.model)}
+    _check_port_free(args.host, args.port)
+    # The engine processes start first (each loads its model at once, importing torch itself),
+    # so that the server's own start-up below runs beside them instead of before them.
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cores = _spawn_engines(engines) if not args.engine_on_thread else {}
+
+    from r1serve.server.app import ServerConfig
+    from r1serve.server.launch import serve
+    from r1serve.server.served_model import ModelSpec
+
+    specs = tuple(ModelSpec(name, path, engine, args.reasoning_parser, args.tool_call_parser)
+                  for name, (path, engine) in engines.items())
     config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
                           engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease)
-    code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level)
+    code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level, cores=cores)
     if code:
         raise SystemExit(code)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once on a port another process holds, before anything loads."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise R1ServeError(f"cannot listen on {host}:{port}: {e.strerror}; is another server running there? "
+                               "Pick another --port") from None
+
+
+def _spawn_engines(engines: dict) -> dict:
+    """An engine process per model served by one (data parallelism starts its replicas later)."""
+    from r1serve.engine.engine_core import ProcessCore
+
+    cores = {}
+    for name, (path, engine) in engines.items():
+        if engine.data_parallel_size == 1:
+            cores[name] = ProcessCore(engine, path)
+            cores[name].spawn()
+    return cores
 
 
 def db_url_from(args) -> str:
@@ -321,6 +350,11 @@ def cmd_bench(args) -> None:
         from r1serve.bench.speculative import main as bench_speculative
 
         bench_speculative(args, cache_dir_from(args))
+        return
+    if args.bench_command == "vs-llama-server":
+        from r1serve.bench.vs_llama_server import main as bench_vs_llama_server
+
+        bench_vs_llama_server(args)
         return
     if args.bench_command == "random-model":
         from r1serve.bench.random_checkpoint import main as random_model
@@ -429,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(bench.add_parser("serve", help="load an OpenAI-compatible endpoint: throughput, TTFT, TPOT, ITL, "
                                                    "goodput"))
     add_random_model_args(bench.add_parser("random-model", help="write a random-weight checkpoint for benchmarks"))
+    add_vs_llama_server_args(bench.add_parser("vs-llama-server", help="r1serve against llama.cpp's llama-server on "
+                                              "one GGUF file: start-up, memory, decode, prefill"))
     add_speculative_args(bench.add_parser("speculative", help="speculative decoding against plain decoding, "
                                                                "same model, same run"))
     p.set_defaults(func=cmd_bench)

@@ -8,6 +8,7 @@ from r1serve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZATIONS = ("auto", "int4", "int8", "none")
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kernel: str = "auto"  # "auto": the platform's kernels; "reference": the plain-torch twins
-    # Int8 weight copies for batches of at most int8_max_rows tokens (CPU, bf16; see
-    # kernels/int8_weight_linear.py). "auto": on for checkpoints whose weights are already
-    # quantized below 8 bits (most GGUF files), off for full-precision ones.
-    int8_small_batch: str = "auto"  # "auto" | "on" | "off"
-    int8_max_rows: int = 4
-    # Weights in int4 or int8 groups of 32 (kernels/group_quant_linear.py), in place of the
-    # int8 per-channel copies. "auto": each linear in the form its checkpoint stores it,
-    # which the copy reproduces: int4 where stored in 4 bits or fewer (GGUF Q4_0, Q4_1, Q4_K,
-    # ...), int8 where in 5 to 8 (Q5_x, Q6_K, Q8_0), none for 16-bit weights, except where
-    # dtype auto gives float32 on a CPU without native bf16 (int8 then, not float32 copies).
-    # "int4" / "int8": every linear in that form (lossy where the checkpoint holds more bits).
-    # "off": none. With bf16 activations they serve batches of up to group_quant_max_rows
-    # tokens (None: measured per weight shape at load, platforms/cpu/linear.py); with float32
-    # activations, every batch.
-    group_quant: str = "auto"  # "auto" | "int4" | "int8" | "off"
-    group_quant_max_rows: int | None = None
+    # How weights are held (platforms/cpu/weight_plan.py on the CPU). "auto": a GGUF's
+    # quantized matrices in their own block form (Q4_K, Q6_K, Q8_0, ...: packed as read,
+    # exact, one copy) and float matrices in the model's dtype, except where dtype auto made a
+    # 16-bit checkpoint float32 on a CPU without native bf16 (int8 groups then, not float32
+    # copies at twice the bytes). "int4" / "int8": float matrices quantized once at load into
+    # groups of 32 (a GGUF's quantized ones stay as stored). "none": every weight dense in the
+    # model's dtype, dequantized where the file is quantized (the exact path, at float's size).
+    quantization: str = "auto"  # "auto" | "int4" | "int8" | "none"
     # The vector ISA of the CPU kernels (kernels/cpu_isa.py): "auto" is the CPU's best;
     # "avx2" or "scalar" on an AVX512 CPU measures what those CPUs would run.
     cpu_isa: str = "auto"  # "auto" | "avx512" | "avx2" | "neon" | "scalar"
@@ -92,13 +85,8 @@ class EngineConfig:
         _require(self.kv_cache_memory_gib > 0, f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be > 0")
         _require(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len} must be >= 2")
         _require(self.kernel in ("auto", "reference"), f"kernel={self.kernel!r} must be 'auto' or 'reference'")
-        _require(self.int8_small_batch in ("auto", "on", "off"),
-                 f"int8_small_batch={self.int8_small_batch!r} must be 'auto', 'on' or 'off'")
-        _require(self.group_quant in ("auto", "int4", "int8", "off"),
-                 f"group_quant={self.group_quant!r} must be 'auto', 'int4', 'int8' or 'off'")
-        _require(self.int8_max_rows >= 0, f"int8_max_rows={self.int8_max_rows} must be >= 0")
-        _require(self.group_quant_max_rows is None or self.group_quant_max_rows >= 0,
-                 f"group_quant_max_rows={self.group_quant_max_rows} must be >= 0 (or None: measured)")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization={self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
                  f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {', '.join(KV_CACHE_DTYPES)}")
         _require(self.tensor_parallel_size >= 1,

@@ -11,3 +11,8 @@ class ModelLoadError(R1ServeError):
 
 class InvalidRequestError(R1ServeError, ValueError):
     """A request (prompt or sampling parameters) the engine refuses before any work starts."""
+
+
+class RankFailedError(RuntimeError):
+    """A rank of the group died or a collective failed: the ranks are out of step and the
+    engine cannot serve on; its requests fail and it reports itself unhealthy."""

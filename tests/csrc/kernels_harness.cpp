@@ -11,7 +11,8 @@
 #include "rotary_kv_write.h"
 // clang-format off
 #include "argmax_rows.h"
-#include "group_quant_gemm.h"
+#include "gguf_repack.h"
+#include "quant_gemm.h"
 #include "paged_decode_attention.h"
 #include "rms_norm.h"
 #include "silu_and_mul.h"
@@ -143,68 +144,89 @@ static void test_argmax() {
   }
 }
 
-// Packs codes u (N, K) and per-group scale/min into the layout group_quant_gemm.h draws.
-template <int kBits>
-static std::vector<uint8_t> pack(const std::vector<uint8_t>& u, const std::vector<uint16_t>& scale,
-                                 const std::vector<uint16_t>& mn, int64_t N, int64_t K) {
-  const int64_t NB = (N + 15) / 16, G = (K + 31) / 32, T = tile_bytes<kBits>();
-  std::vector<uint8_t> p(NB * G * T, 0);
+// Random units of format F for an (N, K) weight, written with gguf_repack.h's write_unit, and
+// the weight they stand for (w[n][k] in double).
+template <Fmt F>
+static std::vector<uint8_t> random_weight(int64_t N, int64_t K, bool extreme, std::vector<double>& w) {
+  using Fm = Format<F>;
+  const int64_t NB = (N + 15) / 16, units = units_of(F, K), bb = block_bytes(F, K);
+  std::vector<uint8_t> packed(NB * bb, 0);
+  w.assign(N * units * Fm::kUnitCols, 0.0);
+  const int max_code = Fm::kBits == 4 ? 15 : 255;
+  std::vector<Unit> all(NB * 16 * units);  // every row block's rows, padding rows zero
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < G * 32; ++k) {
-      const int64_t nb = n / 16, r = n % 16, g = k / 32, i = k % 32;
-      uint8_t* t = p.data() + (nb * G + g) * T;
-      const uint8_t code = k < K ? u[n * K + k] : 0;
-      if (kBits == 4) {
-        const int64_t c = i / 8, j = i % 4, high = (i % 8) / 4;
-        t[64 * c + 4 * r + j] |= static_cast<uint8_t>(code << (4 * high));
-      } else {
-        t[64 * (i / 4) + 4 * r + i % 4] = code;
+    for (int64_t unit = 0; unit < units; ++unit) {
+      Unit& v = all[(n / 16 * units + unit) * 16 + n % 16];
+      for (int64_t k = 0; k < Fm::kUnitCols; ++k)
+        v.u[k] = static_cast<uint8_t>(extreme ? (k % 2 ? max_code : (Fm::kBits == 4 ? 15 : 1)) : rng() % (max_code + 1));
+      v.scale = static_cast<uint16_t>(0x2000 + rng() % 0x800);  // halves ~ 0.008 .. 0.03
+      v.min = static_cast<uint16_t>(0xA000 + rng() % 0x800);  // any negative half
+      v.d = static_cast<uint16_t>(0x1800 + rng() % 0x800);  // ~ 0.0005 .. 0.002
+      v.dmin = static_cast<uint16_t>(0x1800 + rng() % 0x800);
+      for (int s = 0; s < 16; ++s) {
+        v.sc[s] = static_cast<int8_t>(extreme ? 127 : static_cast<int>(rng() % 200) - 100);
+        v.m[s] = static_cast<int8_t>(extreme ? -128 : static_cast<int>(rng() % 200) - 100);
       }
-      if (i == 0) {
-        std::memcpy(t + T - 64 + 2 * r, &scale[n * G + g], 2);
-        std::memcpy(t + T - 32 + 2 * r, &mn[n * G + g], 2);
+      write_unit<F>(v, n % 16, unit, packed.data() + n / 16 * bb);
+      for (int64_t k = 0; k < Fm::kUnitCols; ++k) {
+        double value;
+        if (Fm::kTwoLevel) {
+          const int h = Fm::kHalves == 2 ? static_cast<int>(k % 32 / 16) : 0, s = static_cast<int>(2 * (k / 32) + h);
+          value = double(half_to_float(v.d)) * v.sc[s] * v.u[k] - double(half_to_float(v.dmin)) * v.m[s];
+        } else {
+          value = double(half_to_float(v.scale)) * v.u[k] + half_to_float(v.min);
+        }
+        w[n * units * Fm::kUnitCols + unit * Fm::kUnitCols + k] = value;
       }
     }
-  return p;
+  // The loaders' writer, a row block's unit at a time, lays out the same bytes.
+  std::vector<uint8_t> fast(packed.size(), 0xAB);
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t unit = 0; unit < units; ++unit)
+      write_block_unit<F>(all.data() + (nb * units + unit) * 16, fast.data() + nb * bb + unit * Fm::kUnitBytes);
+  CHECK(fast == packed, "write_block_unit fmt %d: not write_unit's layout", static_cast<int>(F));
+  return packed;
 }
 
-// extreme: every code and activation at the end of its range, where int16 partial sums are
-// closest to overflowing (8 x 2 x 15 x 127 and 2 x 127 x 127 < 2^15).
-template <typename T, int kBits>
-static void test_group_gemm(int64_t M, int64_t N, int64_t K, bool extreme = false) {
-  const int64_t G = (K + 31) / 32;
-  std::vector<uint8_t> u(N * K);
-  std::vector<uint16_t> scale(N * G), mn(N * G);
-  for (auto& c : u) c = static_cast<uint8_t>(kBits == 4 ? rng() % 16 : 1 + rng() % 255);
-  if (extreme)
-    for (size_t i = 0; i < u.size(); ++i) u[i] = kBits == 4 ? 15 : (i % 2 ? 255 : 1);
-  for (int64_t i = 0; i < N * G; ++i) {
-    scale[i] = static_cast<uint16_t>(0x2000 + rng() % 0x800);  // halves ~ 0.008 .. 0.03
-    // 8 bits: min = -128 scale (Q8_0's form); 4 bits: any negative half
-    mn[i] = kBits == 8 ? static_cast<uint16_t>(scale[i] + (7 << 10)) | 0x8000 : static_cast<uint16_t>(0xA000 + rng() % 0x800);
-  }
-  const auto packed = pack<kBits>(u, scale, mn, N, K);
+// The quantized GEMM against a double oracle on the same int8 activations. extreme: every
+// code and activation at the end of its range, where int16 partial sums are closest to
+// overflowing (8 x 2 x 15 x 127 and 2 x 127 x 127 < 2^15).
+template <typename T, Fmt F>
+static void test_quant_gemm(int64_t M, int64_t N, int64_t K, bool extreme = false) {
+  const int64_t G = (K + 31) / 32, W = units_of(F, K) * Format<F>::kUnitCols;
+  std::vector<double> w;
+  const auto packed = random_weight<F>(N, K, extreme, w);
   auto x = random_vec<T>(M * K);
   if (extreme)
     for (size_t i = 0; i < x.size(); ++i) x[i] = from_float<T>((i / 2) % 2 ? 1.f : -1.f);  // every |a| = 127
   auto bias = random_vec<T>(N);
-  std::vector<QuantRow> xs(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(x.data() + m * K, K, G, xs[m]);
+  QuantRows xs;
+  xs.resize(M, G);
+  for (int64_t m = 0; m < M; ++m) quantize_row(x.data() + m * K, K, xs, m);
   std::vector<T> y(M * N);
-  gemm_blocks<T, kBits>(packed.data(), N, G, xs, bias.data(), y.data(), 0, (N + 15) / 16);
+  gemm_blocks<T>(F, packed.data(), N, K, xs, bias.data(), y.data(), N, 0, (N + 15) / 16);
+  double scale = 0.0;
+  std::vector<double> want(M * N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
-      double want = to_float(bias[n]);
-      for (int64_t g = 0; g < G; ++g) {
-        int64_t dot = 0;
-        for (int64_t k = g * 32; k < std::min(K, g * 32 + 32); ++k) dot += int64_t(u[n * K + k]) * xs[m].a[k];
-        want += double(half_to_float(scale[n * G + g])) * xs[m].dx[g] * dot +
-                double(half_to_float(mn[n * G + g])) * xs[m].sx[g];
-      }
-      const float tol = std::is_same<T, bf16>::value ? 1e-2f : 1e-4f;
-      CHECK(close(to_float(y[m * N + n]), static_cast<float>(want), tol, tol), "group gemm %d bits M=%ld [%ld, %ld]: %g vs %g",
-            kBits, (long)M, (long)m, (long)n, to_float(y[m * N + n]), want);
+      double sum = to_float(bias[n]);
+      for (int64_t k = 0; k < K; ++k) sum += w[n * W + k] * double(xs.dx[k / 32 * M + m]) * xs.codes(k / 32, m)[k % 32];
+      want[m * N + n] = sum;
+      scale = std::max(scale, std::fabs(sum));
     }
+  const float tol = std::is_same<T, bf16>::value ? 1e-2f : 1e-4f;
+  for (int64_t i = 0; i < M * N; ++i)
+    CHECK(close(to_float(y[i]), static_cast<float>(want[i]), tol * static_cast<float>(scale), tol),
+          "quant gemm fmt %d M=%ld [%ld, %ld]: %g vs %g", static_cast<int>(F), (long)M, (long)(i / N), (long)(i % N),
+          to_float(y[i]), want[i]);
+}
+
+template <typename T>
+static void test_quant_gemm_all(int64_t M, bool extreme = false) {
+  test_quant_gemm<T, Fmt::G4>(M, 40, 96, extreme);
+  test_quant_gemm<T, Fmt::G8>(M, 45, 70, extreme);  // the last block's second register part-filled, K padded
+  test_quant_gemm<T, Fmt::K4>(M, 33, 512, extreme);
+  test_quant_gemm<T, Fmt::K8>(M, 20, 256, extreme);
 }
 
 // Activations to int8 per group of 32, vector path against the plain loop: bit for bit.
@@ -214,20 +236,24 @@ static void test_quantize_row(int64_t K) {
   auto x = random_vec<T>(K, -3.f, 3.f);
   for (int64_t k = 0; k < std::min<int64_t>(K, 32); ++k) x[k] = from_float<T>(0.f);  // an all-zero group
   if (K > 40) x[40] = from_float<T>(2.5f), x[41] = from_float<T>(-2.5f);  // ties at .5 after scaling, both signs
-  QuantRow q;
-  quantize_row(x.data(), K, G, q);
+  QuantRows q;
+  q.resize(2, G);
+  quantize_row(x.data(), K, q, 1);  // the second row of two: the group-major layout's offsets
   for (int64_t g = 0; g < G; ++g) {
-    const int64_t k0 = g * 32, n = std::min<int64_t>(32, K - k0);
+    const int64_t k0 = g * 32, n = std::min<int64_t>(32, K - k0), at = g * 2 + 1;
     float amax = 0.f;
     for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(to_float(x[k0 + k])));
     const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
+    int32_t sum[2] = {0, 0};
     for (int64_t k = 0; k < n; ++k) {
       const int32_t want = static_cast<int32_t>(std::nearbyint(to_float(x[k0 + k]) * id));
-      CHECK(q.a[k0 + k] == want, "quantize K=%ld [%ld]: %d vs %d", (long)K, (long)(k0 + k), q.a[k0 + k], want);
-      sum += want;
+      CHECK(q.codes(g, 1)[k] == want, "quantize K=%ld [%ld]: %d vs %d", (long)K, (long)(k0 + k), q.codes(g, 1)[k], want);
+      sum[k / 16] += want;
     }
-    CHECK(q.dx[g] == d && q.sx[g] == d * static_cast<float>(sum), "quantize K=%ld group %ld scales", (long)K, (long)g);
+    CHECK(q.dx[at] == d && q.sx[at] == d * static_cast<float>(sum[0] + sum[1]) &&
+              q.sh[2 * at] == d * static_cast<float>(sum[0]) && q.sh[2 * at + 1] == d * static_cast<float>(sum[1]),
+          "quantize K=%ld group %ld scales", (long)K, (long)g);
+    CHECK(q.codes(g, 0)[0] == 0 && q.dx[g * 2] == 0.f, "quantize K=%ld wrote the other row", (long)K);
   }
 }
 
@@ -276,16 +302,15 @@ int main() {
     test_quantize_row<float>(K);
     test_quantize_row<bf16>(K);
   }
-  // Rows: one pass on all registers (1-3), one register per pass with tails (4-19).
+  // Rows: one pass on all registers (1-3), one register per pass with tails (4-19), and a
+  // prefill in chunks of rows (130 rows of K = 4096: chunks of 64).
   for (int64_t M : {1, 2, 3, 4, 6, 9, 19}) {
-    test_group_gemm<float, 4>(M, 40, 96);
-    test_group_gemm<float, 8>(M, 45, 64);  // the last block's second register part-filled
-    test_group_gemm<float, 8>(M, 40, 96);
-    test_group_gemm<bf16, 4>(M, 33, 70);
-    test_group_gemm<bf16, 8>(M, 16, 64);
-    test_group_gemm<float, 4>(M, 32, 64, /*extreme=*/true);
-    test_group_gemm<float, 8>(M, 32, 64, /*extreme=*/true);
+    test_quant_gemm_all<float>(M);
+    test_quant_gemm_all<bf16>(M);
+    test_quant_gemm_all<float>(M, /*extreme=*/true);
   }
+  test_quant_gemm<float, Fmt::K4>(130, 24, 4096);
+  test_quant_gemm<float, Fmt::G8>(130, 17, 4096);
   if (failures) {
     std::printf("%d failures (%s)\n", failures, kIsa);
     return 1;

@@ -81,3 +81,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def add_random_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["deepseek-v3", "deepseek-v3-tiny"])
     p.add_argument("out", help="directory to write")
+
+
+def add_vs_llama_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a .gguf file (both servers load it)")
+    p.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each starts both servers afresh")
+    p.add_argument("--context", type=int, default=16384, help="KV cache tokens of each server")
+    p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                   help="comma-separated concurrent decode streams")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens each decode stream generates")
+    p.add_argument("--prompt-tokens", type=int, default=1500, help="about this many tokens in the prefill prompt")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="directory for vs_llama_server.json")
+    p.add_argument("--r1serve-args", nargs=argparse.REMAINDER, default=[],
+                   help="further `r1serve serve` flags (last on the line), e.g. --r1serve-args --cpu-isa avx2")

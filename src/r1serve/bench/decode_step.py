@@ -1,6 +1,6 @@
-"""Time of one decode step at concurrency 1 under several `group_quant` settings, in one process.
+"""Time of one decode step at concurrency 1 under several `quantization` settings, in one process.
 
-    python -m r1serve.bench.decode_step [--model smollm2-135m] [--group-quant off,auto] [--rounds 7]
+    python -m r1serve.bench.decode_step [--model smollm2-135m] [--quantization none,auto] [--rounds 7]
 
 Every setting gets its own engine; each round decodes the same greedy 64 tokens with each
 engine in turn (interleaved, so machine drift hits all alike) and keeps the median step
@@ -34,12 +34,12 @@ def median_step(llm: LLM, prompt_ids: list[int], tokens: int, request_id: str) -
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="catalog name, .gguf file or HF directory")
-    p.add_argument("--group-quant", default="off,auto", help="comma-separated settings; the first is the baseline")
+    p.add_argument("--quantization", default="none,auto", help="comma-separated settings; the first is the baseline")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
-    modes = args.group_quant.split(",")
-    llms = {m: LLM(args.model, group_quant=m) for m in modes}
+    modes = args.quantization.split(",")
+    llms = {m: LLM(args.model, quantization=m) for m in modes}
     ids = next(iter(llms.values())).chat_prompt(PROMPT)["prompt_token_ids"]
     steps: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds + 1):  # round 0 warms up
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     base = steps[modes[0]]
     for m, ts in steps.items():
         ratios = [b / t for b, t in zip(base, ts)]
-        print(f"group_quant={m:5s} step {statistics.median(ts) * 1e3:6.2f} ms ({1 / statistics.median(ts):5.1f} tok/s)"
+        print(f"quantization={m:5s} step {statistics.median(ts) * 1e3:6.2f} ms ({1 / statistics.median(ts):5.1f} tok/s)"
               f"  {statistics.median(ratios):.2f}x vs {modes[0]}  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 

@@ -55,7 +55,7 @@ class HttpRunner:
         return sum(r.usage()["completion_tokens"] for r in self._stream(ps, n, READ_EVERY_S))
 
     def ttft(self, prompt: str) -> float:
-        return self._stream([prompt], 1, None)[0].first_body_s or 0.0
+        return self._stream([prompt], 1, None)[0].first_token_s or 0.0
 
     def _stream(self, ps: list[str], n: int, read_every_s: float | None) -> list[StreamedResponse]:
         bodies = [{"model": "bench", "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
@@ -106,7 +106,7 @@ class EndpointRunner:
         return sum(r.usage()["completion_tokens"] for r in self._stream(ps, n, READ_EVERY_S))
 
     def ttft(self, prompt: str) -> float:
-        return self._stream([prompt], 1, None)[0].first_body_s or 0.0
+        return self._stream([prompt], 1, None)[0].first_token_s or 0.0
 
     def _stream(self, ps: list[str], n: int, read_every_s: float | None) -> list[StreamedResponse]:
         # ignore_eos is llama.cpp's (and vLLM's, and r1serve's) extension: every run the same length
@@ -207,6 +207,10 @@ class StreamedResponse:
         self.parser = httptools.HttpResponseParser(self)
         self.t0 = time.perf_counter()  # reset when the request is sent
         self.first_body_s: float | None = None
+        # The first event carrying generated text: a server may send others before it (llama-server
+        # reports the progress of a long prompt), which are not a first token.
+        self.first_token_s: float | None = None
+        self.last_body_s: float | None = None
         self.status: int | None = None
         self.tail = b""
         self.complete = False
@@ -220,8 +224,11 @@ class StreamedResponse:
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        self.last_body_s = time.perf_counter() - self.t0
         if self.first_body_s is None:
-            self.first_body_s = time.perf_counter() - self.t0
+            self.first_body_s = self.last_body_s
+        if self.first_token_s is None and (b'"text"' in body or b'"content"' in body):
+            self.first_token_s = self.last_body_s
         self.tail = (self.tail + body)[-self.TAIL_BYTES:]
 
     def on_message_complete(self) -> None:

@@ -25,14 +25,9 @@ from r1serve.config import EngineConfig
 from r1serve.distributed.step_broadcast import StepBroadcast
 from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.distributed.worker import WorkerSpec, agree_loaded, join_group
-from r1serve.errors import ModelLoadError
+from r1serve.errors import ModelLoadError, RankFailedError
 
 log = logging.getLogger("r1serve.distributed")
-
-
-class RankFailedError(RuntimeError):
-    """A rank of the group died or a collective failed: the ranks are out of step and the
-    engine cannot serve on; its requests fail and it reports itself unhealthy."""
 
 
 def threads_per_rank(config: EngineConfig) -> int:

@@ -15,17 +15,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineSnapshot, Failed, Reply, Stepped,
                                           Stopped, unknown_message)
-from r1serve.engine.data_parallel import DataParallelCore
+from r1serve.engine.core_messages import Prompt
 from r1serve.engine.engine_core import ProcessCore, ThreadCore
-from r1serve.engine.llm_engine import LLMEngine, Prompt
 from r1serve.models.arch_config import ArchConfig
-from r1serve.models.loader import open_checkpoint
+from r1serve.models.checkpoint import open_checkpoint
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch's: imported where an engine runs in this process, not by the server alone
+    from r1serve.engine.data_parallel import DataParallelCore
+    from r1serve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("r1serve.engine")
 
@@ -241,16 +244,29 @@ class AsyncEngine:
         self._fail_streams(None, dead)
 
 
-async def load_engine(config, model_path, own_process: bool = True) -> AsyncEngine:
+def _front_end(model_path):
+    """What the API process needs of the checkpoint: its tokenizer and vocabulary size."""
+    ckpt = open_checkpoint(model_path)
+    return ckpt.tokenizer(), ArchConfig.from_hf(ckpt.hf_config).vocab_size
+
+
+async def load_engine(config, model_path, own_process: bool = True, core=None) -> AsyncEngine:
     """Load the model in a process of its own (or, with own_process=False, on a worker thread
-    of this one); the event loop keeps answering /health meanwhile."""
+    of this one); the event loop keeps answering /health meanwhile. `core`: a ProcessCore
+    already spawned for it. This process builds its own tokenizer while the engine loads."""
     t0 = time.monotonic()
     if own_process or config.data_parallel_size > 1:
-        core = DataParallelCore(config, model_path) if config.data_parallel_size > 1 else ProcessCore(config, model_path)
-        info = await asyncio.to_thread(core.load)
-        ckpt = await asyncio.to_thread(open_checkpoint, model_path)
-        engine = AsyncEngine(core, ckpt.tokenizer(), info.max_model_len, ArchConfig.from_hf(ckpt.hf_config).vocab_size)
+        if core is None and config.data_parallel_size > 1:
+            from r1serve.engine.data_parallel import DataParallelCore
+
+            core = DataParallelCore(config, model_path)
+        core = core or ProcessCore(config, model_path)
+        info, (tokenizer, vocab_size) = await asyncio.gather(asyncio.to_thread(core.load),
+                                                             asyncio.to_thread(_front_end, model_path))
+        engine = AsyncEngine(core, tokenizer, info.max_model_len, vocab_size)
     else:
+        from r1serve.engine.llm_engine import LLMEngine
+
         engine = AsyncEngine.on_thread(await asyncio.to_thread(LLMEngine, config, model_path))
     log.info("model %s loaded in %.1f s%s", config.model, time.monotonic() - t0,
              f" ({config.data_parallel_size} engine replicas)" if config.data_parallel_size > 1

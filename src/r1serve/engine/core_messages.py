@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from types import UnionType
 from typing import get_args
 
-from r1serve.engine.llm_engine import Prompt
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
+
+# What a request's prompt may be: text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+Prompt = str | list[int] | dict
 
 
 # ---- commands: front end -> core ----------------------------------------------------------------

@@ -217,7 +217,7 @@ def dp_attention(config: EngineConfig, model_path) -> bool:
     (Replicas of several ranks each split their experts among their own ranks.)"""
     if not (config.expert_parallel and config.tensor_parallel_size == 1 and config.data_parallel_size > 1):
         return False
-    from r1serve.models.loader import open_checkpoint
+    from r1serve.models.checkpoint import open_checkpoint
 
     if open_checkpoint(model_path).hf_config.get("n_routed_experts"):
         return True
@@ -230,7 +230,7 @@ class DataParallelEngine:
     data-parallel replicas: step() returns what any replica produced since the last call."""
 
     def __init__(self, config: EngineConfig, model_path) -> None:
-        from r1serve.models.loader import open_checkpoint
+        from r1serve.models.checkpoint import open_checkpoint
 
         self.core = DataParallelCore(config, model_path)
         info = self.core.load()

@@ -25,15 +25,17 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot,
                                           Failed, LoadFailed, Reply, Shutdown, Stepped, Stopped, check_command,
                                           unknown_message)
-from r1serve.distributed.executor import RankFailedError
-from r1serve.distributed.replica_group import ReplicaSpec
-from r1serve.engine.llm_engine import LLMEngine
+from r1serve.errors import RankFailedError
 from r1serve.outputs import RequestOutput
+
+if TYPE_CHECKING:  # the engine (torch) is imported where it runs, not where a process is started
+    from r1serve.distributed.replica_group import ReplicaSpec
+    from r1serve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("r1serve.engine")
 
@@ -210,10 +212,17 @@ class ProcessCore:
         self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._writing = False  # start() has run: commands go through the writer thread
 
+    def spawn(self) -> None:
+        """Start the process (it loads the model at once); `load` waits for it. A server
+        starts its engines before importing its own stack, so that both start-ups overlap."""
+        if self._proc.pid is None:
+            self._proc.start()
+            self._child_conn.close()  # the child holds its end; EOF on ours now means it died
+
     def load(self) -> EngineInfo:
-        """Start the process and wait for its model to load (blocking: call it off the event loop)."""
-        self._proc.start()
-        self._child_conn.close()  # the child holds its end; EOF on ours now means it died
+        """Start the process if not yet and wait for its model to load (blocking: call it off
+        the event loop)."""
+        self.spawn()
         try:
             reply = self._conn.recv()
         except EOFError:
@@ -288,6 +297,8 @@ def run_engine_process(config, model_path, conn, log_level: int, replica: Replic
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from r1serve.engine.llm_engine import LLMEngine
+
         engine = LLMEngine(config, model_path, replica)
     except BaseException as exc:
         conn.send(LoadFailed(_portable(exc)))

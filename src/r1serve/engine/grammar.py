@@ -21,14 +21,17 @@ import functools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import llguidance
 import numpy as np
-import torch
 from llguidance import LLMatcher
 
 from r1serve.errors import InvalidRequestError
 from r1serve.sampling_params import JSON_OPTIONS, StructuredOutputsParams
+
+if TYPE_CHECKING:  # the server validates grammars without torch; the masks are the engine's
+    import torch
 
 
 def grammar_source(spec: StructuredOutputsParams) -> str:
@@ -150,6 +153,8 @@ class MaskFiller:
         return self._thread.submit(self._fill, rows)
 
     def _fill(self, rows) -> tuple[list[int], torch.Tensor]:
+        import torch
+
         n = sum(1 + len(d) for *_, d in rows)
         bitmask = torch.full((n, self.words), -1, dtype=torch.int32)
         at, targets = [], []
@@ -191,6 +196,8 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Te
     The bits are unpacked by numpy (little-endian bytes: token t is bit t % 8 of byte t // 8)
     and turned into an additive mask, 0 or -inf: on the CPU torch's boolean masking costs
     five times as much (32 rows of a 49k vocabulary: 0.7 ms against 3.7)."""
+    import torch
+
     vocab = logits.shape[1]
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # (R, V) 0/1
     # (bit - 1) * inf: 0 * inf is NaN for allowed tokens (-> 0), -inf for the others.

@@ -22,6 +22,7 @@ from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.engine.spec_decode_stats import SpecDecodeStats, spec_counters
+from r1serve.engine.core_messages import Prompt
 from r1serve.engine.speculation import Speculation
 from r1serve.errors import InvalidRequestError, ModelLoadError
 from r1serve.layers.moe import DeepseekMoE
@@ -31,7 +32,6 @@ from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.platforms import get_platform
 from r1serve.sampling_params import SamplingParams
 
-Prompt = str | list[int] | dict
 log = logging.getLogger("r1serve.engine")
 
 

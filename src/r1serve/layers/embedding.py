@@ -4,11 +4,13 @@ Under tensor parallelism each rank holds ceil(vocab / size) rows; a rank looks u
 that fall in its rows, zeroes the others, and the all-reduce sums the ranks' rows."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from r1serve.distributed.tensor_parallel import TensorParallel
-from r1serve.kernels.group_quant_linear import GroupQuantWeight, dequantize_rows
+from r1serve.kernels.quantized_weight import QuantizedWeight
 
 
 class VocabEmbedding(nn.Embedding):
@@ -18,20 +20,24 @@ class VocabEmbedding(nn.Embedding):
     native normal_, and its first use imports torch's Python decompositions (~150 MB of
     resident memory and 1.5-3 s, kept for the life of the process).
 
-    A platform may point it at the int8 groups of an LM head tied to it (`look_up_in`): the
-    rows then come from there and the table itself goes."""
+    A platform may keep the table quantized (`look_up_in`: a GGUF's own blocks, or the int8
+    groups of an LM head tied to it): rows then come from there, through the platform's
+    `rows` function (ids -> float32 rows), and no float table exists."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = TensorParallel()) -> None:
         self.first_row, stop = tp.padded_split(vocab_size)
         rows = stop - self.first_row
         super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
         self.tp = tp
-        self.grouped: GroupQuantWeight | None = None
-        self.out_dtype: torch.dtype | None = None  # the dropped table's dtype, once grouped
+        self.table: QuantizedWeight | None = None
+        self.rows: Callable[[QuantizedWeight, torch.Tensor], torch.Tensor] | None = None
+        self.out_dtype: torch.dtype | None = None  # the activations' dtype, once the table is quantized
 
-    def look_up_in(self, grouped: GroupQuantWeight) -> None:
-        assert (grouped.out_features, grouped.in_features) == (self.num_embeddings, self.embedding_dim)
-        self.grouped, self.out_dtype = grouped, self.weight.dtype
+    def look_up_in(self, table: QuantizedWeight, rows: Callable[[QuantizedWeight, torch.Tensor], torch.Tensor],
+                   dtype: torch.dtype) -> None:
+        assert table.in_features == self.embedding_dim and table.out_features <= self.num_embeddings
+        self.table, self.rows, self.out_dtype = table, rows, dtype
+        self.register_buffer("qpacked", table.packed, persistent=False)  # counted like any weight
         self.weight = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -43,6 +49,6 @@ class VocabEmbedding(nn.Embedding):
         return self.tp.all_reduce(rows)
 
     def _rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.grouped is None:
+        if self.table is None:
             return super().forward(input_ids)
-        return dequantize_rows(self.grouped, input_ids.reshape(-1)).to(self.out_dtype).view(*input_ids.shape, -1)
+        return self.rows(self.table, input_ids.reshape(-1)).to(self.out_dtype).view(*input_ids.shape, -1)

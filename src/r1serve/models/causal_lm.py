@@ -7,11 +7,25 @@ rank 0, which samples (the other ranks get None).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from r1serve.distributed.tensor_parallel import TensorParallel
 from r1serve.models.arch_config import ArchConfig
+
+
+@dataclass(frozen=True)
+class WeightPart:
+    """Where a checkpoint tensor goes: module `module`'s weight, as part `index` of `count`
+    stacked along its output rows (q, k and v of a fused qkv_proj), `rows` of them on this
+    rank. What a platform needs to build a module from the checkpoint's own blocks."""
+
+    module: str
+    index: int
+    count: int
+    rows: int
 
 
 class CausalLM(nn.Module):
@@ -29,6 +43,16 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, v1 - v0, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = model.embed_tokens.weight
+
+    def weight_part(self, checkpoint_name: str) -> WeightPart | None:
+        """The module weight a checkpoint tensor is (part of), for models whose platform may
+        take their weights as stored blocks; None: loaded as floats by load_weights."""
+        return None
+
+    def check_complete(self, loaded: set[str]) -> None:
+        """Raise ModelLoadError unless the checkpoint names loaded (as floats by load_weights,
+        or as blocks by the platform) cover the model."""
+        raise NotImplementedError
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)  # (N, hidden)

@@ -10,9 +10,10 @@ of the model, not the whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Final
+from typing import TYPE_CHECKING, Callable, Final
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SKIP: Final = "skip"
 

@@ -154,7 +154,8 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     # ---- weights ------------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy each (name, tensor) into its parameter; returns the names loaded."""
         params = dict(self.named_parameters())
         loaded, skipped = set(), 0
         for name, tensor in weights:
@@ -178,9 +179,9 @@ class DeepseekV3ForCausalLM(CausalLM):
                                  f"num_nextn_predict_layers={self.config.num_nextn_predict_layers}")
         if skipped and self.mtp is None:
             log.info("skipped %d multi-token-prediction tensors (speculative='mtp' loads them)", skipped)
-        self._check_complete(loaded)
         for layer in self._layers():
             layer.self_attn.absorb_weights()
+        return loaded
 
     def _layers(self) -> list[nn.Module]:
         return list(self.model.layers) + ([self.mtp.block] if self.mtp is not None else [])
@@ -258,7 +259,7 @@ class DeepseekV3ForCausalLM(CausalLM):
     def _moe(self, name: str) -> DeepseekMoE:
         return self._layers()[int(name.split(".")[2])].mlp
 
-    def _check_complete(self, loaded: set[str]) -> None:
+    def check_complete(self, loaded: set[str]) -> None:
         c = self.config
         expected = {"model.embed_tokens.weight", "model.norm.weight"}
         if not self.cfg.tie_word_embeddings:

@@ -5,25 +5,35 @@ and tensors under llama.cpp names (`blk.3.attn_q.weight`). We translate both to 
 `transformers` would hold for the same model, so the model code only ever sees HF names.
 
 Tensor layout: GGUF lists dims innermost-first (ne0, ne1); the reader's numpy shape is the
-reverse, which is already HF's (out_features, in_features). Quantized tensors arrive as raw
-blocks of bytes, one row of blocks per output feature, and are dequantized one at a time.
+reverse, which is already HF's (out_features, in_features). Quantized tensors are raw
+blocks of bytes, one row of blocks per output feature. The file is memory-mapped; a tensor
+the platform packs in its own form is handed over as those rows of blocks (a BlockTensor,
+no float copy), any other is dequantized one at a time. Once a tensor has been read its
+pages are given back (madvise), so that loading holds about one tensor of the file beside
+the weights it has built, not the whole file twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import mmap
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from r1serve.errors import ModelLoadError
+from r1serve.kernels.quant_formats import GGML_FORMATS, BlockTensor
 from r1serve.models.checkpoint_slice import SKIP, SliceOf, TensorSlice, whole
+from r1serve.models.gguf_file import GGUFFile
 
 if TYPE_CHECKING:
+    import torch
+
     from r1serve.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
@@ -63,18 +73,12 @@ _PER_TOKEN_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenize
 
 _FLOAT_DTYPE_NAMES = {Q.F16: "float16", Q.BF16: "bfloat16"}
 
-# Bits of each stored weight's own code, without the block scales: how many levels a
-# group of weights can take, which says what a requantized copy can keep of it.
-_CODE_BITS = {Q.F32: 32, Q.F16: 16, Q.BF16: 16, Q.Q8_0: 8, Q.Q6_K: 6, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5,
-              Q.Q4_0: 4, Q.Q4_1: 4, Q.Q4_K: 4, Q.Q3_K: 3, Q.Q2_K: 2}
-
-
 class GGUFCheckpoint:
-    def __init__(self, path: Path, reader: GGUFReader):
+    def __init__(self, path: Path, file: GGUFFile):
         self.path = path
-        self.reader = reader
+        self.file = file
         self.architecture: str = self._field("general.architecture")
-        self._tensor_names = {t.name for t in reader.tensors}
+        self._tensor_names = {t.name for t in file.tensors}
         self._tokenizer: Tokenizer | None = None
 
     @classmethod
@@ -83,23 +87,22 @@ class GGUFCheckpoint:
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {str(path)!r} does not exist (expected a path to a .gguf file).")
         try:
-            reader = GGUFReader(path)
-        except Exception as exc:  # the reader fails in many ways (ValueError, IndexError, ...) on bad bytes
+            file = GGUFFile(path)
+        except Exception as exc:  # the reader fails in many ways (ValueError, struct.error, ...) on bad bytes
             raise ModelLoadError(
                 f"{str(path)!r} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
                 "it may be truncated or not a GGUF at all. Download it again."
             ) from exc
-        if "general.architecture" not in reader.fields:
+        if "general.architecture" not in file.metadata:
             raise ModelLoadError(f"GGUF file {str(path)!r} has no general.architecture key; it is not a model file.")
-        checkpoint = cls(path, reader)
+        checkpoint = cls(path, file)
         checkpoint._validate()
         return checkpoint
 
     # ---- metadata -------------------------------------------------------------------------
 
     def _field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.file.metadata.get(key, default)
 
     def _arch_field(self, key: str, default: Any = None) -> Any:
         return self._field(f"{self.architecture}.{key}", default)
@@ -110,7 +113,7 @@ class GGUFCheckpoint:
                 f"GGUF architecture {self.architecture!r} in {str(self.path)!r} is not supported; "
                 f"supported: {sorted(_HF_ARCHITECTURES)}."
             )
-        for tensor in self.reader.tensors:
+        for tensor in self.file.tensors:
             if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
                 raise ModelLoadError(
                     f"tensor {tensor.name!r} in {str(self.path)!r} has type {tensor.tensor_type.name}, which r1serve "
@@ -184,7 +187,7 @@ class GGUFCheckpoint:
         declared = self._arch_field("vocab_size")
         if declared is not None:
             return int(declared)
-        embedding = [t for t in self.reader.tensors if t.name == "token_embd.weight"]
+        embedding = [t for t in self.file.tensors if t.name == "token_embd.weight"]
         if not embedding:
             raise ModelLoadError(f"GGUF file {str(self.path)!r} has no token_embd.weight tensor.")
         return int(embedding[0].shape[1])  # GGUF dims are (hidden, vocab)
@@ -194,40 +197,83 @@ class GGUFCheckpoint:
         """True when some matrix is stored below 16 bits: "auto" dtype then means the
         platform's fast half type, not the float32 the file dequantizes to."""
         plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-        return any(t.tensor_type not in plain for t in self.reader.tensors if len(t.shape) == 2)
+        return any(t.tensor_type not in plain for t in self.file.tensors if len(t.shape) == 2)
 
-    def weight_bits(self) -> dict[str, int]:
-        """HF name -> bits per weight of the tensor's stored codes (Q4_1: 4, Q8_0: 8, F16: 16)."""
-        return {name: _CODE_BITS[t.tensor_type] for t in self.reader.tensors
-                if (name := _hf_name(t.name)) is not None}
+    def block_types(self) -> dict[str, int]:
+        """HF name -> ggml type id of every matrix stored in a block format that has a packed
+        form (kernels/quantized_weight.py's GGML_FORMATS); the others dequantize."""
+        return {name: int(t.tensor_type) for t in self.file.tensors
+                if len(t.shape) == 2 and int(t.tensor_type) in GGML_FORMATS and (name := _hf_name(t.name)) is not None}
+
+    def tensor_bytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.file.tensors)
 
     def _torch_dtype(self) -> str:
         # A file of plain float matrices keeps its dtype. For quantized files transformers leaves
         # the dtype unset and loads float32, the dtype we dequantize to.
-        matrix_types = {t.tensor_type for t in self.reader.tensors if len(t.shape) == 2}
+        matrix_types = {t.tensor_type for t in self.file.tensors if len(t.shape) == 2}
         if len(matrix_types) == 1:
             return _FLOAT_DTYPE_NAMES.get(matrix_types.pop(), "float32")
         return "float32"
 
     # ---- weights --------------------------------------------------------------------------
 
-    def iter_weights(self, select: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor) in file order, one dequantized tensor alive at a time;
-        `select` says what of each tensor this rank reads (checkpoint_slice.py)."""
-        for tensor in self.reader.tensors:
+    def iter_weights(self, select: SliceOf = whole,
+                     as_blocks: Callable[[str], bool] = lambda name: False) -> Iterator[tuple[str, torch.Tensor | BlockTensor]]:
+        """Yield (HF name, tensor) in file order, one tensor alive at a time: a BlockTensor for
+        the names `as_blocks` takes (stored in a block format with a packed form, and sliced
+        on block edges), float32 otherwise. `select` says what of each tensor this rank reads
+        (checkpoint_slice.py)."""
+        for tensor in self.file.tensors:
             name = _hf_name(tensor.name)
             part = select(name) if name is not None else SKIP
             if part == SKIP:
                 continue
-            weights = _dequantize(*_sliced(tensor.data, tensor.tensor_type, part))
-            weights = self._undo_rotary_permute(tensor.name, weights)
-            if part is not None and part.dim == 1 and weights.shape[1] != part.stop - part.start:
-                weights = np.ascontiguousarray(weights[:, slice(*part.clipped(weights.shape[1]))])
-            yield name, torch.from_numpy(weights)
+            data, aligned = _sliced(tensor.data, tensor.tensor_type, part)
+            if aligned and as_blocks(name) and int(tensor.tensor_type) in GGML_FORMATS:
+                # Read when the platform packs it (with its module's other parts, later):
+                # the pages are given back then.
+                yield name, self._blocks(tensor, data)
+            else:
+                floats = self._floats(tensor.name, data, tensor.tensor_type, part)
+                self._release(tensor)
+                yield name, floats
+
+    def _floats(self, gguf_name: str, data: np.ndarray, tensor_type: GGMLQuantizationType,
+                part: TensorSlice | None) -> torch.Tensor:
+        import torch  # here, not at the top: the server process reads headers without torch
+
+        weights = self._undo_rotary_permute(gguf_name, _dequantize(data, tensor_type))
+        if part is not None and part.dim == 1 and weights.shape[1] != part.stop - part.start:
+            weights = np.ascontiguousarray(weights[:, slice(*part.clipped(weights.shape[1]))])
+        return torch.from_numpy(weights)
+
+    def _blocks(self, tensor, data: np.ndarray) -> BlockTensor:
+        import torch
+
+        # Rows of blocks are rows of the weight: the rotary reordering moves them whole.
+        raw = self._undo_rotary_permute(tensor.name, data)
+        block, nbytes = GGML_QUANT_SIZES[tensor.tensor_type]
+        with warnings.catch_warnings():  # a read-only view of the mapped file; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.from_numpy(raw)
+        return BlockTensor(rows, int(tensor.tensor_type), (raw.shape[0], raw.shape[1] // nbytes * block),
+                           functools.partial(self._release, tensor))
+
+    def _release(self, tensor) -> None:
+        # The pages of a tensor read through the map count as this process's memory until
+        # unmapped; the page cache keeps them for the next start either way.
+        start = -(-int(tensor.data_offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (int(tensor.data_offset) + int(tensor.n_bytes)) // mmap.PAGESIZE * mmap.PAGESIZE
+        handle = getattr(self.file.map, "_mmap", None)
+        if handle is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+            handle.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def read_tensor(self, gguf_name: str) -> torch.Tensor:
         """One tensor by its GGUF name, dequantized to float32, without any HF reordering."""
-        for tensor in self.reader.tensors:
+        import torch
+
+        for tensor in self.file.tensors:
             if tensor.name == gguf_name:
                 return torch.from_numpy(_dequantize(tensor.data, tensor.tensor_type))
         raise ModelLoadError(f"no tensor named {gguf_name!r} in {str(self.path)!r}.")
@@ -235,7 +281,8 @@ class GGUFCheckpoint:
     def _undo_rotary_permute(self, gguf_name: str, weights: np.ndarray) -> np.ndarray:
         # llama.cpp's converter reorders each Llama q/k head from HF's "rotate half" layout
         # (first half of the head dims paired with the second half) to interleaved pairs
-        # (0,1), (2,3), ... that ggml's rope expects. Qwen2 files keep HF's layout.
+        # (0,1), (2,3), ... that ggml's rope expects. Qwen2 files keep HF's layout. Rows
+        # move whole, so the same reordering serves floats and rows of blocks.
         #   HF row order per head:   [x0 x1 .. x(d/2-1) | y0 y1 .. y(d/2-1)]
         #   GGUF row order per head: [x0 y0 x1 y1 ...]
         if self.architecture != "llama":
@@ -249,15 +296,15 @@ class GGUFCheckpoint:
         return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(weights.shape)  # (h, pair, d/2, in)
 
     def tokenizer(self) -> Tokenizer:
-        """The file's tokenizer, built once. The reader's fields of one entry per token or
-        merge then go: it holds a numpy view per entry (~90 MB for a 49k vocabulary, the
-        size of the model's weights), and nothing else reads them."""
+        """The file's tokenizer, built once. The metadata of one entry per token or merge
+        then goes (Python strings: tens of MB for Qwen's 152k vocabulary), as nothing else
+        reads it."""
         from r1serve.tokenizer import Tokenizer
 
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_gguf(self.reader)
+            self._tokenizer = Tokenizer.from_gguf(self.file.metadata)
             for key in _PER_TOKEN_FIELDS:
-                self.reader.fields.pop(key, None)
+                self.file.metadata.pop(key, None)
         return self._tokenizer
 
 
@@ -271,19 +318,20 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def _sliced(data: np.ndarray, tensor_type: GGMLQuantizationType,
-            part: TensorSlice | None) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """The raw rows (or block columns) a slice needs, before dequantizing: each row of a
-    quantized tensor is a row of blocks of block_size weights, so rows slice as they are,
-    and columns where the slice falls on block edges (else the caller slices afterwards)."""
+            part: TensorSlice | None) -> tuple[np.ndarray, bool]:
+    """The raw rows (or block columns) a slice needs, before dequantizing, and whether they
+    are exactly the slice: each row of a quantized tensor is a row of blocks of block_size
+    weights, so rows slice as they are, and columns where the slice falls on block edges
+    (else the whole tensor comes back, for the caller to slice once dequantized)."""
     if part is None:
-        return data, tensor_type
+        return data, True
     if part.dim == 0:
-        return data[slice(*part.clipped(data.shape[0]))], tensor_type
+        return data[slice(*part.clipped(data.shape[0]))], True
     block, nbytes = GGML_QUANT_SIZES[tensor_type]
     if part.start % block or part.stop % block:
-        return data, tensor_type
+        return data, False
     per = nbytes if data.dtype == np.uint8 else 1  # raw bytes, or one element per weight
-    return data[:, part.start // block * per:part.stop // block * per], tensor_type
+    return data[:, part.start // block * per:part.stop // block * per], True
 
 
 def _dequantize(data: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import safe_open
 
 from r1serve.errors import ModelLoadError
-from r1serve.kernels.fp8_block import dequantize_fp8_block
 from r1serve.models.checkpoint_slice import SKIP, SliceOf, TensorSlice, whole
+
+if TYPE_CHECKING:  # the server process reads config and tokenizer without torch
+    import torch
 
 
 MAPPED_BYTES = 64 << 20
@@ -43,9 +44,13 @@ class HFCheckpoint:
             raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from None
         return cls(path, hf_config, _find_shards(path))
 
-    def iter_weights(self, select: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensor_bytes(self) -> int:
+        return sum(shard.stat().st_size for shard in self.shards)
+
+    def iter_weights(self, select: SliceOf = whole, as_blocks=None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one at a time, shard by shard: peak memory stays near the model's own
-        size. `select` says what of each tensor this rank reads (checkpoint_slice.py)."""
+        size. `select` says what of each tensor this rank reads (checkpoint_slice.py); every
+        tensor comes as floats (`as_blocks` is for block formats: safetensors has none)."""
         for shard in self.shards:
             try:
                 yield from self._shard_weights(shard, select)
@@ -89,6 +94,8 @@ class HFCheckpoint:
             raise ModelLoadError(f"{name!r} is stored in FP8 but config.json has no fp8 quantization_config")
         scale_name = f"{name}_scale_inv"
         scale = f.get_tensor(scale_name) if f is not None else self._tensor_elsewhere(scale_name)
+        from r1serve.kernels.fp8_block import dequantize_fp8_block
+
         try:
             return dequantize_fp8_block(weight, scale, self.fp8_block)
         except ValueError as e:

@@ -21,7 +21,7 @@ from r1serve.layers.mlp import GatedMLP
 from r1serve.layers.norm import RMSNorm
 from r1serve.layers.rotary import RotaryEmbedding
 from r1serve.models.arch_config import ArchConfig
-from r1serve.models.causal_lm import CausalLM
+from r1serve.models.causal_lm import CausalLM, WeightPart
 from r1serve.models.checkpoint_slice import Selection, TensorSlice, vocab_rows
 
 
@@ -111,7 +111,27 @@ class LlamaForCausalLM(CausalLM):
             return TensorSlice(1 if part == "down_proj" else 0, i0, i1)
         return None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def weight_part(self, checkpoint_name: str) -> WeightPart | None:
+        if not checkpoint_name.endswith(".weight") or "rotary_emb" in checkpoint_name:
+            return None
+        if checkpoint_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return None
+        target, idx = self._fused_target(checkpoint_name)
+        module = target.removesuffix(".weight")
+        try:
+            whole = self.get_submodule(module)
+        except AttributeError:
+            return None
+        if not isinstance(whole, (nn.Linear, nn.Embedding)):
+            return None
+        if idx is None:
+            rows = whole.out_features if isinstance(whole, nn.Linear) else whole.num_embeddings
+            return WeightPart(module, 0, 1, rows)
+        rows = self._fused_rows(checkpoint_name)
+        return WeightPart(module, idx, len(rows), rows[idx])
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy each (name, tensor) into its parameter; returns the names loaded."""
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
@@ -124,7 +144,7 @@ class LlamaForCausalLM(CausalLM):
             with torch.no_grad():
                 self._copy(param, tensor, slice_idx, name)
             loaded.add(name)
-        self._check_complete(loaded)
+        return loaded
 
     def param_name(self, checkpoint_name: str) -> str:
         """The parameter a checkpoint tensor is loaded into (q, k and v share qkv_proj's)."""
@@ -146,12 +166,17 @@ class LlamaForCausalLM(CausalLM):
         dst.copy_(tensor)
 
     def _fused_slice(self, param: torch.Tensor, idx: int, name: str) -> torch.Tensor:
-        if ".mlp." in name:  # gate_up_proj: [gate | up]
-            return param.chunk(2, dim=0)[idx]
-        attn, d = self.model.layers[0].self_attn, self.cfg.head_dim
-        return param.split([attn.n_heads * d, attn.n_kv_heads * d, attn.n_kv_heads * d], dim=0)[idx]
+        return param.split(self._fused_rows(name), dim=0)[idx]
 
-    def _check_complete(self, loaded: set[str]) -> None:
+    def _fused_rows(self, name: str) -> list[int]:
+        # The rows of each part of a fused parameter on this rank: [gate | up], [q | k | v].
+        if ".mlp." in name:
+            return [self.model.layers[0].mlp.down_proj.in_features] * 2
+        attn, d = self.model.layers[0].self_attn, self.cfg.head_dim
+        return [attn.n_heads * d, attn.n_kv_heads * d, attn.n_kv_heads * d]
+
+    def check_complete(self, loaded: set[str]) -> None:
+        """Raise unless the checkpoint names loaded (as floats or as blocks) cover the model."""
         expected = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(self.cfg.num_layers) for p in "qkvo"}
         expected |= {"model.embed_tokens.weight", "model.norm.weight"}
         if not self.cfg.tie_word_embeddings:

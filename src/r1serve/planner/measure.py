@@ -144,26 +144,21 @@ def tensor_bytes(obj) -> int:
 
 
 def weight_bytes_read(model: nn.Module, rows: int) -> int:
-    """Weight bytes a forward over `rows` tokens reads: for linears with small-batch copies
-    (platforms/cpu/linear.py) the copy that serves that many rows; for embeddings the rows."""
+    """Weight bytes a forward over `rows` tokens reads: every linear's weight in the form it
+    is kept (packed quantized, packed bf16 or dense); for embeddings the rows looked up."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Embedding):
-            total += min(rows, module.num_embeddings) * module.embedding_dim * module.weight.element_size()
-        elif hasattr(module, "group_max_rows"):
-            total += _linear_copy_bytes(module, rows)
+            width = (module.weight.element_size() * module.embedding_dim if module.weight is not None
+                     else module.table.nbytes / module.table.out_features)
+            total += int(min(rows, module.num_embeddings) * width)
+        elif hasattr(module, "quantized"):  # the CPU's linear (platforms/cpu/linear.py)
+            weight = module.quantized if module.quantized is not None else \
+                module.packed if module.packed is not None else module.weight
+            total += tensor_bytes(weight) + tensor_bytes(module.bias)
         else:
             total += sum(tensor_bytes(p) for p in module.parameters(recurse=False))
     return total
-
-
-def _linear_copy_bytes(linear: nn.Module, rows: int) -> int:
-    bias = tensor_bytes(linear.bias)
-    if rows <= linear.group_max_rows and linear.grouped is not None:
-        return tensor_bytes(linear.grouped) + bias
-    if rows <= linear.int8_max_rows and linear.qweight is not None:
-        return tensor_bytes(linear.qweight) + tensor_bytes(linear.scales) + bias
-    return tensor_bytes(linear.packed if linear.packed is not None else linear.weight) + bias
 
 
 def matmul_flops_per_token(shape) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,8 +56,48 @@ def bind_kernels(target: object, table: KernelTable) -> list[BoundOp]:
     return [BoundOp(op, name, n) for (op, name), n in sorted(chosen.items())]
 
 
-def _no_weight_rewrite(model: nn.Module, dtype: torch.dtype, plan: object) -> None:
+def _nothing(*args) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class WeightRequest:
+    """What a platform is asked to plan for: a model built on the meta device, the checkpoint
+    it loads from, and the engine's choices."""
+
+    model: nn.Module
+    checkpoint: object  # models/gguf_checkpoint.py's GGUFCheckpoint or models/hf_checkpoint.py's HFCheckpoint
+    dtype: torch.dtype  # the activations'
+    quantization: str  # EngineConfig.quantization: "auto" | "int4" | "int8" | "none"
+    kernel: str  # "reference": the plain-torch twins run, on the weights as loaded
+    widened: bool  # dtype "auto" made a 16-bit checkpoint float32 (a CPU without native bf16)
+    cache_dir: Path  # where a platform may keep what it measured once per machine
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """What a platform does to a model's weights while they load, decided before the first
+    tensor is read (Platform.prepare_weights) and applied by models/loader.py, which names no
+    platform. The default is nothing: the weights stay as loaded, in the model's dtype.
+
+    `packed` names modules whose weights the platform takes in the checkpoint's own block
+    form (models/causal_lm.py's WeightPart says which tensors those are): their float
+    weights are never allocated, and `from_blocks` builds each module once all its parts are
+    in, in order (a part is a BlockTensor, or a float tensor where a rank's slice cut blocks).
+    `from_dense` rewrites a linear as soon as its float weight is complete (quantize, pack),
+    so the float copies of all linears are never alive at once; `finish` runs after the last
+    tensor. `summary` is the load log's line about the weights."""
+
+    packed: frozenset[str] = frozenset()
+    from_blocks: Callable[[nn.Module, str, list], None] = _nothing
+    from_dense: Callable[[nn.Module, str], None] | None = None
+    stage: Callable[[nn.Module], None] = _nothing  # after allocation, before the first tensor
+    finish: Callable[[nn.Module], None] = _nothing
+    summary: str = "weights as stored"
+
+
+def _no_plan(request: WeightRequest) -> WeightPlan:
+    return WeightPlan()
 
 
 @dataclass(frozen=True)
@@ -69,23 +110,8 @@ class Platform:
     preferred_half: torch.dtype
     # op -> kernel for this device; `bind` applies it (built on demand: it may compile or import).
     kernel_table: Callable[[], KernelTable] = dict
-    # Rewrites a loaded model's weights for this platform's GEMMs, before `bind`: (model,
-    # dtype, the platform's weight plan). The CPU's plan is platforms/cpu/linear.py's
-    # SmallBatchWeights (which quantized copies to keep).
-    prepare_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
-    # The same rewrite for one nn.Linear (model, its name, dtype, plan), which the loader calls
-    # as soon as that linear's weight is loaded (models/loader.py); prepare_weights still runs
-    # after the last weight. None: everything waits for prepare_weights.
-    prepare_linear: Callable[[nn.Module, str, torch.dtype, object], None] | None = None
-    # The same arguments, before the weights are loaded (the CPU: which weights to hold in bf16
-    # until they are quantized).
-    stage_weights: Callable[[nn.Module, torch.dtype, object], None] = _no_weight_rewrite
-    # Has a fast weight-only int8 GEMM for bf16 activations (kernels/int8_weight_linear.py).
-    int8_weight_gemm: bool = False
-    # Has the int4/int8 group-quantized weight GEMM (kernels/group_quant_linear.py).
-    group_quant_gemm: bool = False
-    # Has an FP8 block-scaled GEMM: a checkpoint's FP8 weights stay FP8 (platforms/cuda/fp8_weights.py).
-    fp8_block_gemm: bool = False
+    # How the model's weights are held on this device (WeightPlan above).
+    prepare_weights: Callable[[WeightRequest], WeightPlan] = _no_plan
     # The KV cache's dtype for kv_cache_dtype "auto": (loaded model, its dtype) -> dtype.
     auto_kv_cache_dtype: Callable[[nn.Module, torch.dtype], torch.dtype] = lambda model, dtype: dtype
     # The cache dtypes its attention kernels take under each activation dtype besides that

@@ -62,6 +62,7 @@ class ServerState:
     metrics: ServerMetrics
     access: Access
     on_fatal: Callable[[], None]
+    cores: dict = field(default_factory=dict)  # model name -> its engine process, already spawned
     models: dict[str, ServedModel] = field(default_factory=dict)
     load_error: str | None = None
     draining: bool = False
@@ -73,7 +74,8 @@ class ServerState:
     async def load_all(self) -> None:
         for spec in self.config.models:
             try:
-                engine = await load_engine(spec.engine, spec.path, own_process=self.config.engine_process)
+                engine = await load_engine(spec.engine, spec.path, own_process=self.config.engine_process,
+                                           core=self.cores.get(spec.name))
             except Exception as exc:
                 log.error("could not load %s: %s", spec.name, exc)
                 self.load_error = f"{spec.name}: {exc}"
@@ -117,12 +119,13 @@ class ServerState:
         return {name: m.engine.snapshot for name, m in self.models.items()}
 
 
-def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None) -> FastAPI:
+def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None, cores: dict | None = None) -> FastAPI:
+    """`cores`: engine processes already spawned, by model name (the rest start here)."""
     access = Access(config.db_url, config.cached_token_weight)
     if access.is_open:
         log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. "
                     "Create one with `r1serve keys create --name NAME` to require keys.")
-    state = ServerState(config, None, access, on_fatal)  # type: ignore[arg-type]
+    state = ServerState(config, None, access, on_fatal, dict(cores or {}))  # type: ignore[arg-type]
     state.metrics = ServerMetrics(state.snapshots)
 
     @asynccontextmanager

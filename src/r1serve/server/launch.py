@@ -27,11 +27,13 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log_level: str = "info") -> int:
-    """Blocks until the server stops; returns the process exit code."""
+def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log_level: str = "info",
+          cores: dict | None = None) -> int:
+    """Blocks until the server stops; returns the process exit code. `cores`: engine
+    processes already spawned, by model name."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     holder: dict = {}
-    app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None))
+    app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None), cores=cores)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                         access_log=False)
     server = _DrainingServer(uv)

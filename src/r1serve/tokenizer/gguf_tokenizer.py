@@ -9,11 +9,10 @@ and mark control tokens special so that `<|im_start|>` in text stays one token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
@@ -80,8 +79,8 @@ class GGUFTokenizerSpec:
     chat_template: str | None
 
 
-def read_gguf_tokenizer(reader: GGUFReader) -> GGUFTokenizerSpec:
-    meta = _Metadata(reader)
+def read_gguf_tokenizer(metadata: Mapping[str, Any]) -> GGUFTokenizerSpec:
+    meta = _Metadata(metadata)
     model = meta.get("tokenizer.ggml.model")
     if model not in SUPPORTED_TOKENIZER_MODELS:
         raise ModelLoadError(
@@ -122,12 +121,11 @@ def _bos_eos_processor(bos: str | None, eos: str | None, backend: Backend) -> pr
 
 
 class _Metadata:
-    def __init__(self, reader: GGUFReader):
-        self._fields = reader.fields
+    def __init__(self, metadata: Mapping[str, Any]):
+        self._fields = metadata
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        return default if field is None else field.contents()
+        return self._fields.get(key, default)
 
     def require(self, key: str) -> Any:
         if key not in self._fields:

@@ -84,9 +84,9 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, source: GGUFReader | str | os.PathLike | Any) -> Tokenizer:
-        """From a GGUFReader, a GGUF path, or anything holding a `.reader` (a GGUFCheckpoint)."""
-        spec = read_gguf_tokenizer(_as_reader(source))
+    def from_gguf(cls, source: Mapping[str, Any] | GGUFReader | str | os.PathLike | Any) -> Tokenizer:
+        """From a GGUF's metadata, a GGUFFile or GGUFReader, a GGUFCheckpoint, or a path."""
+        spec = read_gguf_tokenizer(_gguf_metadata(source))
         return cls(
             spec.backend,
             bos_token=spec.bos_token,
@@ -160,18 +160,23 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def _as_reader(source: Any) -> GGUFReader:
-    if isinstance(source, GGUFReader):
+def _gguf_metadata(source: Any) -> Mapping[str, Any]:
+    """A GGUF's metadata from a mapping of it, anything holding one as `.metadata` (a
+    GGUFFile) or as `.file.metadata` (a GGUFCheckpoint), gguf-py's GGUFReader, or a path."""
+    source = getattr(source, "file", source)
+    if isinstance(getattr(source, "metadata", None), Mapping):
+        source = source.metadata
+    if isinstance(source, Mapping):
         return source
-    if isinstance(getattr(source, "reader", None), GGUFReader):
-        return source.reader
-    path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
-    try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader fails in many ways on bad bytes
-        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file ({exc}).") from exc
+    if not isinstance(source, GGUFReader):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
+        try:
+            source = GGUFReader(path)
+        except Exception as exc:  # the reader fails in many ways on bad bytes
+            raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file ({exc}).") from exc
+    return {key: field.contents() for key, field in source.fields.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

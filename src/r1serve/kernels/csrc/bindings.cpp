@@ -11,8 +11,13 @@ at::Tensor rotary_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const a
                            const at::Tensor& slots, int64_t num_heads);
 at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor argmax_rows(const at::Tensor& logits);
-at::Tensor group_quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t bits,
-                              const std::optional<at::Tensor>& bias);
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& segments, int64_t N,
+                        const std::optional<at::Tensor>& bias);
+void repack_gguf(const at::Tensor& raw, int64_t ggml_type, at::Tensor& out);
+int64_t repacked_format(int64_t ggml_type);
+void quantize_weight(const at::Tensor& w, int64_t bits, at::Tensor& out);
+at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& segments, int64_t N, int64_t K,
+                           const at::Tensor& ids);
 
 // Every kernel works on tensors only, so each releases the GIL while it runs: a server's
 // event loop keeps answering while an engine on a thread of its process is inside a kernel.
@@ -20,7 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release_gil = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache", release_gil());
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm; returns (normed, new residual)", release_gil());
-  m.def("group_quant_linear", &group_quant_linear, "x @ W^T + b with W in packed int4 or int8 groups of 32 (x float32 or bf16)", release_gil());
+  m.def("quant_linear", &quant_linear, "x @ W^T + b with W packed in segments of quantized formats (x float32 or bf16)",
+        release_gil());
+  m.def("repack_gguf", &repack_gguf, "a GGUF tensor's rows of blocks -> its packed row blocks, into out", release_gil());
+  m.def("repacked_format", &repacked_format, "the packed format of a ggml type (-1: none)");
+  m.def("quantize_weight", &quantize_weight, "a float (N, K) weight -> int4 or int8 groups of 32, packed into out", release_gil());
+  m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32", release_gil());
   m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q", release_gil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over rows [gate | up]", release_gil());
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (NaN counts as the maximum)", release_gil());

@@ -14,6 +14,7 @@
 //     vstore_i8(int8_t*, v)       kLanes integral values in -128..127 as int8
 //   vmask                         a per-lane condition: vgt(a, b) visnan(v) vany(m) vselect(m, t, f)
 //   vi                            kLanes int32: vizero vcvt(vi) -> vf
+//   vload_i8(int8_t*)             kLanes signed bytes as floats (the K formats' small scales)
 //   vbytes                        4 * kLanes bytes (kLanes rows of 4 codes each)
 //     vload_bytes vlow_nibbles vhigh_nibbles
 //     vprep_bytes(u) -> vcodes8   8-bit codes made ready for vdot_bytes (once per load, for

@@ -81,6 +81,9 @@ inline vf vselect(vmask m, vf t, vf f) { return _mm256_blendv_ps(f, t, m); }
 
 inline vi vizero() { return _mm256_setzero_si256(); }
 inline vf vcvt(vi v) { return _mm256_cvtepi32_ps(v); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline vbytes vload_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline vbytes vlow_nibbles(vbytes v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 inline vbytes vhigh_nibbles(vbytes v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }

@@ -69,6 +69,9 @@ inline vf vselect(vmask m, vf t, vf f) { return _mm512_mask_mov_ps(f, m, t); }
 
 inline vi vizero() { return _mm512_setzero_si512(); }
 inline vf vcvt(vi v) { return _mm512_cvtepi32_ps(v); }
+inline vf vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline vbytes vload_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
 inline vbytes vlow_nibbles(vbytes v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
 inline vbytes vhigh_nibbles(vbytes v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }

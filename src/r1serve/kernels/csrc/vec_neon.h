@@ -62,6 +62,12 @@ inline vf vselect(vmask m, vf t, vf f) { return vbslq_f32(m, t, f); }
 
 inline vi vizero() { return vdupq_n_s32(0); }
 inline vf vcvt(vi v) { return vcvtq_f32_s32(v); }
+inline vf vload_i8(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  const int16x8_t w = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four)));
+  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)));
+}
 inline vbytes vload_bytes(const uint8_t* p) { return vld1q_u8(p); }
 inline vbytes vlow_nibbles(vbytes v) { return vandq_u8(v, vdupq_n_u8(0x0F)); }
 inline vbytes vhigh_nibbles(vbytes v) { return vshrq_n_u8(v, 4); }

@@ -88,6 +88,7 @@ inline vf vselect(vmask m, vf t, vf f) { return vmap([&](int i) { return m.v[i] 
 
 inline vi vizero() { return vi{}; }
 inline vf vcvt(vi v) { return vmap([&v](int i) { return static_cast<float>(v.v[i]); }); }
+inline vf vload_i8(const int8_t* p) { return vmap([p](int i) { return static_cast<float>(p[i]); }); }
 inline vbytes vload_bytes(const uint8_t* p) {
   vbytes b;
   std::memcpy(b.v, p, sizeof b.v);

@@ -1,8 +1,9 @@
 """The CPU platform: runs the whole engine; bfloat16 where the CPU has native support.
 
 Kernels come from csrc/ built for one vector ISA (kernels/cpu_isa.py: the CPU's best unless
-`cpu_isa` names another it runs); linears become CpuLinear (platforms/cpu/linear.py), which
-picks a GEMM per batch size. Without a compiler the torch paths serve.
+`cpu_isa` names another it runs); weights are held as platforms/cpu/weight_plan.py says (a
+GGUF's own blocks packed for the quantized GEMM, float ones kept or quantized once), each
+linear a CpuLinear (platforms/cpu/linear.py). Without a compiler the torch paths serve.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from r1serve.kernels.rotary_kv_write import rotary_kv_write
 from r1serve.kernels.silu_and_mul import silu_and_mul
 from r1serve.platforms.base import Kernel, KernelTable, Platform
 from r1serve.platforms.cpu.decode_layer import decode_layer, takes_layer
-from r1serve.platforms.cpu.linear import (SmallBatchWeights, convert_linear, rounds_activations, stage_weights,
-                                         use_cpu_linears)
+from r1serve.platforms.cpu.linear import rounds_activations
+from r1serve.platforms.cpu.weight_plan import plan_weights
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,15 +49,6 @@ def _kernel_table(isa: str) -> KernelTable:
     table["silu_and_mul"] = Kernel(functools.partial(silu_and_mul, kernels=kernels), name)
     table["decode_layer"] = Kernel(functools.partial(decode_layer, kernels=kernels), name, takes_layer, per_module=True)
     return table
-
-
-def _prepare_weights(isa: str, model: nn.Module, dtype: torch.dtype, plan: SmallBatchWeights) -> None:
-    if dtype in _KERNEL_DTYPES:
-        use_cpu_linears(model, plan, dtype, cpu_kernels(isa))
-
-
-def _prepare_linear(isa: str, model: nn.Module, name: str, dtype: torch.dtype, plan: SmallBatchWeights) -> None:
-    convert_linear(model, name, plan, dtype, cpu_kernels(isa))
 
 
 def _lazy_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -94,11 +86,7 @@ def cpu_platform(isa: str = "auto") -> Platform:
         dist_backend="gloo",
         preferred_half=torch.bfloat16 if has_native_bf16(isa) else torch.float32,
         kernel_table=functools.partial(_kernel_table, isa),
-        prepare_weights=functools.partial(_prepare_weights, isa),
-        prepare_linear=functools.partial(_prepare_linear, isa),
-        stage_weights=stage_weights,
-        int8_weight_gemm=True,
-        group_quant_gemm=kernels is not None,
+        prepare_weights=functools.partial(plan_weights, kernels),
         alloc_zeros=_lazy_zeros,
         auto_kv_cache_dtype=_auto_kv_cache_dtype,
         other_kv_cache_dtypes={torch.float32: (torch.bfloat16,), torch.bfloat16: (torch.float32,)},

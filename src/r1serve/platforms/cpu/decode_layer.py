@@ -8,9 +8,8 @@ their wrappers and checks per layer (the C++ checks every argument again). This 
 measured 1.32x the tokens/s at one sequence and 1.16x at 32 (docs/performance.md,
 benchmarks/cpu_decode_layer.py).
 
-It takes a layer whose four linears all serve from int4/int8 groups up to some batch size
-(CpuLinear.group_max_rows) and whose norms are float32 or bf16; larger batches, and
-layers of any other shape, run their modules.
+It takes a layer whose four linears all serve from quantized weights (CpuLinear.quantized)
+and whose norms are float32 or bf16; layers of any other shape run their modules.
 """
 from __future__ import annotations
 
@@ -33,31 +32,27 @@ def takes_layer(layer: nn.Module) -> bool:
     parts = layer.gated_attention_parts()
     if parts is None:
         return False
-    grouped = all(isinstance(m, CpuLinear) and m.grouped is not None and m.group_max_rows > 0 for m in _linears(parts))
-    return grouped and all(n.weight.dtype in _NORM_DTYPES for n in (parts.input_norm, parts.post_norm))
+    quantized = all(isinstance(m, CpuLinear) and m.quantized is not None for m in _linears(parts))
+    return quantized and all(n.weight.dtype in _NORM_DTYPES for n in (parts.input_norm, parts.post_norm))
 
 
 def decode_layer(layer: nn.Module, kernels) -> Callable:
     """The layer's decode step: (rope, x (N, hidden), residual or None, kv_cache, meta) ->
     (x, residual), as layer.run_modules returns them."""
     p = layer.gated_attention_parts()
-    gemm, norm, rotary = kernels.group_quant_linear, kernels.add_rms_norm, kernels.rotary_kv_write
+    gemm, norm, rotary = kernels.quant_linear, kernels.add_rms_norm, kernels.rotary_kv_write
     attention, silu = kernels.paged_decode_attention, kernels.silu_and_mul
 
     def weights(linear: CpuLinear) -> tuple:
-        g = linear.grouped
-        return g.packed, g.out_features, g.bits, linear.bias
+        return linear.qpacked, linear.qsegments, linear.out_features, linear.bias
 
     qkv, o, gate_up, down = (weights(m) for m in _linears(p))
-    max_rows = min(m.group_max_rows for m in _linears(p))
     w1, eps1, w2, eps2 = p.input_norm.weight, p.input_norm.eps, p.post_norm.weight, p.post_norm.eps
     heads, scale = p.rotary_kv_write.num_heads, p.attn.scale
-    run_modules, all_reduce = layer.run_modules, p.all_reduce
+    all_reduce = p.all_reduce
 
     def run(rope, x, residual, kv_cache, meta):
         rows = x.shape[0]
-        if rows > max_rows:  # the linears' dense GEMMs serve this batch
-            return run_modules(rope, x, residual, kv_cache, meta)
         if residual is None:
             h, residual = norm(None, x, w1, eps1)[0], x
         else:

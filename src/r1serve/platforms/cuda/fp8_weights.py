@@ -1,12 +1,12 @@
 """Keeping a checkpoint's FP8 block weights as FP8, for platforms with FP8 GEMMs (Hopper and newer).
 
 The loader dequantizes FP8 tensors as it reads them (models/hf_checkpoint.py), which every
-platform can run. Where `platform.fp8_block_gemm` is set, the loader then hands the FP8
-tensors over again, between `model.load_weights(...)` (which still needs every tensor: the
-absorbed MLA weights and its completeness check come from it) and `platform.bind`:
+platform can run. Where the GPU has FP8 GEMMs, the cuda platform's weight plan
+(platforms/cuda/__init__.py) then hands the FP8 tensors over again once loading is done,
+after `model.load_weights(...)` (which still needs every tensor: the absorbed MLA weights
+and its completeness check come from it) and before `platform.bind`:
 
-    if platform.fp8_block_gemm and getattr(ckpt, "fp8_block", None):
-        keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
+    keep_fp8_weights(model, iter_fp8_block_weights(ckpt), ckpt.fp8_block)
 
 Each FP8 tensor and its scales go where load_weights put the dequantized copy, including
 the fused (gate_up_proj) and stacked (experts' w13 / w2) parameters. Then every nn.Linear
