@@ -152,13 +152,16 @@ static std::vector<uint8_t> random_weight(int64_t N, int64_t K, bool extreme, st
   const int64_t NB = (N + 15) / 16, units = units_of(F, K), bb = block_bytes(F, K);
   std::vector<uint8_t> packed(NB * bb, 0);
   w.assign(N * units * Fm::kUnitCols, 0.0);
-  const int max_code = Fm::kBits == 4 ? 15 : 255;
+  const int max_code = Fm::kMaxCode;
   std::vector<Unit> all(NB * 16 * units);  // every row block's rows, padding rows zero
   for (int64_t n = 0; n < N; ++n)
     for (int64_t unit = 0; unit < units; ++unit) {
       Unit& v = all[(n / 16 * units + unit) * 16 + n % 16];
-      for (int64_t k = 0; k < Fm::kUnitCols; ++k)
-        v.u[k] = static_cast<uint8_t>(extreme ? (k % 2 ? max_code : (Fm::kBits == 4 ? 15 : 1)) : rng() % (max_code + 1));
+      for (int64_t k = 0; k < Fm::kUnitCols; ++k) {
+        // extreme: 4-bit and K8 codes all at their largest; G8's at +-127 about its offset 128
+        const int top = Fm::kMaxCode == 255 ? (k % 2 ? 255 : 1) : max_code;
+        v.u[k] = static_cast<uint8_t>(extreme ? top : rng() % (max_code + 1));
+      }
       v.scale = static_cast<uint16_t>(0x2000 + rng() % 0x800);  // halves ~ 0.008 .. 0.03
       v.min = static_cast<uint16_t>(0xA000 + rng() % 0x800);  // any negative half
       v.d = static_cast<uint16_t>(0x1800 + rng() % 0x800);  // ~ 0.0005 .. 0.002
@@ -190,7 +193,7 @@ static std::vector<uint8_t> random_weight(int64_t N, int64_t K, bool extreme, st
 
 // The quantized GEMM against a double oracle on the same int8 activations. extreme: every
 // code and activation at the end of its range, where int16 partial sums are closest to
-// overflowing (8 x 2 x 15 x 127 and 2 x 127 x 127 < 2^15).
+// overflowing (8 x 2 x 15 x 127, 2 x 2 x 63 x 127 and 2 x 127 x 127 < 2^15).
 template <typename T, Fmt F>
 static void test_quant_gemm(int64_t M, int64_t N, int64_t K, bool extreme = false) {
   const int64_t G = (K + 31) / 32, W = units_of(F, K) * Format<F>::kUnitCols;

@@ -31,6 +31,7 @@
 // exactly the checkpoint's: d * sc is exact in float32, and the kernel forms it there. Each
 // block format's codes and scales map onto one of these (gguf_repack.h); Q6_K's signed codes
 // q - 32 become u = q with m = sc and dmin = 32 d, Q3_K's q - 4 likewise with dmin = 4 d.
+// K8's codes are therefore at most 63 (Format::kMaxCode); the kernels rely on it.
 //
 // Padding rows (N..16 NB) have zero codes and scales; padding columns (K..32 G, G formats
 // only: the K formats need K % 256 == 0) meet zero activations.
@@ -48,6 +49,9 @@ template <Fmt F>
 struct Format {
   static constexpr bool kTwoLevel = F == Fmt::K4 || F == Fmt::K8;
   static constexpr int kBits = F == Fmt::G4 || F == Fmt::K4 ? 4 : 8;
+  // The largest code: K8 holds blocks of 6 bits and fewer (Q6_K is the widest), and the
+  // GEMM takes its products through the narrow dot product that this bounds (quant_gemm.h).
+  static constexpr int kMaxCode = kBits == 4 ? 15 : F == Fmt::K8 ? 63 : 255;
   static constexpr int kHalves = F == Fmt::K8 ? 2 : 1;  // scale groups per 32 columns
   static constexpr int64_t kGroupsPerUnit = kTwoLevel ? kSuperGroups : 1;
   static constexpr int64_t kHeaderBytes = kTwoLevel ? 4 * kRows : 0;

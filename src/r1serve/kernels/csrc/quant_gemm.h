@@ -20,6 +20,7 @@
 // With x ~= dx * a (a int8, per group), a group's contribution to row n is
 //   sum_k (scale u_k + min) dx a_k = (scale dx) * sum_k u_k a_k + min * (dx sum_k a_k)
 // and where vdot_bytes gives sum (u - 128) a (kByteDotOffset), min becomes min + 128 scale.
+// K8's codes (at most 63) skip that: see kNarrowDot.
 #pragma once
 
 #include <algorithm>
@@ -124,15 +125,25 @@ inline int32_t four(const int8_t* a) {
   return v;
 }
 
+// Whether format F's 8-bit codes go through the nibble dot product (vnib: unsigned codes by
+// signed activations) rather than vdot_bytes. Where the ISA has no unsigned x signed 4-way
+// dot product, vdot_bytes takes u - 128 with its sign moved onto each activation row's
+// broadcast (two more operations per product and row); K8's codes are at most 63, so they
+// multiply as they are, and a vnib holds two such calls exactly (2 x 2 x 63 x 127 < 2^15).
+template <Fmt F>
+constexpr bool kNarrowDot = Format<F>::kBits == 8 && Format<F>::kMaxCode <= 63 && kByteDotOffset != 0;
+
+// What the group's dot products leave out: sum_k (u_k - offset) a_k.
+template <Fmt F>
+constexpr int kDotOffset = Format<F>::kBits == 8 && !kNarrowDot<F> ? kByteDotOffset : 0;
+
 // s[m][r] (lane l: row r * kLanes + l from t on) = those rows' columns c0..c1 of the group
-// dotted with a_m (columns in steps of 8 for 4-bit codes, 4 for 8-bit). Chunks are 64 bytes
-// apart.
-// s[m][r] (lane l: row r * kLanes + l from t on) = those rows' columns c0..c1 of the group
-// dotted with activation row m (its codes at a + 32 m). Chunks are 64 bytes apart.
-template <int kBits, int M, int R>
+// dotted with activation row m (its codes at a + 32 m), less kDotOffset<F> times the
+// activations' sum. Chunks are 64 bytes apart.
+template <Fmt F, int M, int R>
 inline void tile_dots(const uint8_t* t, const int8_t* a, int c0, int c1, vi s[M][R]) {
   constexpr int kRegBytes = 4 * kLanes;
-  if constexpr (kBits == 4) {  // 8 vnib_dot per group: the most a vnib holds exactly
+  if constexpr (Format<F>::kBits == 4) {  // 8 vnib_dot per group: the most a vnib holds exactly
     vnib p[M][R];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) p[m][r] = vnib_zero();
@@ -147,6 +158,18 @@ inline void tile_dots(const uint8_t* t, const int8_t* a, int c0, int c1, vi s[M]
       }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) s[m][r] = vnib_finish(p[m][r]);
+  } else if constexpr (kNarrowDot<F>) {  // chunks in pairs, each pair's vnib widened into s
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) s[m][r] = vizero();
+    for (int c = c0 / 4; c < c1 / 4; c += 2)
+      for (int r = 0; r < R; ++r) {
+        const vbytes v0 = vload_bytes(t + 64 * c + kRegBytes * r), v1 = vload_bytes(t + 64 * (c + 1) + kRegBytes * r);
+        for (int m = 0; m < M; ++m) {
+          vnib p = vnib_dot(vnib_zero(), v0, four(a + kGroup * m + 4 * c));
+          p = vnib_dot(p, v1, four(a + kGroup * m + 4 * c + 4));
+          s[m][r] = vadd_i32(s[m][r], vnib_finish(p));
+        }
+      }
   } else {
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) s[m][r] = vizero();
@@ -173,7 +196,7 @@ inline void group_scales(const uint8_t* t, int reg, int h, vf d, vf nd, vf& scal
     scale = vload_half(halves);
     mn = vload_half(halves + kRows);
   }
-  if constexpr (Fm::kBits == 8) mn = vfmadd(vset1(static_cast<float>(kByteDotOffset)), scale, mn);
+  if constexpr (kDotOffset<F> != 0) mn = vfmadd(vset1(static_cast<float>(kDotOffset<F>)), scale, mn);
 }
 
 // Registers r0 .. r0 + R of one row block (its rows r0 * kLanes ...) for activation rows
@@ -211,7 +234,7 @@ void block_part(const uint8_t* block, int64_t u0, int64_t u1, const QuantRows& x
       // of integer accumulators serves both: two sets spilled at 8 rows a pass.
       for (int h = 0; h < H; ++h) {
         vi s[M][R];
-        tile_dots<Fm::kBits, M, R>(t + 4 * kLanes * r0, a, kGroup * h / H, kGroup * (h + 1) / H, s);
+        tile_dots<F, M, R>(t + 4 * kLanes * r0, a, kGroup * h / H, kGroup * (h + 1) / H, s);
         for (int r = 0; r < R; ++r) {
           vf scale, mn;
           group_scales<F>(t, r0 + r, h, d[r], nd[r], scale, mn);

@@ -13,7 +13,7 @@
 //     vrint(v)                    rounded to the nearest integer, ties to even (as torch.round)
 //     vstore_i8(int8_t*, v)       kLanes integral values in -128..127 as int8
 //   vmask                         a per-lane condition: vgt(a, b) visnan(v) vany(m) vselect(m, t, f)
-//   vi                            kLanes int32: vizero vcvt(vi) -> vf
+//   vi                            kLanes int32: vizero vadd_i32 vcvt(vi) -> vf
 //   vload_i8(int8_t*)             kLanes signed bytes as floats (the K formats' small scales)
 //   vbytes                        4 * kLanes bytes (kLanes rows of 4 codes each)
 //     vload_bytes vlow_nibbles vhigh_nibbles
@@ -22,9 +22,9 @@
 //     vdot_bytes(acc, c, a4)      acc + sum_j u[4 lane + j] a4[j] for u in 0..255, less
 //                                 kByteDotOffset * sum_j a4[j] (the ISAs without an unsigned x
 //                                 signed dot product take u - 128 as a signed byte)
-//   vnib                          a group's partial sums of nibble products (per lane:
-//                                 sum_j u[4 lane + j] * a4[j], u in 0..15), exact for up to
-//                                 8 vnib_dot calls (|u a| <= 15 * 127): int16 pairs where the
+//   vnib                          a group's partial sums of small codes' products (per lane:
+//                                 sum_j u[4 lane + j] * a4[j]), exact for up to 8 vnib_dot
+//                                 calls with u in 0..15, or 2 with u in 0..63: int16 pairs where the
 //                                 ISA multiplies bytes into int16 (AVX2, NEON without dotprod),
 //                                 int32 lanes where it has a 4-way dot product
 //     vnib_zero vnib_dot(acc, u, a4) vnib_finish(acc) -> vi

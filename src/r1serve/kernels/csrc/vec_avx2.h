@@ -80,6 +80,7 @@ inline bool vany(vmask m) { return _mm256_movemask_ps(m) != 0; }
 inline vf vselect(vmask m, vf t, vf f) { return _mm256_blendv_ps(f, t, m); }
 
 inline vi vizero() { return _mm256_setzero_si256(); }
+inline vi vadd_i32(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vf vcvt(vi v) { return _mm256_cvtepi32_ps(v); }
 inline vf vload_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

@@ -68,6 +68,7 @@ inline bool vany(vmask m) { return m != 0; }
 inline vf vselect(vmask m, vf t, vf f) { return _mm512_mask_mov_ps(f, m, t); }
 
 inline vi vizero() { return _mm512_setzero_si512(); }
+inline vi vadd_i32(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vf vcvt(vi v) { return _mm512_cvtepi32_ps(v); }
 inline vf vload_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));

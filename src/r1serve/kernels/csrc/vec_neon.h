@@ -61,6 +61,7 @@ inline bool vany(vmask m) { return vmaxvq_u32(m) != 0; }
 inline vf vselect(vmask m, vf t, vf f) { return vbslq_f32(m, t, f); }
 
 inline vi vizero() { return vdupq_n_s32(0); }
+inline vi vadd_i32(vi a, vi b) { return vaddq_s32(a, b); }
 inline vf vcvt(vi v) { return vcvtq_f32_s32(v); }
 inline vf vload_i8(const int8_t* p) {
   int32_t four;

@@ -87,6 +87,10 @@ inline bool vany(vmask m) {
 inline vf vselect(vmask m, vf t, vf f) { return vmap([&](int i) { return m.v[i] ? t.v[i] : f.v[i]; }); }
 
 inline vi vizero() { return vi{}; }
+inline vi vadd_i32(vi a, vi b) {
+  for (int i = 0; i < kLanes; ++i) a.v[i] += b.v[i];
+  return a;
+}
 inline vf vcvt(vi v) { return vmap([&v](int i) { return static_cast<float>(v.v[i]); }); }
 inline vf vload_i8(const int8_t* p) { return vmap([p](int i) { return static_cast<float>(p[i]); }); }
 inline vbytes vload_bytes(const uint8_t* p) {
