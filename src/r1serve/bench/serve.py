@@ -52,10 +52,11 @@ def load_tokenizer(name: str | None, cache_dir: Path):
     if name is None:
         return None
     from r1serve.models.catalog import resolve_model
+    from r1serve.models.gguf_file import GGUFFile
     from r1serve.tokenizer import Tokenizer
 
     path = resolve_model(name, cache_dir)
-    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+    return Tokenizer.from_gguf(GGUFFile(path)) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
 
 
 async def run_level(base_url: str, headers: dict, specs: list[RequestSpec], args, concurrency: int | None,

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
-from r1serve.bench.server_runner import _peak_rss_kib, _process_tree, stream_all
+from r1serve.bench.server_runner import _free_port, _peak_rss_kib, _process_tree, stream_all
 from r1serve.kernels.cpu_isa import cpu_flags, cpu_model
 
 WORDS = ("river stone light garden engine window paper market silver autumn planet signal harbor orchard "
@@ -49,12 +49,6 @@ class Round:
     prefill_tok_s: float = 0.0
     prompt_tokens: int = 0
     peak_mib: float = 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kv_bytes_per_token(path: Path) -> int:
@@ -74,14 +68,18 @@ class Server:
     def __init__(self, system: str, cmd: list[str], port: int) -> None:
         self.system, self.port = system, port
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # A file, not a pipe: nobody reads a pipe while the server runs, and a full one would
+        # stall a server that logs every request.
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
 
     def wait_ready(self, timeout: float = 900) -> float:
         """Seconds from launch to the first answered request."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.system} exited: {self.proc.stderr.read()[-3000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{self.system} exited: {self.log.read()[-3000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     self.complete(["Hello"], 8)
@@ -98,6 +96,8 @@ class Server:
         for r in responses:
             if r.status != 200:
                 raise RuntimeError(f"{self.system} answered {r.status}: {r.tail[-500:]!r}")
+            if r.first_token_s is None:
+                raise RuntimeError(f"{self.system} streamed no text: {r.tail[-500:]!r}")
         return responses
 
     def stop(self) -> float:
@@ -108,6 +108,7 @@ class Server:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
         return peak
 
 

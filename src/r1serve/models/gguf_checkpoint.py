@@ -201,7 +201,7 @@ class GGUFCheckpoint:
 
     def block_types(self) -> dict[str, int]:
         """HF name -> ggml type id of every matrix stored in a block format that has a packed
-        form (kernels/quantized_weight.py's GGML_FORMATS); the others dequantize."""
+        form (kernels/quant_formats.py's GGML_FORMATS); the others dequantize."""
         return {name: int(t.tensor_type) for t in self.file.tensors
                 if len(t.shape) == 2 and int(t.tensor_type) in GGML_FORMATS and (name := _hf_name(t.name)) is not None}
 

@@ -14,7 +14,6 @@ at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& segments, int64_t N,
                         const std::optional<at::Tensor>& bias);
 void repack_gguf(const at::Tensor& raw, int64_t ggml_type, at::Tensor& out);
-int64_t repacked_format(int64_t ggml_type);
 void quantize_weight(const at::Tensor& w, int64_t bits, at::Tensor& out);
 at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& segments, int64_t N, int64_t K,
                            const at::Tensor& ids);
@@ -28,7 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "x @ W^T + b with W packed in segments of quantized formats (x float32 or bf16)",
         release_gil());
   m.def("repack_gguf", &repack_gguf, "a GGUF tensor's rows of blocks -> its packed row blocks, into out", release_gil());
-  m.def("repacked_format", &repacked_format, "the packed format of a ggml type (-1: none)");
   m.def("quantize_weight", &quantize_weight, "a float (N, K) weight -> int4 or int8 groups of 32, packed into out", release_gil());
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32", release_gil());
   m.def("rotary_kv_write", &rotary_kv_write, "split qkv, rotate q and k, store k and v in the paged cache; returns q", release_gil());

@@ -4,7 +4,8 @@
 //
 // A ggml block covers 32 columns (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or 256 (the K-quants), one
 // unit of the target format; decode_<type> reads one block of one row into `Unit`, and
-// write_unit places a row's unit into its block's tiles. The bit layouts are ggml's
+// write_block_unit places a block's 16 rows of one unit into its tiles (write_unit, one row
+// at a time, is the plain statement of that layout the tests write with). The bit layouts are ggml's
 // (ggml-common.h, dequantize_row_* in ggml-quants.c), named here column by column:
 //
 //   Q4_0  d | qs[16]                  u[j] = qs[j] & 15, u[j+16] = qs[j] >> 4     w = d (u - 8)

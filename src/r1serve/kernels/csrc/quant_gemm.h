@@ -63,10 +63,10 @@ struct QuantRows {
 
   void resize(int64_t rows, int64_t groups) {
     M = rows, G = groups;
-    a.assign(G * M * kGroup, 0);
-    dx.assign(G * M, 0.f);
-    sx.assign(G * M, 0.f);
-    sh.assign(2 * G * M, 0.f);
+    a.resize(G * M * kGroup);  // unset: quantize_row writes all of a row
+    dx.resize(G * M);
+    sx.resize(G * M);
+    sh.resize(2 * G * M);
   }
   const int8_t* codes(int64_t g, int64_t m) const { return a.data() + (g * M + m) * kGroup; }
 };
@@ -275,7 +275,7 @@ inline void store_part(T* y, int64_t ldy, const vf out[M][R], const T* bias, int
 // What one call's rows of one row block need: the block, its units, its output rows.
 struct BlockJob {
   const uint8_t* block;
-  int64_t units, block_bytes;
+  int64_t units;
   int64_t n;  // output rows of the block (16, or fewer in the last)
 };
 
@@ -343,7 +343,7 @@ void gemm_blocks(const uint8_t* packed, int64_t N, int64_t K, const QuantRows& x
   const int64_t M = xs.M, units = units_of(F, K), bytes = units * Fm::kUnitBytes;
   if (M <= kRowsAllRegs) {
     for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const BlockJob job{packed + nb * bytes, units, bytes, std::min(kRows, N - nb * kRows)};
+      const BlockJob job{packed + nb * bytes, units, std::min(kRows, N - nb * kRows)};
       decode_rows<T, F, kRowsAllRegs>(job, xs, 0, bias ? bias + nb * kRows : nullptr, y + nb * kRows, ldy, M);
     }
     return;
@@ -401,7 +401,7 @@ inline Share share_of(const std::vector<Segment>& segs, int64_t K, int64_t t, in
   int64_t total = 0;
   for (const auto& s : segs) total += s.blocks() * block_bytes(s.fmt, K);
   const int64_t lo = total * t / threads, hi = total * (t + 1) / threads;
-  Share sh{static_cast<int64_t>(segs.size()), 0, static_cast<int64_t>(segs.size()), 0};
+  Share sh{0, 0, 0, 0};  // empty until a block's middle falls in [lo, hi)
   int64_t at = 0;
   bool started = false;
   for (int64_t i = 0; i < static_cast<int64_t>(segs.size()); ++i) {
@@ -409,11 +409,12 @@ inline Share share_of(const std::vector<Segment>& segs, int64_t K, int64_t t, in
     for (int64_t b = 0; b < segs[i].blocks(); ++b, at += per) {
       // A block goes to the thread whose byte range holds its middle.
       const int64_t mid = at + per / 2;
-      if (!started && mid >= lo) sh = {i, b, i, b}, started = true;
-      if (started && mid < hi) sh.s1 = i, sh.b1 = b + 1;
+      if (mid >= hi) return sh;
+      if (mid < lo) continue;
+      if (!started) sh = {i, b, i, b}, started = true;
+      sh.s1 = i, sh.b1 = b + 1;
     }
   }
-  if (!started) sh = {0, 0, 0, 0};
   return sh;
 }
 

@@ -45,11 +45,30 @@ static std::vector<rk::Segment> read_segments(const at::Tensor& packed, const at
   return out;
 }
 
+// Output rows that no segment covers are 0 (none do, for a whole weight or its fused parts:
+// zeroing all of y cost an (M, N) memset a call).
+static void zero_uncovered(at::Tensor& y, std::vector<rk::Segment> segs) {
+  std::sort(segs.begin(), segs.end(), [](const rk::Segment& a, const rk::Segment& b) { return a.row0 < b.row0; });
+  int64_t at = 0;
+  for (const auto& s : segs) {
+    if (s.row0 > at) y.narrow(1, at, s.row0 - at).zero_();
+    at = std::max(at, s.row0 + s.rows);
+  }
+  if (at < y.size(1)) y.narrow(1, at, y.size(1) - at).zero_();
+}
+
+// The calling thread's int8 activations, kept across calls (a decode step makes ~120; a
+// prefill's are megabytes): grown, never cleared, as quantize_row writes all of its rows.
+static rk::QuantRows& activation_buffer() {
+  thread_local rk::QuantRows xs;
+  return xs;
+}
+
 template <typename T>
 static void run(const at::Tensor& x, const std::vector<rk::Segment>& segs, const std::optional<at::Tensor>& bias,
                 at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), G = (K + rk::kGroup - 1) / rk::kGroup, N = y.size(1);
-  rk::QuantRows xs;
+  rk::QuantRows& xs = activation_buffer();  // a reference: the parallel region shares it
   xs.resize(M, G);
   const auto* xp = as_vec<T>(x);
   const auto* b = bias ? as_vec<T>(*bias) : nullptr;
@@ -79,7 +98,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const at:
               "quant_linear: bias must be a contiguous (N,) of x's dtype");
   const auto segs = read_segments(packed, segments, N, x.size(1));
   at::Tensor y = at::empty({x.size(0), N}, x.options());
-  if (segs.size() != 1 || segs[0].rows != N) y.zero_();  // rows no segment covers stay 0
+  zero_uncovered(y, segs);
   if (x.scalar_type() == at::kBFloat16)
     run<at::BFloat16>(x, segs, bias, y);
   else
@@ -115,14 +134,6 @@ void repack_gguf(const at::Tensor& raw, int64_t ggml_type, at::Tensor& out) {
   });
 }
 
-// The packed format a ggml type is repacked into (0..3), or -1 for one that has none.
-int64_t repacked_format(int64_t ggml_type) {
-  try {
-    return static_cast<int64_t>(rk::block_format(static_cast<int>(ggml_type)).target);
-  } catch (const std::invalid_argument&) {
-    return -1;
-  }
-}
 
 // w: (N, K) float32 or bf16 -> G4 (bits 4) or G8 (bits 8) row blocks, written into `out`
 // (1-D uint8, exactly their size; every byte is written).
