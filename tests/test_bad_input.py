@@ -410,3 +410,24 @@ def test_a_template_that_fails_on_its_own_is_still_a_server_error():
     with pytest.raises(TypeError):  # the model's template is broken: a 500, not the client's fault
         _render(_TemplateTokenizer("{{ 1 + 'a' }}"), [{"role": "user", "content": "hi"}],
                 ChatCompletionRequest(model="m", messages=HI))
+
+
+TURNS = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+
+
+@pytest.mark.parametrize("final", ["", "hi", "Hel"])
+def test_continue_final_message_cuts_after_the_final_content(final):
+    """The reply continues the last message where it ends: after its text, even when that
+    text is empty ("hi" is the user's turn too)."""
+    from types import SimpleNamespace
+
+    from r1serve.server.protocol import ChatCompletionRequest
+    from r1serve.server.serving_chat import chat_prompt
+
+    tok = _TemplateTokenizer(TURNS)
+    tok.encode = lambda text, add_special_tokens=False: [ord(c) for c in text]
+    model = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
+    req = ChatCompletionRequest(model="m", messages=HI + [{"role": "assistant", "content": final}],
+                                continue_final_message=True, add_generation_prompt=False)
+    prompt = chat_prompt(model, req)
+    assert prompt.text == f"<|user|>{HI[0]['content']}<|end|><|assistant|>{final}"

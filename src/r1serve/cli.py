@@ -233,15 +233,20 @@ def cmd_serve(args) -> None:
     cores = _spawn_engines(engines) if not args.engine_on_thread else {}
 
     from r1serve.server.app import ServerConfig
+    from r1serve.server.connection_limits import ConnectionLimits
     from r1serve.server.launch import serve
     from r1serve.server.served_model import ModelSpec
+    from r1serve.server.settle_journal import journal_path
 
     specs = tuple(ModelSpec(name, path, engine, args.reasoning_parser, args.tool_call_parser)
                   for name, (path, engine) in engines.items())
     config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                          engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease)
-    code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level, cores=cores)
+                          engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease,
+                          journal_path=journal_path(db_url_from(args), cache_dir))
+    limits = ConnectionLimits(args.max_header_bytes, args.max_headers, args.header_timeout, args.timeout_keep_alive)
+    code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level, cores=cores,
+                 limits=limits)
     if code:
         raise SystemExit(code)
 
@@ -410,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step each engine on a thread of the server process rather than in a process of its own "
                         "(the engine and the HTTP layer then share one GIL: slower under load)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--max-header-bytes", type=int, default=64 * 2**10,
+                   help="request line and headers together, beyond which 431")
+    p.add_argument("--max-headers", type=int, default=100, help="header fields per request, beyond which 431")
+    p.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a connection gets to send its request's headers (else 408 and closed)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle connection is kept open between requests")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

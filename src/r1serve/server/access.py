@@ -8,23 +8,30 @@ clients send), for good: revoking every key locks the server, it does not open i
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 from fastapi import Request
 
 from r1serve.server.admission import AdmissionControl, Refused, ServerLease, counted
-from r1serve.server.db import open_database
+from r1serve.server.db import UNREACHABLE, open_database
+from r1serve.server.db_health import DatabaseHealth, describe
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
 from r1serve.server.ledger import Ledger, UsageRecord
+from r1serve.server.settle_journal import SettleJournal
+
+log = logging.getLogger("r1serve.server")
 
 # While no key exists the server is open; asked per request that was a database round trip
 # per request. A key created elsewhere (the CLI, another server) closes it within this.
 # Once closed it stays closed, so closed servers never ask again.
 KEYS_RECHECK_S = 1.0
+RETRY_DATABASE_S = 5
 
 
 @dataclass(frozen=True)
@@ -48,19 +55,55 @@ class Access:
         self.engine: sa.Engine = open_database(db_url)
         self.keys = KeyStore(self.engine)
         self.ledger = Ledger(self.engine, cached_weight)
+        self.health = DatabaseHealth(self.engine)
         self.admission: AdmissionControl | None = None
+        self.journal: SettleJournal | None = None  # a server's: settlements the database could not take
         self._pending: set[asyncio.Task] = set()
 
-    def start_lease(self, ttl_s: float) -> None:
-        """Serve requests: hold quota under a lease that dies with this process."""
-        lease = ServerLease(self.engine, ttl_s)
+    def start_lease(self, ttl_s: float, journal: Path | None = None) -> None:
+        """Serve requests: hold quota under a lease that dies with this process; settlements
+        that find the database away wait in `journal`, replayed after each renewal."""
+        self.journal = SettleJournal(journal) if journal is not None else None
+        lease = ServerLease(self.engine, ttl_s, on_renewed=self.replay_journal)
         lease.start()
         self.admission = AdmissionControl(self.engine, lease)
 
     def end_lease(self) -> None:
         if self.admission is not None:
-            self.admission.lease.end()
+            try:
+                self.admission.lease.end()  # replays the journal first
+            except UNREACHABLE as exc:  # its holds go when the lease expires; the journal waits for the next start
+                log.warning("could not end the lease (%s): its holds expire with it", describe(exc))
             self.admission = None
+
+    def replay_journal(self) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.replay(self.ledger.settle_once)
+        except UNREACHABLE as exc:  # away again: the next renewal retries
+            self.health.failed(exc)
+
+    def database_state(self) -> tuple[str | None, int]:
+        """(why the database is unreachable or None, settlements waiting in the journal)."""
+        return self.health.check(), self.journal.pending() if self.journal else 0
+
+    def settle(self, record: UsageRecord | None, admission_id: int | None) -> None:
+        """Settle a request (record None: release its hold) in the database, or in the
+        journal while the database is away."""
+        try:
+            if record is None:
+                self.ledger.release(admission_id)
+            else:
+                self.ledger.settle(record, admission_id)
+        except UNREACHABLE as exc:
+            self.health.failed(exc)
+            if self.journal is None:
+                raise
+            request_id = record.request_id if record else f"release-{admission_id}"
+            self.journal.write(request_id, record, admission_id)
+            log.warning("the database is away (%s): %s is settled from the journal when it returns",
+                        describe(exc), request_id)
 
     @property
     def is_open(self) -> bool:
@@ -117,14 +160,21 @@ class Meter:
     async def release(self) -> None:
         """The request never ran (rejected after admission): drop the hold, write no row."""
         if self.admission_id is not None:
-            await asyncio.to_thread(self.access.ledger.release, self.admission_id)
+            await asyncio.to_thread(self.access.settle, None, self.admission_id)
             self.admission_id = None
 
     async def settle(self, prompt: int, cached: int, completion: int, reasoning: int, status: str) -> None:
         record = UsageRecord(self.request_id, self.principal.key_id, self.model, prompt, cached, completion,
                              reasoning, int((time.monotonic() - self.started) * 1000), status)
-        await asyncio.to_thread(self.access.ledger.settle, record, self.admission_id)
+        await asyncio.to_thread(self.access.settle, record, self.admission_id)
         self.admission_id = None
+
+
+def database_unavailable(exc: BaseException) -> APIError:
+    """What a client hears while the key and usage database is away: its request could be
+    neither admitted nor charged, so it was not run."""
+    return APIError(503, f"The key and usage database is unreachable ({describe(exc)}); the request was not run. "
+                         "Retry shortly.", code="database_unavailable", headers={"Retry-After": str(RETRY_DATABASE_S)})
 
 
 def _refusal_error(refused: Refused) -> APIError:

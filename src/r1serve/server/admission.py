@@ -18,12 +18,14 @@ A key with neither a quota nor a limit is admitted without touching the database
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 import secrets
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -31,6 +33,7 @@ from r1serve.server.db import admissions, api_keys, db_now, server_leases
 from r1serve.server.keys import KeyInfo
 
 WINDOW = dt.timedelta(seconds=60)
+log = logging.getLogger("r1serve.server")
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,18 @@ class ServerLease:
     renewing, and `ttl_s` later its holds stop counting against anyone's quota. A server
     that stops cleanly ends its lease at once."""
 
-    def __init__(self, engine: sa.Engine, ttl_s: float) -> None:
+    def __init__(self, engine: sa.Engine, ttl_s: float, on_renewed: Callable[[], None] = lambda: None) -> None:
         if not ttl_s > 0:
             raise ValueError(f"a lease needs ttl_s > 0 (got {ttl_s})")
         self.engine, self.ttl = engine, dt.timedelta(seconds=ttl_s)
+        self.on_renewed = on_renewed  # the database answered: what waited for it may go (the journal)
         self.id = "srv_" + secrets.token_hex(6)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="r1serve-lease", daemon=True)
 
     def start(self) -> None:
         self.renew()
+        self.on_renewed()
         self._thread.start()
 
     def renew(self) -> None:
@@ -83,6 +88,7 @@ class ServerLease:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self.on_renewed()  # what the journal holds is settled before the holds go
         with self.engine.begin() as conn:
             conn.execute(admissions.update().where(admissions.c.lease_id == self.id, admissions.c.held_tokens != 0)
                          .values(held_tokens=0))
@@ -94,6 +100,10 @@ class ServerLease:
                 self.renew()
             except sa.exc.SQLAlchemyError:  # the database is away for a moment: try again next time
                 continue
+            try:
+                self.on_renewed()
+            except Exception:  # noqa: BLE001 - the lease must outlive whatever waited on it
+                log.exception("after renewing the lease")
 
 
 def _prune(conn: sa.Connection, now: dt.datetime) -> None:

@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
-from r1serve.server.access import Access, Principal
+from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
+from r1serve.server.db import UNREACHABLE
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.metrics import ServerMetrics
@@ -47,6 +48,9 @@ class ServerConfig:
     # Quota holds live under a lease renewed every third of this: a server killed mid-request
     # gives its holds back to the keys this long after its last renewal.
     quota_lease_s: float = 30.0
+    # Where settlements wait while the database is away (settle_journal.journal_path); None:
+    # nowhere, such a request fails instead.
+    journal_path: Path | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -130,7 +134,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        await asyncio.to_thread(access.start_lease, config.quota_lease_s)
+        await asyncio.to_thread(access.start_lease, config.quota_lease_s, config.journal_path)
         loading = asyncio.create_task(state.load_all())
         yield
         loading.cancel()
@@ -141,6 +145,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
     app.state.r1serve = state
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     install_error_handlers(app)
+    _add_database_handler(app, access)
     _add_routes(app, state)
     add_platform_routes(app, state.access)
     publish_stream_models(app)
@@ -168,7 +173,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if dead:  # an engine process or a rank died (OOM killer, a crash): a supervisor should restart us
             return JSONResponse({"status": "failed", "error": f"the engine stopped for: {'; '.join(dead)}"},
                                 status_code=503)
-        return {"status": "ok"}
+        down, unsettled = await asyncio.to_thread(state.access.database_state)
+        if down:  # no keyed request can be admitted or charged: out of rotation until it returns
+            return JSONResponse({"status": "unavailable", "database": "unreachable", "unsettled": unsettled,
+                                 "error": f"the key and usage database is unreachable ({down})"},
+                                status_code=503, headers={"Retry-After": str(RETRY_DATABASE_S)})
+        return {"status": "ok", "database": "ok", "unsettled": unsettled}
 
     @app.get("/v1/models", dependencies=[Depends(state.access.principal), API_KEY], responses=responses(ModelList, 401))
     async def list_models():
@@ -231,6 +241,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_database_handler(app: FastAPI, access: Access) -> None:
+    async def database_down(_: Request, exc: Exception):
+        access.health.failed(exc)
+        return database_unavailable(exc).response()
+
+    for error in UNREACHABLE:
+        app.add_exception_handler(error, database_down)
 
 
 async def _engine_call(work):

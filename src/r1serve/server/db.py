@@ -48,6 +48,7 @@ usage_ledger = sa.Table(
     sa.Column("latency_ms", sa.Integer, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # "ok" | "aborted" | "error"
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Index("ix_usage_ledger_request_id", "request_id"),  # a journaled settlement looks its row up
 )
 
 # A running server's lease: it pushes `expires_at` forward every few seconds; once that has
@@ -119,8 +120,17 @@ def _v2(ops: Operations) -> None:
         batch.drop_column("reserved_tokens")
 
 
+def _v3(ops: Operations) -> None:
+    # Settlements replayed from a server's journal are idempotent by request id.
+    ops.create_index("ix_usage_ledger_request_id", "usage_ledger", ["request_id"])
+
+
 # (version, upgrade) in order; a new schema change is a new entry, never an edit of an old one.
-MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+
+# What a database that went away raises (refused or dropped connections, a pool that cannot
+# connect, SQLite's lock or disk errors): the server answers 503 and retries, it is no bug.
+UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
 def utcnow() -> dt.datetime:
@@ -142,8 +152,10 @@ def as_utc(value: dt.datetime) -> dt.datetime:
 
 def open_database(url: str) -> sa.Engine:
     """An engine for `url` with the schema migrated to the latest version."""
+    # A database host that stops answering fails a connection in seconds, not after TCP's minutes.
+    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     try:
-        engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        engine = sa.create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
     except (sa.exc.ArgumentError, ImportError) as e:
         raise InvalidRequestError(f"--db {url!r} is not usable: {e}. Use sqlite:///PATH or "
                                   "postgresql+psycopg://USER:PASS@HOST/DB") from None

@@ -19,7 +19,8 @@ from r1serve.errors import InvalidRequestError
 log = logging.getLogger("r1serve.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 431: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
@@ -77,6 +78,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = _field_path(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('msg')})", None
+    if first.get("type") == "invalid_unicode":  # its message names the field, from the top of the body
+        return first["msg"], first["ctx"]["param"]
     if first.get("type") == "missing" and not loc:
         return "the request body is missing; send a JSON object", None
     where = ".".join(loc) or "body"

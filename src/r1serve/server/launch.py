@@ -6,10 +6,12 @@ on open ones; running requests finish (up to `grace_s`), then the engines stop.
 from __future__ import annotations
 
 import logging
+import resource
 
 import uvicorn
 
 from r1serve.server.app import ServerConfig, build_app
+from r1serve.server.connection_limits import ConnectionLimits
 
 log = logging.getLogger("r1serve.server")
 
@@ -28,14 +30,15 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log_level: str = "info",
-          cores: dict | None = None) -> int:
+          cores: dict | None = None, limits: ConnectionLimits = ConnectionLimits()) -> int:
     """Blocks until the server stops; returns the process exit code. `cores`: engine
     processes already spawned, by model name."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_open_files_limit()
     holder: dict = {}
     app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None), cores=cores)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
-                        access_log=False)
+                        access_log=False, http=limits.protocol(), timeout_keep_alive=limits.keep_alive_s)
     server = _DrainingServer(uv)
     server.app_state = app.state.r1serve
     holder["server"] = server
@@ -43,3 +46,15 @@ def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log
     log.info("r1serve on http://%s:%d/v1 (models: %s; loading in the background, see /health)", host, port, names)
     server.run()
     return 1 if app.state.r1serve.load_error else 0
+
+
+def _raise_open_files_limit() -> None:
+    # Each client is a socket: a soft limit of 1024 (common) would refuse clients long before
+    # the machine runs out of anything. The hard limit is the operator's to set.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)

@@ -55,15 +55,29 @@ class Ledger:
     def settle(self, record: UsageRecord, admission_id: int | None) -> int:
         """Write the row, charge the key, end its hold (the tpm window keeps what was really
         charged): one transaction. Returns the charge."""
-        charged = self.charge(record)
         with self.engine.begin() as conn:
-            conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, created_at=utcnow()))
-            if record.key_id is not None:
-                k = api_keys.c
-                conn.execute(api_keys.update().where(k.id == record.key_id).values(used_tokens=k.used_tokens + charged))
-            if admission_id is not None:
-                conn.execute(admissions.update().where(admissions.c.id == admission_id)
-                             .values(held_tokens=0, rate_tokens=charged))
+            return self._settle(conn, record, admission_id)
+
+    def settle_once(self, record: UsageRecord | None, admission_id: int | None) -> None:
+        """A settlement replayed from a journal (record None: a release): applied unless its
+        ledger row is already there, so a replay never charges twice."""
+        if record is None:
+            return self.release(admission_id) if admission_id is not None else None
+        with self.engine.begin() as conn:
+            written = conn.execute(sa.select(usage_ledger.c.id).where(usage_ledger.c.request_id == record.request_id)
+                                   .limit(1)).first()
+            if written is None:
+                self._settle(conn, record, admission_id)
+
+    def _settle(self, conn: sa.Connection, record: UsageRecord, admission_id: int | None) -> int:
+        charged = self.charge(record)
+        conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, created_at=utcnow()))
+        if record.key_id is not None:
+            k = api_keys.c
+            conn.execute(api_keys.update().where(k.id == record.key_id).values(used_tokens=k.used_tokens + charged))
+        if admission_id is not None:
+            conn.execute(admissions.update().where(admissions.c.id == admission_id)
+                         .values(held_tokens=0, rate_tokens=charged))
         return charged
 
     def summary(self, key_id: str | None = None, since: dt.date | None = None, until: dt.date | None = None,

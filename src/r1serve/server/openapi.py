@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from r1serve.server.errors import ErrorBody
@@ -185,8 +185,11 @@ class Text(Doc):
 
 
 class Health(Doc):
-    status: Literal["ok", "loading", "draining", "failed"]
+    status: Literal["ok", "loading", "draining", "failed", "unavailable"]
     error: str | None = None
+    database: Literal["ok", "unreachable"] | None = Field(None, description="the key and usage database, once loaded")
+    unsettled: int | None = Field(None, description="requests whose usage waits in the local journal for the "
+                                                    "database (settled when it answers again)")
 
 
 # ---- keys and usage -----------------------------------------------------------------------------

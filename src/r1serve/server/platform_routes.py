@@ -14,12 +14,13 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from r1serve.errors import InvalidRequestError
 from r1serve.server.access import Access, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.openapi import API_KEY, AllUsage, KeyInfo, KeyList, NewKeyInfo, OwnUsage, responses
+from r1serve.server.valid_text import ValidText
 
 # The key database stores 64-bit integers; past 2**53 JSON readers that use doubles (JavaScript,
 # and Schemathesis's own bounds) lose the exact value, so the limit is the last exact one.
@@ -29,7 +30,7 @@ BY = Query("day,model", pattern=rf"^ *({GROUPS}) *(, *({GROUPS}) *)*$",
            description="comma-separated, any of day, model, key")
 
 
-class NewKey(BaseModel):
+class NewKey(ValidText):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     quota_tokens: Limit | None = None
@@ -38,7 +39,7 @@ class NewKey(BaseModel):
     admin: bool = False
 
 
-class KeyLimits(BaseModel):
+class KeyLimits(ValidText):
     model_config = ConfigDict(extra="forbid")
     quota_tokens: Limit | None = None
     rpm: Limit | None = None

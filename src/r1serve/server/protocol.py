@@ -12,11 +12,14 @@ to n, a non-empty prompt on models without a BOS token.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from r1serve.server.valid_text import ValidText, invalid_text
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
@@ -72,7 +75,7 @@ def _token_id_keys_only(schema: dict) -> None:
             branch["additionalProperties"] = False
 
 
-class SamplingFields(Request):
+class SamplingFields(Request, ValidText):
     """What chat and completions share: sampling and stopping, OpenAI names plus vLLM's extras."""
 
     model_config = with_rules(STREAM_OPTIONS_NEED_STREAM)
@@ -115,6 +118,22 @@ class TextPart(Request):
 class ToolCallFunction(Request):
     name: str
     arguments: str = Field(description="the arguments as JSON text")
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_are_unicode(cls, v: str) -> str:
+        # Templates parse the arguments (chat_template.ToolArguments): a \\ud800 escape inside
+        # the JSON text would reach the tokenizer as a lone surrogate.
+        if "\\u" in v:
+            try:
+                found = invalid_text(json.loads(v))
+            except ValueError:
+                return v  # not JSON: passed on as the text it is
+            if found:
+                _, text, at = found
+                raise ValueError(f"not valid Unicode: the JSON text holds a lone surrogate (\\u{ord(text[at]):04x}); "
+                                 "send UTF-8 text (a surrogate pair must be whole)")
+        return v
 
 
 class ToolCallIn(Request):
@@ -305,7 +324,7 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(Request, ValidText):
     # Exactly one of prompt and messages (null counts as not sent).
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), json_schema_extra={"oneOf": [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
@@ -324,7 +343,7 @@ class TokenizeRequest(Request):
         return self
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(Request, ValidText):
     model: str | None = None
     tokens: list[NonNegInt]
 

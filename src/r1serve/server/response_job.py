@@ -116,6 +116,9 @@ class ResponseJob(ABC):
         except APIError:  # the engine failed (merged says how)
             await self.report("error")
             raise
+        finally:
+            for s in streams:
+                s.abort()  # a no-op for finished ones; a leaver's blocks are freed before the next step
         ordered = [finals[i] for i in range(len(streams))]
         try:
             for out in ordered:

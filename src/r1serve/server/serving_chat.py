@@ -63,18 +63,25 @@ def _render(tok, conv: list[dict], req: ChatCompletionRequest) -> str:
                             f"{exc})", param="chat_template_kwargs") from exc
 
 
+# Marks where the final message's content ends when the reply continues it: private-use
+# characters, in no real message and left alone by templates.
+CONTINUE_MARK = "\ue000r1serve:continue\ue000"
+
+
 def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> PromptInput:
     tok = model.engine.tokenizer
     conv = conversation(req.messages)
+    if req.continue_final_message:
+        # The reply continues the last (assistant) message: cut what the template wrote after
+        # it. A mark rather than a search for its text, which may be empty or said before.
+        conv[-1] = conv[-1] | {"content": conv[-1]["content"] + CONTINUE_MARK}
     text = _render(tok, conv, req)
     if req.continue_final_message:
-        # The reply continues the last (assistant) message: cut what the template wrote after it.
-        final = conv[-1]["content"]
-        at = text.rfind(final) if final else -1
+        at = text.find(CONTINUE_MARK)
         if at < 0:
             raise APIError(400, "continue_final_message: the chat template does not reproduce the final "
                                 "message's content, so it cannot be continued", param="messages")
-        text = text[:at + len(final)]
+        text = text[:at]
     # The template writes BOS where the model wants it: no second one from the encoder.
     return PromptInput(text, tok.encode(text, add_special_tokens=False))
 
