@@ -20,13 +20,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, db: str | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, db: str | None = None,
+                 log_level: str = "warning") -> None:
         self.port = free_port()
         # Each server gets its own key/usage database unless told to share one.
         self.db = db or f"sqlite:///{log_path.parent / 'r1serve.db'}"
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "r1serve.cli", "serve", *args, "--port", str(self.port), "--log-level", "warning",
+        cmd = [sys.executable, "-m", "r1serve.cli", "serve", *args, "--port", str(self.port), "--log-level", log_level,
                "--db", self.db]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))

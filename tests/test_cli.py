@@ -277,3 +277,40 @@ def test_chat_via_stdin(capsys, monkeypatch, tiny, llm):
     # input() writes its prompt to stdout when stdin is not a terminal; nothing is read after /exit.
     assert rc == 0 and out == ">>> " + reply + "\n>>> "
     assert sys.stdin.read() == "Hello\n"
+
+
+# ---- a new user's first commands -----------------------------------------------------------------
+
+
+def test_r1serve_alone_prints_help_and_version_is_there(capsys):
+    rc, out, _ = run(capsys)
+    assert rc == 0 and "usage: r1serve" in out and "serve" in out and "generate" in out
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("r1serve ")
+
+
+def test_help_shows_defaults_and_global_options_go_anywhere(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 64)" in out and "(default: 0.6)" in out and "(default: 1024)" in out
+    rc, out, _ = run(capsys, "keys", "list", "--cache-dir", str(tmp_path))  # after the subcommand
+    assert rc == 0 and (tmp_path / "r1serve.db").exists()
+
+
+def test_keys_and_usage_read_as_prose_and_by_name(capsys, tmp_path):
+    db = ["--db", f"sqlite:///{tmp_path / 'keys.db'}"]
+    rc, out, _ = run(capsys, "keys", "create", "--name", "alice", "--rpm", "60", "--json", *db)
+    alice = json.loads(out)
+    rc, out, _ = run(capsys, "keys", "list", *db)
+    row = next(line for line in out.splitlines() if "alice" in line)
+    assert row.split()[2:6] == ["unlimited", "0", "60", "unlimited"] and "None" not in out  # admin: blank
+    rc, out, _ = run(capsys, "keys", "update", alice["id"], "--quota-tokens", "500", *db)
+    assert out.startswith(f"updated {alice['id']} (alice): quota 500 tokens")
+    rc, out, _ = run(capsys, "usage", "--key", "alice", "--json", *db)  # a name stands for its id
+    assert rc == 0 and json.loads(out) == []
+    rc, _, err = run(capsys, "usage", "--key", "nobody", *db)
+    assert rc == 2 and "no API key with id or name 'nobody'" in err
+    rc, out, _ = run(capsys, "keys", "revoke", alice["id"], *db)
+    assert out.startswith(f"revoked {alice['id']} (alice)")

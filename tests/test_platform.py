@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from r1serve.server.access import KEYS_RECHECK_S, Access
 from r1serve.server.db import MIGRATIONS, admissions, migrate
 
-from platform_processes import WORST, bearer, cli, complete, new_key, serve_tiny
+from platform_processes import PROMPT, WORST, bearer, cli, complete, new_key, serve_tiny
 from server_process import ServerProcess
 
 
@@ -69,7 +69,7 @@ def test_open_server_needs_no_key_and_admin_routes_stay_closed(tiny, tmp_path, d
         assert httpx.get(server.base + "/v1/admin/keys", timeout=30).status_code == 403
         usage = httpx.get(server.base + "/v1/usage", timeout=30).json()
         assert usage["key"] is None and usage["data"][0]["requests"] == 2
-        assert "OPEN" in server.log_text()
+        assert "OPEN" in server.log_text() and f"keys create --name NAME --db '{db}'" in server.log_text()
         # A key made from the CLI while the server runs closes it (the server rechecks each second).
         alice = new_key(db, "alice")
         time.sleep(KEYS_RECHECK_S + 0.2)
@@ -118,6 +118,31 @@ def test_quota_holds_under_concurrency(tiny, tmp_path, db):
         # A request whose worst case is over what is left is refused before it runs.
         r = complete(server, key["key"], max_tokens=quota)
         assert r.status_code in (400, 402)
+    finally:
+        server.stop()
+
+
+def test_what_is_left_of_a_quota_caps_the_output(tiny, tmp_path, db):
+    """As a DeepSeek balance: a request is let in while the key has anything left, its output
+    capped at what remains (finish_reason "length"); the quota is never overdrawn."""
+    prompt = len(PROMPT["prompt"])
+    key = new_key(db, "small", "--quota-tokens", "100")
+    server = serve_tiny(tiny, tmp_path, db)
+    try:
+        r = complete(server, key["key"], max_tokens=None)  # no max_tokens: the whole context asked
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 100 - prompt
+        r = complete(server, key["key"], max_tokens=5)
+        err = r.json()["error"]
+        assert r.status_code == 402 and err["code"] == err["type"] == "insufficient_quota"
+        assert "0 tokens left of 100" in err["message"]
+        two = new_key(db, "two", "--quota-tokens", str(prompt + 2 * 10 + 1))
+        r = complete(server, two["key"], max_tokens=50, n=2)  # each of n outputs gets an equal share
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+        assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+        usage = httpx.get(server.base + "/v1/usage", headers=bearer(key["key"]), timeout=30).json()
+        assert usage["key"]["used_tokens"] == 100
     finally:
         server.stop()
 
@@ -251,3 +276,23 @@ def test_a_version_1_database_migrates_with_its_keys_and_ledger(tmp_path):
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1  # back on after the migration
     assert "reserved_tokens" not in {c["name"] for c in sa.inspect(access.engine).get_columns("api_keys")}
     access.keys.create("new")  # the migrated table takes new keys
+
+
+def test_the_log_says_where_to_go_and_one_line_per_request(tiny, tmp_path, db):
+    key = new_key(db, "logged")
+    log = tmp_path / "info" / "server.log"
+    log.parent.mkdir()
+    server = ServerProcess([str(tiny), "--served-model-name", "tiny", "--dtype", "float32", "--threads", "1"], log,
+                           db=db, log_level="info")
+    try:
+        assert complete(server, key["key"]).status_code == 200
+        assert complete(server, "sk-wrong").status_code == 401
+        text = server.log_text()
+    finally:
+        server.stop()
+    assert f"Playground: http://127.0.0.1:{server.port}/ui/" in text and f"curl http://127.0.0.1:{server.port}" in text
+    assert "Authorization: Bearer" in text and '"model": "tiny"' in text
+    prompt = len(PROMPT["prompt"])
+    assert ("POST /v1/completions 200 in " in text
+            and f"{prompt} prompt (0 cached) + {PROMPT['max_tokens']} completion tokens, key {key['id']}" in text)
+    assert "POST /v1/completions 401 in " in text and "GET /health" not in text

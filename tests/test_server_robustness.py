@@ -197,3 +197,21 @@ def test_sigterm_lets_running_requests_finish(tiny_server):
     assert tiny_server.proc.wait(60) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(tiny_server.base + "/health", timeout=5)
+
+
+@pytest.mark.slow
+def test_common_slips_get_errors_that_say_what_to_do(smollm2_server):
+    base = smollm2_server.base
+    body = json.dumps(chat_body()).encode()
+    r = httpx.post(base + CHAT, content=body, headers={"content-type": "application/x-www-form-urlencoded"},
+                   timeout=30)  # what `curl -d` sends without -H
+    assert "Content-Type: application/json" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(base + CHAT, json=chat_body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), timeout=30)
+    assert "read text only" in assert_openai_error(r, 400)["message"]
+    r = httpx.post(base + "/v1/embeddings", json={"model": MODEL, "input": "hi"}, timeout=30)
+    assert "no embedding model" in assert_openai_error(r, 404)["message"]
+    r = httpx.post(base + "/v1/nothing", json={}, timeout=30)
+    assert "no route POST /v1/nothing" in assert_openai_error(r, 404)["message"]
+    r = httpx.post(base + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=30)  # no model: the one served
+    assert r.status_code == 200 and r.json()["model"] == MODEL

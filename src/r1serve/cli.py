@@ -26,13 +26,18 @@ def cache_dir_from(args) -> Path:
 def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("model", nargs="+" if many else None,
                    help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations and float weights (auto: the checkpoint's; a 16-bit one in the device's preferred "
+                        "half precision)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or an installed platform plugin's name")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output per request (default: the model's context, within the KV cache)")
     p.add_argument("--kv-cache-memory", type=float, default=1.0, dest="kv_cache_memory_gib", help="GiB for the KV cache")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (one batch)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="tokens one step computes: long prompts are prefilled in chunks of this")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of prompt prefixes seen before")
     p.add_argument("--kernel", default="auto", choices=["auto", "reference"],
                    help="'reference' runs the plain-torch twins of every kernel")
     p.add_argument("--quantization", "-q", default="auto", choices=["auto", "int4", "int8", "none"],
@@ -71,13 +76,13 @@ def add_db_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.6, help="DeepSeek's advice for R1: 0.5-0.7")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -291,58 +296,16 @@ def _access(args):
     return Access(db_url_from(args))
 
 
-def _limit(value: str | None) -> int | None:
-    # "none" removes a limit on update; a number sets it.
-    if value is None or value.lower() in ("none", "unlimited"):
-        return None
-    if not value.isdigit():
-        raise R1ServeError(f"{value!r} is not a limit; give a whole number >= 0, or 'none'")
-    return int(value)
-
-
 def cmd_keys(args) -> None:
-    access = _access(args)
-    if args.keys_command == "create":
-        info, secret = access.keys.create(args.name, _limit(args.quota_tokens), _limit(args.rpm), _limit(args.tpm),
-                                          args.admin)
-        if args.json:
-            print(json.dumps(info.public() | {"key": secret}))
-        else:
-            print(f"created {info.id} ({info.name}). The secret is shown only now; keep it safe:\n{secret}")
-        return
-    if args.keys_command == "list":
-        keys = [k.public() for k in access.keys.list(args.all)]
-        if args.json:
-            print(json.dumps(keys, indent=2))
-            return
-        print(f"{'id':18} {'name':16} {'admin':5} {'quota':>12} {'used':>12} {'rpm':>6} {'tpm':>9} revoked")
-        for k in keys:
-            print(f"{k['id']:18} {k['name'][:16]:16} {str(k['is_admin']):5} {str(k['quota_tokens']):>12} "
-                  f"{k['used_tokens']:>12} {str(k['rpm']):>6} {str(k['tpm']):>9} {k['revoked']}")
-        return
-    if args.keys_command == "revoke":
-        print(json.dumps(access.keys.revoke(args.key_id).public()))
-        return
-    limits = {name: _limit(getattr(args, name)) for name in ("quota_tokens", "rpm", "tpm")
-              if getattr(args, name) is not None}
-    print(json.dumps(access.keys.update(args.key_id, **limits).public()))
+    from r1serve.server.keys_cli import run_keys
+
+    run_keys(args, _access(args))
 
 
 def cmd_usage(args) -> None:
-    import datetime as dt
+    from r1serve.server.keys_cli import run_usage
 
-    try:
-        since = dt.date.fromisoformat(args.since) if args.since else None
-    except ValueError:
-        raise R1ServeError(f"--since {args.since!r} is not a date; use YYYY-MM-DD") from None
-    rows = _access(args).ledger.summary(args.key, since, None, (args.by,))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    print(f"{args.by:24} {'requests':>9} {'prompt':>10} {'cached':>9} {'completion':>11} {'reasoning':>10} {'charged':>10}")
-    for r in rows:
-        print(f"{str(r[args.by]):24} {r['requests']:>9} {r['prompt_tokens']:>10} {r['cached_tokens']:>9} "
-              f"{r['completion_tokens']:>11} {r['reasoning_tokens']:>10} {r['charged_tokens']:>10}")
+    run_usage(args, _access(args))
 
 
 def cmd_bench(args) -> None:
@@ -377,10 +340,41 @@ def cmd_hw(args) -> None:
     run(args, cache_dir_from(args))
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it has none or its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text or isinstance(action, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+CACHE_DIR_HELP = "models and data (default: $R1SERVE_CACHE_DIR or ~/.cache/r1serve)"
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand takes the global options too (`r1serve keys list --cache-dir D`), and
+    shows its defaults."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"  # argparse shows nothing for an option without help
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                # SUPPRESS: unset unless given here, so a value before the subcommand stands.
+                child.add_argument("--cache-dir", default=argparse.SUPPRESS, help=CACHE_DIR_HELP)
+                _everywhere(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from r1serve import __version__
+
     parser = argparse.ArgumentParser(prog="r1serve", description="Serve DeepSeek-R1 and its family.")
-    parser.add_argument("--cache-dir", default=None, help="models and data (default: $R1SERVE_CACHE_DIR or ~/.cache/r1serve)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"r1serve {__version__}")
+    parser.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("pull", help="fetch a catalog model")
     p.add_argument("name", nargs="?")
@@ -426,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_db_arg(p)
-    p.add_argument("--cached-token-weight", type=float, default=0.25,
-                   help="what one prefix-cache-hit prompt token counts against a quota (default 0.25)")
+    p.add_argument("--cached-token-weight", type=float, default=0.1,
+                   help="what one prefix-cache-hit prompt token counts against a quota (default 0.1: DeepSeek "
+                        "prices a cache hit at a tenth of a miss)")
     p.add_argument("--quota-lease", type=float, default=30.0,
                    help="seconds after which the quota holds of a server that died (renewed every third of this "
                         "while it lives) go back to their keys")
@@ -445,19 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("list")
     k.add_argument("--all", action="store_true", help="include revoked keys")
     k.add_argument("--json", action="store_true")
-    k = keys.add_parser("revoke")
+    k = keys.add_parser("revoke", help="refuse a key from now on, on every server sharing the database")
     k.add_argument("key_id")
+    k.add_argument("--json", action="store_true", help="print the key as JSON")
     k = keys.add_parser("update", help="change limits; 'none' removes one")
     k.add_argument("key_id")
     k.add_argument("--quota-tokens", default=None)
     k.add_argument("--rpm", default=None)
     k.add_argument("--tpm", default=None)
+    k.add_argument("--json", action="store_true", help="print the key as JSON")
     for k in keys.choices.values():
         add_db_arg(k)
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("usage", help="the usage ledger, summed by day, model or key")
-    p.add_argument("--key", default=None, help="one key's usage")
+    p.add_argument("--key", default=None, help="one key's usage: its id or its name")
     p.add_argument("--since", default=None, help="YYYY-MM-DD")
     p.add_argument("--by", default="day", choices=["day", "model", "key"])
     p.add_argument("--json", action="store_true")
@@ -484,11 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hw", help="accelerators: catalog, serving planner (%% of an H100), local measurement")
     add_hw_args(p)
     p.set_defaults(func=cmd_hw)
+    _everywhere(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `r1serve` alone: what it can do
+        parser.print_help()
+        return 0
     try:
         args.func(args)
     except R1ServeError as e:

@@ -17,12 +17,13 @@ from pathlib import Path
 import sqlalchemy as sa
 from fastapi import Request
 
-from r1serve.server.admission import AdmissionControl, Refused, ServerLease, counted
+from r1serve.server.admission import AdmissionControl, Ask, Refused, ServerLease, counted
 from r1serve.server.db import UNREACHABLE, open_database
 from r1serve.server.db_health import DatabaseHealth, describe
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
-from r1serve.server.ledger import Ledger, UsageRecord
+from r1serve.server.ledger import CACHED_TOKEN_WEIGHT, Ledger, UsageRecord
+from r1serve.server.request_log import KEY
 from r1serve.server.settle_journal import SettleJournal
 
 log = logging.getLogger("r1serve.server")
@@ -51,7 +52,7 @@ class Access:
     """The platform's state: keys and ledger (the CLI's too), and for a server its lease and
     admission control (`start_lease`)."""
 
-    def __init__(self, db_url: str, cached_weight: float = 0.25) -> None:
+    def __init__(self, db_url: str, cached_weight: float = CACHED_TOKEN_WEIGHT) -> None:
         self.engine: sa.Engine = open_database(db_url)
         self.keys = KeyStore(self.engine)
         self.ledger = Ledger(self.engine, cached_weight)
@@ -122,6 +123,7 @@ class Access:
         key = await asyncio.to_thread(self.keys.authenticate, secret.strip())
         if key is None:
             raise APIError(401, "Incorrect API key provided (unknown or revoked).", code="invalid_api_key")
+        setattr(request.state, KEY, key.id)  # for the request's log line
         return Principal(key)
 
     def meter(self, principal: Principal, model: str, request_id: str) -> Meter:
@@ -146,16 +148,20 @@ class Meter:
         self.admission_id: int | None = None
         self.started = time.monotonic()
 
-    async def admit(self, worst_case_tokens: int) -> None:
+    async def admit(self, prompt_tokens: int, outputs: int, max_tokens: int) -> int:
+        """Hold the request's worst case against the key; returns the max_tokens per output
+        the key's quota leaves it (`max_tokens`, or less)."""
         key = self.principal.key
         if key is None or not counted(key):  # nothing to hold or count: no thread hop, no database
-            return
+            return max_tokens
         if self.access.admission is None:
             raise RuntimeError("admission needs the server's lease (Access.start_lease)")
-        verdict = await asyncio.to_thread(self.access.admission.admit, key, worst_case_tokens)
+        ask = Ask(prompt_tokens, outputs, max_tokens)
+        verdict = await asyncio.to_thread(self.access.admission.admit, key, ask)
         if isinstance(verdict, Refused):
             raise _refusal_error(verdict)
         self.admission_id = verdict.admission_id
+        return verdict.max_tokens
 
     async def release(self) -> None:
         """The request never ran (rejected after admission): drop the hold, write no row."""

@@ -7,8 +7,11 @@ serialised by `BEGIN IMMEDIATE`), so concurrent requests on any number of server
 admitted one at a time against what the rows say:
 
 - quota: tokens used + worst cases held by running requests + this worst case <= quota;
-  a hold counts only while the lease of the server running it is alive (see ServerLease),
-  so the holds of a server that was killed come back to the key when its lease expires;
+  a request whose worst case does not fit is let in with its output capped at what is left
+  (it ends with finish_reason "length", as a DeepSeek balance running out does), and
+  refused only when not even its prompt and one token each fit. A hold counts only while
+  the lease of the server running it is alive (see ServerLease), so the holds of a server
+  that was killed come back to the key when its lease expires;
 - rpm / tpm: admissions (and their tokens) of the last 60 s, a sliding window: at most
   `rpm` requests in any minute, on all servers together. A request whose worst case alone
   exceeds `tpm` is let in when the window is empty rather than never.
@@ -39,6 +42,20 @@ log = logging.getLogger("r1serve.server")
 @dataclass(frozen=True)
 class Admitted:
     admission_id: int | None  # None: nothing held or counted (the key has no quota and no limit)
+    max_tokens: int  # per output: what was asked, or less where the quota has less left
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request may use: `outputs` completions of up to `max_tokens` after
+    `prompt_tokens` (a completions request's prompts and choices all together)."""
+
+    prompt_tokens: int
+    outputs: int
+    max_tokens: int
+
+    def worst_case(self, max_tokens: int | None = None) -> int:
+        return self.prompt_tokens + self.outputs * (self.max_tokens if max_tokens is None else max_tokens)
 
 
 @dataclass(frozen=True)
@@ -124,20 +141,24 @@ class AdmissionControl:
     def __init__(self, engine: sa.Engine, lease: ServerLease) -> None:
         self.engine, self.lease = engine, lease
 
-    def admit(self, key: KeyInfo, tokens: int) -> Admitted | Refused:
-        """Let a request that may use up to `tokens` in, or say why not."""
+    def admit(self, key: KeyInfo, ask: Ask) -> Admitted | Refused:
+        """Let a request in, with the max_tokens the quota leaves it, or say why not."""
         if not counted(key):
-            return Admitted(None)
+            return Admitted(None, ask.max_tokens)
         with self.engine.begin() as conn:
             now = db_now(conn)
             # The key as it is now, locked: a limit lowered a moment ago applies to this request.
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key.id).with_for_update()).one()
-            refusal = _rate_refusal(conn, row, tokens, now) or _quota_refusal(conn, row, tokens, now)
+            granted = _quota_grant(conn, row, ask, now)
+            if isinstance(granted, Refused):
+                return granted
+            tokens = ask.worst_case(granted)
+            refusal = _rate_refusal(conn, row, tokens, now)
             if refusal is not None:
                 return refusal
             done = conn.execute(admissions.insert().values(key_id=key.id, lease_id=self.lease.id,
                                                            held_tokens=tokens, rate_tokens=tokens, admitted_at=now))
-            return Admitted(done.inserted_primary_key[0])
+            return Admitted(done.inserted_primary_key[0], granted)
 
 
 def _rate_refusal(conn: sa.Connection, row, tokens: int, now: dt.datetime) -> Refused | None:
@@ -186,17 +207,21 @@ def _until_out(admitted_at: dt.datetime, now: dt.datetime) -> float:
     return max(0.001, (when + WINDOW - now).total_seconds())
 
 
-def _quota_refusal(conn: sa.Connection, row, tokens: int, now: dt.datetime) -> Refused | None:
+def _quota_grant(conn: sa.Connection, row, ask: Ask, now: dt.datetime) -> int | Refused:
+    """The max_tokens the key's quota leaves this request: all it asked, what is left, or a refusal."""
     if row.quota_tokens is None:
-        return None
+        return ask.max_tokens
     held = held_tokens(conn, row.id, now)
-    if row.used_tokens + held + tokens <= row.quota_tokens:
-        return None
     left = max(0, row.quota_tokens - row.used_tokens - held)
-    return Refused(402, "insufficient_quota", f"Insufficient quota: this request may use up to {tokens} tokens and "
-                                              f"key {row.id} has {left} left of {row.quota_tokens}"
-                                              f"{f' ({held} held by requests running now)' if held else ''}. "
-                                              "Lower max_tokens or ask for a larger quota.")
+    if ask.worst_case() <= left:
+        return ask.max_tokens
+    if ask.worst_case(1) <= left:
+        return (left - ask.prompt_tokens) // ask.outputs
+    running = f" ({held} held by requests running now)" if held else ""
+    return Refused(402, "insufficient_quota", f"Insufficient quota: key {row.id} has {left} tokens left of "
+                                              f"{row.quota_tokens}{running}, and this request needs "
+                                              f"{ask.worst_case(1)} to answer at all ({ask.prompt_tokens} of prompt). "
+                                              "Ask for a larger quota.")
 
 
 def held_tokens(conn: sa.Connection, key_id: str, now: dt.datetime) -> int:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -22,8 +23,10 @@ from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
 from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
 from r1serve.server.db import UNREACHABLE
+from r1serve.server.ledger import CACHED_TOKEN_WEIGHT
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
+from r1serve.server.request_log import RequestLog
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.openapi import (API_KEY, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                     Health, ModelCard, ModelList, Text, Tokens, publish_stream_models, responses)
@@ -40,7 +43,7 @@ log = logging.getLogger("r1serve.server")
 class ServerConfig:
     models: tuple[ModelSpec, ...]
     db_url: str  # the key and usage database (sqlite:///FILE or postgresql+psycopg://…)
-    cached_token_weight: float = 0.25  # what a prefix-cache hit costs against a quota, per token
+    cached_token_weight: float = CACHED_TOKEN_WEIGHT  # what a prefix-cache hit costs against a quota, per token
     max_waiting: int = 256  # requests queued beyond the running batch before 429
     max_body_bytes: int = 16 * 2**20
     retry_after_s: int = 1
@@ -66,6 +69,7 @@ class ServerState:
     metrics: ServerMetrics
     access: Access
     on_fatal: Callable[[], None]
+    on_ready: Callable[[ServerState], None]
     cores: dict = field(default_factory=dict)  # model name -> its engine process, already spawned
     models: dict[str, ServedModel] = field(default_factory=dict)
     load_error: str | None = None
@@ -90,6 +94,7 @@ class ServerState:
             self.models[spec.name] = served
             log.info("serving %s (reasoning parser: %s, tool-call parser: %s)", spec.name,
                      "deepseek_r1" if served.reasoning else "none", served.tool_format.name if served.tool_format else "none")
+        self.on_ready(self)
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(m.engine.shutdown() for m in self.models.values()))
@@ -123,13 +128,17 @@ class ServerState:
         return {name: m.engine.snapshot for name, m in self.models.items()}
 
 
-def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None, cores: dict | None = None) -> FastAPI:
-    """`cores`: engine processes already spawned, by model name (the rest start here)."""
+def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None, cores: dict | None = None,
+              on_ready: Callable[[ServerState], None] = lambda _: None) -> FastAPI:
+    """`cores`: engine processes already spawned, by model name (the rest start here);
+    `on_ready`: called once every model is loaded."""
     access = Access(config.db_url, config.cached_token_weight)
     if access.is_open:
-        log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. "
-                    "Create one with `r1serve keys create --name NAME` to require keys.")
-    state = ServerState(config, None, access, on_fatal, dict(cores or {}))  # type: ignore[arg-type]
+        # The command names this server's database: a key made in another one protects nothing.
+        db = sa.engine.make_url(config.db_url).render_as_string(hide_password=True)
+        log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. Create one with "
+                    "`r1serve keys create --name NAME --db '%s'` to require keys.", db)
+    state = ServerState(config, None, access, on_fatal, on_ready, dict(cores or {}))  # type: ignore[arg-type]
     state.metrics = ServerMetrics(state.snapshots)
 
     @asynccontextmanager
@@ -144,6 +153,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
     app = FastAPI(title="r1serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.r1serve = state
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestLog)
     install_error_handlers(app)
     _add_database_handler(app, access)
     _add_routes(app, state)

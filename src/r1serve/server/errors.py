@@ -18,8 +18,8 @@ from r1serve.errors import InvalidRequestError
 
 log = logging.getLogger("r1serve.server")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+          403: "permission_error", 404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
           413: "invalid_request_error", 431: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
@@ -87,14 +87,39 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {first.get('msg')}{more}", (loc[0] if loc else None)
 
 
+def _not_json(request: Request) -> tuple[str, None] | None:
+    """The slip behind most bodies that fail validation whole: `curl -d` sends
+    application/x-www-form-urlencoded unless told otherwise, and the body is not read as JSON."""
+    kind = request.headers.get("content-type", "")
+    if request.method != "POST" or not kind or "json" in kind.lower():
+        return None
+    return (f"the body was sent as {kind.split(';')[0]}; send JSON with the header 'Content-Type: application/json' "
+            "(curl: -H 'Content-Type: application/json')", None)
+
+
+# OpenAI routes for what r1serve serves no model of: said plainly rather than "Not Found".
+_NOT_SERVED = {"/v1/embeddings": "an embedding model", "/v1/images/generations": "an image model",
+               "/v1/audio/transcriptions": "a speech model", "/v1/audio/speech": "a speech model",
+               "/v1/moderations": "a moderation model"}
+
+
+def _no_route(request: Request) -> str:
+    path = request.url.path
+    if path in _NOT_SERVED:
+        return (f"r1serve serves no {_NOT_SERVED[path].removeprefix('an ').removeprefix('a ')} here: {path} is "
+                "not available. It serves text generation: /v1/chat/completions and /v1/completions.")
+    return (f"no route {request.method} {path}. r1serve serves /v1/chat/completions, /v1/completions, "
+            "/v1/models, /tokenize, /health, /metrics and more: see /docs")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = _not_json(request) or _validation_message(exc)
         return JSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
 
     @app.exception_handler(InvalidRequestError)
@@ -102,8 +127,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, str(exc), None, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = _no_route(request)
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

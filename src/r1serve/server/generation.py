@@ -3,7 +3,7 @@ running engine requests to the end or until the client leaves, logprobs and SSE 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import orjson
@@ -66,6 +66,13 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         output_kind="delta" if req.stream else "final_only",
         reasoning=reasoning,
     )
+
+
+def capped(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    """`params` with at most `max_tokens` per output (what a key's quota left the request)."""
+    if max_tokens >= params.max_tokens:
+        return params
+    return replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens))
 
 
 async def start_requests(engine: AsyncEngine, ids: list[str], prompts: list[PromptInput],

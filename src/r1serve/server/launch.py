@@ -5,12 +5,13 @@ on open ones; running requests finish (up to `grace_s`), then the engines stop.
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 
 import uvicorn
 
-from r1serve.server.app import ServerConfig, build_app
+from r1serve.server.app import ServerConfig, ServerState, build_app
 from r1serve.server.connection_limits import ConnectionLimits
 
 log = logging.getLogger("r1serve.server")
@@ -36,7 +37,8 @@ def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_open_files_limit()
     holder: dict = {}
-    app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None), cores=cores)
+    app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None), cores=cores,
+                    on_ready=lambda state: log.info("%s", ready_banner(host, port, state)))
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
                         access_log=False, http=limits.protocol(), timeout_keep_alive=limits.keep_alive_s)
     server = _DrainingServer(uv)
@@ -58,3 +60,13 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+
+
+def ready_banner(host: str, port: int, state: ServerState) -> str:
+    """Where to go once the models are loaded: the playground, the API, a request to copy."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    body = json.dumps({"model": state.config.models[0].name, "messages": [{"role": "user", "content": "Hello!"}]})
+    key = "" if state.access.is_open else " -H \"Authorization: Bearer $OPENAI_API_KEY\""
+    return (f"ready. Playground: {base}/ui/  API: {base}/v1  Try:\n"
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")

@@ -5,9 +5,10 @@ concurrent requests on a key, on one server or several sharing a database, can n
 together be admitted past the quota. When it ends, one transaction writes its ledger row,
 charges what it really used and ends the hold; the response is sent only after that commit.
 
-Charged tokens = uncached prompt tokens + cached prompt tokens x `cached_weight` (0.25 by
-default: a prefix-cache hit costs the server far less, as DeepSeek prices it) + completion
-tokens (reasoning included), rounded up.
+Charged tokens = uncached prompt tokens + cached prompt tokens x `cached_weight` + completion
+tokens (reasoning included), rounded up. A prefix-cache hit costs the server far less, and
+DeepSeek prices it at a tenth of a miss ($0.028 against $0.28 per million input tokens since
+V3.2): CACHED_TOKEN_WEIGHT, which `--cached-token-weight` changes.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass
 import sqlalchemy as sa
 
 from r1serve.server.db import admissions, api_keys, usage_ledger, utcnow
+
+CACHED_TOKEN_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_token
 
 
 class Ledger:
-    def __init__(self, engine: sa.Engine, cached_weight: float = 0.25) -> None:
+    def __init__(self, engine: sa.Engine, cached_weight: float = CACHED_TOKEN_WEIGHT) -> None:
         self.engine = engine
         self.cached_weight = cached_weight
 

@@ -80,7 +80,7 @@ class SamplingFields(Request, ValidText):
 
     model_config = with_rules(STREAM_OPTIONS_NEED_STREAM)
 
-    model: str = Field(description="a served model's name (GET /v1/models); empty: the first one")
+    model: str = Field("", description="a served model's name (GET /v1/models); empty or left out: the first one")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="0 or -1: no top-k")
@@ -113,6 +113,15 @@ class SamplingFields(Request, ValidText):
 class TextPart(Request):
     type: Literal["text"]
     text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"r1serve's models read text only: a {kind!r} part cannot be read; "
+                             'send {"type": "text", "text": ...} parts or a string')
+        return data
 
 
 class ToolCallFunction(Request):

@@ -11,10 +11,11 @@ from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
 from r1serve.server.access import Access, Meter, Principal
 from r1serve.server.errors import APIError
-from r1serve.server.generation import (PromptInput, chat_logprobs, check_context, sampling_params, sse,
+from r1serve.server.generation import (PromptInput, capped, chat_logprobs, check_context, sampling_params, sse,
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, usage_body
 from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
+from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 from r1serve.server.structured_outputs import banned_markers, structured_outputs
@@ -112,8 +113,10 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
                      logit_bias=(params.logit_bias or {}) | banned if banned else params.logit_bias)
     request_id = new_id("chatcmpl")
     meter = access.meter(principal, model.name, request_id)
-    await meter.admit(len(prompt.token_ids) + req.n * max_tokens)  # the worst case, held against the quota
+    granted = await meter.admit(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
+    params = capped(params, granted)
     chat = _Chat(model, req, request_id, prompt, spec, meter)
+    setattr(raw.state, JOB, chat)  # its tokens go in the request's log line
     streams = await start_requests(engine, [chat.id], [prompt], params, meter)
     if req.stream:
         return EventStreamResponse(chat, streams)

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.server.access import Access, Meter, Principal
-from r1serve.server.generation import (PromptInput, check_context, completion_logprobs, sampling_params, sse,
+from r1serve.server.generation import (PromptInput, capped, check_context, completion_logprobs, sampling_params, sse,
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import CompletionRequest, new_id, usage_body
+from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 
@@ -31,9 +32,11 @@ async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTT
     params = sampling_params(req, max_tokens, req.logprobs)
     request_id = new_id("cmpl")
     meter = access.meter(principal, model.name, request_id)
-    await meter.admit(sum(len(p.token_ids) + req.n * max_tokens for p in prompts))  # the worst case
+    granted = await meter.admit(sum(len(p.token_ids) for p in prompts), req.n * len(prompts), max_tokens)
+    params = capped(params, granted)
     job = _Completion(model, req, request_id, prompts, meter)
     ids = [job.id] if len(prompts) == 1 else [f"{job.id}-{i}" for i in range(len(prompts))]
+    setattr(raw.state, JOB, job)  # its tokens go in the request's log line
     streams = await start_requests(engine, ids, prompts, params, meter)
     if req.stream:
         return EventStreamResponse(job, streams)
