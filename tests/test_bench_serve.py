@@ -51,6 +51,13 @@ def test_closed_loop_levels(capsys, tiny_server, tiny, tmp_path):
     assert "concurrency 4" in out and (tmp_path / "bench_serve.png").is_file()
 
 
+def test_the_api_key_is_never_written(capsys, tiny_server, tmp_path):
+    run_bench(capsys, tiny_server, tmp_path, "--api-key", "sk-secret-never-stored", "--num-prompts", "2")
+    written = "".join(f.read_text(errors="replace") for f in tmp_path.iterdir() if f.suffix in (".json", ".csv", ".md"))
+    assert "sk-secret-never-stored" not in written
+    assert json.loads((tmp_path / "bench_serve.json").read_text())["args"]["api_key_sent"] is True
+
+
 def test_open_loop_and_a_tight_slo(capsys, tiny_server, tmp_path):
     levels, _ = run_bench(capsys, tiny_server, tmp_path, "--request-rate", "20", "--dataset", "chat",
                           "--slo-ttft", "0.001ms")

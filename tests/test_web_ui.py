@@ -411,3 +411,13 @@ def test_usage_without_the_endpoint_says_so(page, ui_server):
     page.goto(f"{ui_server.base}/ui/#usage")
     expect(page.locator("#usage-status")).to_contain_text("Usage is not available")
     expect(page.locator("#usage-body")).to_be_hidden()
+
+
+def test_api_docs_work_offline(page, ui_server):
+    """/docs is Swagger UI with its files served by r1serve: nothing is fetched from elsewhere."""
+    fetched = []
+    page.on("request", lambda request: fetched.append(request.url))
+    page.goto(f"{ui_server.base}/docs")
+    page.locator(".opblock-summary-path", has_text="/v1/chat/completions").first.wait_for(timeout=20000)
+    assert fetched and all(url.startswith(ui_server.base) or url.startswith("data:") for url in fetched), fetched
+    assert page.locator(".opblock").count() > 5

@@ -132,11 +132,29 @@ def cmd_pull(args) -> None:
     from r1serve.models.catalog import CATALOG, pull
 
     if args.list or not args.name:
+        cache_dir = cache_dir_from(args)
         for name, entry in CATALOG.items():
-            print(f"{name:34s} {entry.description}")
+            print(f"{name:34s} {'pulled' if entry.is_pulled(cache_dir) else '-':6s} {entry.description}")
         return
     path = pull(args.name, cache_dir_from(args))
     print(f"{args.name} is ready at {path}")
+
+
+def cmd_list(args) -> None:
+    from r1serve.models.catalog import pulled
+
+    here = pulled(cache_dir_from(args))
+    if not here:
+        print("no model pulled yet: `r1serve pull --list` shows the catalog")
+    for entry, size in here:
+        print(f"{entry.name:34s} {size / 2**30:7.2f} GiB  {entry.local_path(cache_dir_from(args))}")
+
+
+def cmd_rm(args) -> None:
+    from r1serve.models.catalog import remove
+
+    freed = remove(args.name, cache_dir_from(args))
+    print(f"removed {args.name} ({freed / 2**30:.2f} GiB freed)")
 
 
 def cmd_generate(args) -> None:
@@ -150,14 +168,15 @@ def cmd_chat(args) -> None:
     params = sampling_from(args)  # bad flags fail before the model loads
     llm = build_llm(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"r1serve chat with {args.model}. Type /exit or Ctrl-D to leave, /reset to start over.", file=sys.stderr)
+    print(f"r1serve chat with {args.model}. Type /bye, /exit or Ctrl-D to leave, /reset to start over.",
+          file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
-        if line.strip() in ("/exit", "/quit"):
+        if line.strip() in ("/bye", "/exit", "/quit"):  # /bye: what Ollama users type
             return
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
@@ -378,8 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="fetch a catalog model")
     p.add_argument("name", nargs="?")
-    p.add_argument("--list", action="store_true", help="list the catalog")
+    p.add_argument("--list", action="store_true", help="list the catalog, marking what is pulled")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="the models pulled here, with their size on disk")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="delete a pulled model's files")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("generate", help="complete one prompt, streaming the text")
     add_engine_args(p)

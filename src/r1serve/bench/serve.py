@@ -125,6 +125,8 @@ def main(args, cache_dir: Path) -> list[LevelReport]:
         print("note: the server gave no usage for some requests; their tokens were counted by "
               + ("the tokenizer" if tokenizer else "words (no --tokenizer given)"))
     if args.out:
-        for path in write_outputs(Path(args.out), {k: v for k, v in vars(args).items() if k != "func"}, levels):
+        # The run's settings, never its secret: results files get shared and committed.
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
+        for path in write_outputs(Path(args.out), settings | {"api_key_sent": bool(args.api_key)}, levels):
             print(f"wrote {path}")
     return levels

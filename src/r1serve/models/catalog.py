@@ -13,6 +13,7 @@ snapshots are marked complete only after the download returns.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,11 +137,10 @@ def resolve_model(name_or_path: str, cache_dir: Path) -> Path:
             f"unknown model {name_or_path!r}: it is not an existing path nor a catalog name. Give a .gguf file, "
             f"a Hugging Face model directory (with config.json), or one of: {', '.join(CATALOG)}."
         )
-    if not entry.is_pulled(cache_dir):
-        raise ModelLoadError(
-            f"model {name_or_path!r} is not downloaded yet (looked in {entry.local_path(cache_dir)}); "
-            f"run `r1serve pull {name_or_path}` first."
-        )
+    if not entry.is_pulled(cache_dir):  # first use: fetched now, as Ollama and vLLM do
+        print(f"r1serve: {name_or_path} is not here yet; pulling it into {entry.local_path(cache_dir)}",
+              file=sys.stderr)
+        return pull(name_or_path, cache_dir)
     return entry.local_path(cache_dir)
 
 
@@ -153,6 +153,27 @@ def pull(name: str, cache_dir: Path) -> Path:
     if not entry.is_pulled(cache_dir):
         entry.source.fetch(target)
     return target
+
+
+def pulled(cache_dir: Path) -> list[tuple[CatalogEntry, int]]:
+    """The catalog models already here, with their size on disk in bytes."""
+    return [(entry, _size(entry.local_path(cache_dir))) for entry in CATALOG.values() if entry.is_pulled(cache_dir)]
+
+
+def remove(name: str, cache_dir: Path) -> int:
+    """Delete a pulled model's files; returns the bytes freed."""
+    entry = CATALOG.get(name)
+    if entry is None or not entry.local_path(cache_dir).exists():
+        here = ", ".join(e.name for e, _ in pulled(cache_dir)) or "none"
+        raise ModelLoadError(f"{name!r} is not a pulled catalog model; pulled here: {here}")
+    folder = entry.local_path(cache_dir).parent if entry.filename else entry.local_path(cache_dir)
+    freed = _size(folder)
+    shutil.rmtree(folder)
+    return freed
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _checked_local_path(path: Path) -> Path:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
 from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
+from r1serve.server.api_docs import add_api_docs
 from r1serve.server.db import UNREACHABLE
 from r1serve.server.ledger import CACHED_TOKEN_WEIGHT
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
@@ -150,7 +151,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
         await state.shutdown()
         await asyncio.to_thread(access.end_lease)
 
-    app = FastAPI(title="r1serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="r1serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.r1serve = state
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestLog)
@@ -159,6 +160,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
     _add_routes(app, state)
     add_platform_routes(app, state.access)
     publish_stream_models(app)
+    add_api_docs(app)
     # The playground and usage dashboard: plain files, no build step.
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "static", html=True), name="ui")
     return app
