@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -75,3 +76,34 @@ def test_percentiles_are_ordered():
     p = percentiles([0.001 * i for i in range(1, 101)])
     assert p["median"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
     assert percentiles([])["median"] is None
+
+
+def prefix_hits(server) -> float:
+    return server.metric("r1serve:prefix_cache_hits_total")
+
+
+def test_levels_get_fresh_prompts_of_the_asked_length(capsys, tiny_server, tiny, tmp_path):
+    """Replayed prompts would be served from the prefix cache at every level after the first."""
+    args = ["bench", "serve", "--base-url", tiny_server.base + "/v1", "--num-prompts", "6", "--input-len", "40",
+            "--output-len", "2", "--concurrency", "2,2", "--tokenizer", str(tiny), "--out", str(tmp_path)]
+    hits = {}
+    for mode in ("fresh", "same"):
+        before = prefix_hits(tiny_server)
+        assert main(args + (["--same-prompts", "--seed", "7"] if mode == "same" else ["--seed", "3"])) == 0
+        hits[mode] = prefix_hits(tiny_server) - before
+        levels = json.loads((tmp_path / "bench_serve.json").read_text())["levels"]
+        # --input-len is the prompt's length (no chat template added; the server may add BOS)
+        assert all(6 * 40 <= lv["prompt_tokens"] <= 6 * 41 for lv in levels), levels
+    assert hits["same"] >= 6 * 32 and hits["fresh"] < hits["same"] / 4, hits
+    out = capsys.readouterr().out
+    assert "ms" in out.splitlines()[1]  # the units row under the header
+
+
+def test_defaults_find_the_model_and_duration_bounds_a_level(capsys, tiny_server, tmp_path):
+    started = time.monotonic()
+    rc = main(["bench", "serve", "--base-url", tiny_server.base + "/v1", "--num-prompts", "100000",
+               "--input-len", "8", "--output-len", "2", "--concurrency", "2", "--duration", "1",
+               "--out", str(tmp_path)])  # no --model: the server's
+    (lv,) = json.loads((tmp_path / "bench_serve.json").read_text())["levels"]
+    assert rc == 0 and 0 < lv["completed"] < 100000 and time.monotonic() - started < 30
+    assert json.loads((tmp_path / "bench_serve.json").read_text())["args"]["model"] == "tiny"

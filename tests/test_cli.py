@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import sys
 
@@ -350,3 +351,40 @@ def test_keys_and_usage_read_as_prose_and_by_name(capsys, tmp_path):
     assert rc == 2 and "no API key with id or name 'nobody'" in err
     rc, out, _ = run(capsys, "keys", "revoke", alice["id"], *db)
     assert out.startswith(f"revoked {alice['id']} (alice)")
+
+
+class _Out(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_chat_shows_thinking_apart_and_keeps_only_the_answer(tty):
+    from r1serve.terminal_chat import DIM, PLAIN, ThinkingPrinter
+
+    out = _Out(tty)
+    printer = ThinkingPrinter(out, open_at_start=True)  # R1's template opened <think> in the prompt
+    answer = "".join(printer.feed(d) for d in ["Let me", " think.</th", "ink>\n\nParis", " it is."]) + printer.finish()
+    assert answer == "Paris it is."
+    shown = out.getvalue()
+    assert shown.replace(DIM, "").replace(PLAIN, "") == "Thinking…\nLet me think.\n…done thinking.\n\nParis it is."
+    assert (DIM in shown and PLAIN in shown) == tty  # dimmed on a terminal only
+
+
+def test_chat_thinking_cut_short_still_ends_its_block():
+    from r1serve.terminal_chat import ThinkingPrinter
+
+    out = _Out(False)
+    printer = ThinkingPrinter(out, open_at_start=True)
+    assert printer.feed("only thinking") + printer.finish() == ""
+    assert out.getvalue().endswith("…done thinking.\n\n")
+
+
+def test_max_reasoning_tokens_needs_a_reasoning_model(capsys, monkeypatch, tiny):
+    calls = feed_input(monkeypatch, ["Hi", "/bye"])
+    rc, _, err = run(capsys, *chat_args(tiny, "--max-reasoning-tokens", "8"))
+    assert rc == 2 and "needs a reasoning model" in err and calls == []  # said before anything is asked

@@ -165,32 +165,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    from r1serve.terminal_chat import run_chat
+
     params = sampling_from(args)  # bad flags fail before the model loads
-    llm = build_llm(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"r1serve chat with {args.model}. Type /bye, /exit or Ctrl-D to leave, /reset to start over.",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/bye", "/exit", "/quit"):  # /bye: what Ollama users type
-            return
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            reply = stream_text(llm, llm.chat_prompt(history), params)
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
-            history.pop()
-            continue
-        history.append({"role": "assistant", "content": reply})
+    run_chat(build_llm(args), params, args.model, args.system, args.max_reasoning_tokens)
 
 
 def cmd_info(args) -> None:
@@ -418,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-reasoning-tokens", type=int, default=None,
+                   help="a reasoning model thinks at most this long, then answers")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI- and DeepSeek-compatible HTTP server")

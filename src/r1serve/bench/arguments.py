@@ -58,14 +58,21 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True, help="the API root, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", required=True, help="the model name the server knows")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API root")
+    p.add_argument("--model", default=None, help="the model name the server knows (default: its first, "
+                                                  "from GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer (default: none)")
     p.add_argument("--concurrency", default="1,8,32", help="closed-loop levels, comma-separated")
     p.add_argument("--request-rate", default=None, help="open-loop Poisson rates in requests/s, comma-separated "
                                                           "(replaces --concurrency)")
     p.add_argument("--num-prompts", type=int, default=200, help="requests per level")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random dataset)")
+    p.add_argument("--input-len", type=int, default=256,
+                   help="prompt tokens (random dataset: sent to /v1/completions, exact with --tokenizer)")
+    p.add_argument("--same-prompts", action="store_true",
+                   help="replay one prompt set at every level (later levels then hit the prefix cache); "
+                        "by default each level gets fresh prompts")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds a level may run: no request starts after it (those running finish)")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     p.add_argument("--dataset", default="random", help="random, chat, or a .jsonl file")
     p.add_argument("--tokenizer", default=None, help="for prompt lengths and for counting tokens when the server "

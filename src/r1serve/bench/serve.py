@@ -1,8 +1,8 @@
 """`r1serve bench serve`: load any OpenAI-compatible endpoint and report what users feel.
 
-    r1serve bench serve --base-url http://127.0.0.1:8000/v1 --model smollm2-135m \\
+    r1serve bench serve [--base-url http://127.0.0.1:8000/v1] [--model NAME] \\
         --concurrency 1,8,32 --num-prompts 200 --input-len 256 --output-len 128 \\
-        [--dataset random|chat|FILE.jsonl] [--slo-ttft 2s --slo-tpot 100ms] [--out results/]
+        [--dataset random|chat|FILE.jsonl] [--slo-ttft 2s --slo-tpot 100ms] [--duration S] [--out results/]
 
 Closed loop (`--concurrency N`: N clients, each sending its next request when the last one
 ends) or open loop (`--request-rate R`: Poisson arrivals at R requests/s, whatever the
@@ -47,6 +47,17 @@ def _levels(text: str, kind: type, name: str) -> list:
     return levels
 
 
+def served_model(base_url: str, headers: dict) -> str:
+    """The server's first model, as vLLM's and llama-server's clients take it when none is named."""
+    try:
+        models = httpx.get(f"{base_url}/models", headers=headers, timeout=30).raise_for_status().json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        raise InvalidRequestError(f"could not list the models at {base_url}/models ({e}); give --model") from None
+    if not models:
+        raise InvalidRequestError(f"{base_url}/models lists no model; give --model")
+    return models[0]["id"]
+
+
 def load_tokenizer(name: str | None, cache_dir: Path):
     """Our own tokenizer for a catalog name, .gguf or HF directory; None when there is none."""
     if name is None:
@@ -71,30 +82,33 @@ async def run_level(base_url: str, headers: dict, specs: list[RequestSpec], args
             return result
 
         start = time.perf_counter()
+        deadline = start + args.duration if args.duration else float("inf")
         if concurrency:
-            results = await _closed_loop(specs, concurrency, one)
+            results = await _closed_loop(specs, concurrency, one, deadline)
         else:
-            results = await _open_loop(specs, rate, one, random.Random(args.seed))
+            results = await _open_loop(specs, rate, one, random.Random(args.seed), deadline)
         duration = time.perf_counter() - start
         bar.close()
     return results, duration
 
 
-async def _closed_loop(specs, concurrency: int, one) -> list[RequestResult]:
+async def _closed_loop(specs, concurrency: int, one, deadline: float) -> list[RequestResult]:
     queue = list(reversed(specs))
     results: list[RequestResult] = []
 
     async def client_loop():
-        while queue:
+        while queue and time.perf_counter() < deadline:
             results.append(await one(queue.pop()))
 
     await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(specs)))))
     return results
 
 
-async def _open_loop(specs, rate: float, one, rng: random.Random) -> list[RequestResult]:
+async def _open_loop(specs, rate: float, one, rng: random.Random, deadline: float) -> list[RequestResult]:
     tasks = []
     for spec in specs:
+        if time.perf_counter() >= deadline:
+            break
         tasks.append(asyncio.create_task(one(spec)))
         await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals: exponential gaps
     return list(await asyncio.gather(*tasks))
@@ -104,15 +118,18 @@ def main(args, cache_dir: Path) -> list[LevelReport]:
     """`cache_dir`: where catalog models live, for --tokenizer."""
     slo_ttft, slo_tpot = parse_duration(args.slo_ttft, "--slo-ttft"), parse_duration(args.slo_tpot, "--slo-tpot")
     tokenizer = load_tokenizer(args.tokenizer, cache_dir)
-    specs = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, tokenizer, args.seed)
     count = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else \
         (lambda text: len(text.split()))  # no usage and no tokenizer: words, said in the report's flag
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.base_url.rstrip("/")
+    args.model = args.model or served_model(base, headers)
     plan = ([(None, r) for r in _levels(args.request_rate, float, "--request-rate")] if args.request_rate
             else [(c, None) for c in _levels(args.concurrency, int, "--concurrency")])
     levels = []
-    for concurrency, rate in plan:
+    for i, (concurrency, rate) in enumerate(plan):
+        # Fresh prompts per level: replayed ones would be served from the prefix cache.
+        seed = args.seed + (0 if args.same_prompts else i)
+        specs = load_requests(args.dataset, args.num_prompts, args.input_len, args.output_len, tokenizer, seed)
         before = read_spec_counters(base, headers)
         results, duration = asyncio.run(run_level(base, headers, specs, args, concurrency, rate, count))
         after = read_spec_counters(base, headers) if before is not None else None
@@ -127,6 +144,7 @@ def main(args, cache_dir: Path) -> list[LevelReport]:
     if args.out:
         # The run's settings, never its secret: results files get shared and committed.
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
-        for path in write_outputs(Path(args.out), settings | {"api_key_sent": bool(args.api_key)}, levels):
+        for path in write_outputs(Path(args.out), settings | {"api_key_sent": bool(args.api_key)}, levels,
+                                  (slo_ttft, slo_tpot)):
             print(f"wrote {path}")
     return levels

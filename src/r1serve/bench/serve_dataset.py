@@ -37,8 +37,8 @@ def random_prompts(n: int, input_len: int, tokenizer, seed: int) -> list[str]:
 
 def load_requests(dataset: str, n: int, input_len: int, output_len: int, tokenizer, seed: int = 0) -> list[RequestSpec]:
     if dataset == "random":
-        return [RequestSpec([{"role": "user", "content": p}], None, output_len)
-                for p in random_prompts(n, input_len, tokenizer, seed)]
+        # Plain completions: a chat template would add its own tokens to --input-len's.
+        return [RequestSpec(None, p, output_len) for p in random_prompts(n, input_len, tokenizer, seed)]
     if dataset == "chat":
         return [RequestSpec([{"role": "user", "content": CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]}], None, output_len)
                 for i in range(n)]

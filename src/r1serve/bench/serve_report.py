@@ -93,7 +93,9 @@ def _ms(v: float | None) -> str:
 def table(levels: list[LevelReport]) -> str:
     head = (f"{'load':>16} {'ok':>5} {'fail':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} "
             f"{'TTFT med':>9} {'TTFT p99':>9} {'TPOT med':>9} {'ITL p99':>8} {'E2E med':>9} {'goodput':>8}")
-    rows = [head]
+    units = (f"{'':>16} {'':>5} {'':>5} {'':>7} {'':>10} {'':>10} {'ms':>9} {'ms':>9} {'ms':>9} {'ms':>8} "
+             f"{'ms':>9} {'req/s':>8}")
+    rows = [head, units]
     for lv in levels:
         rows.append(f"{lv.load:>16} {lv.completed:>5} {lv.failed:>5} {lv.request_throughput:>7.2f} "
                     f"{lv.output_tokens_per_s:>10.1f} {lv.total_tokens_per_s:>10.1f} {_ms(lv.ttft_ms['median']):>9} "
@@ -109,18 +111,20 @@ def table(levels: list[LevelReport]) -> str:
     return "\n".join(rows)
 
 
-def write_outputs(out_dir: Path, args: dict, levels: list[LevelReport]) -> list[Path]:
+def write_outputs(out_dir: Path, args: dict, levels: list[LevelReport],
+                  slos: tuple[float | None, float | None] = (None, None)) -> list[Path]:
+    """`slos`: (TTFT, TPOT) in seconds, drawn on the plot where given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench_serve.json"
     path.write_text(json.dumps({"args": args, "levels": [lv.as_dict() for lv in levels]}, indent=2))
     written = [path]
-    plot = _plot(out_dir / "bench_serve.png", levels)
+    plot = _plot(out_dir / "bench_serve.png", levels, str(args.get("model")), slos)
     if plot:
         written.append(plot)
     return written
 
 
-def _plot(path: Path, levels: list[LevelReport]) -> Path | None:
+def _plot(path: Path, levels: list[LevelReport], model: str, slos: tuple[float | None, float | None]) -> Path | None:
     try:
         import matplotlib
 
@@ -130,15 +134,22 @@ def _plot(path: Path, levels: list[LevelReport]) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     tput = [lv.output_tokens_per_s for lv in levels]
-    for ax, key, label in ((axes[0], "tpot_ms", "median TPOT (ms)"), (axes[1], "ttft_ms", "median TTFT (ms)")):
-        ax.plot([getattr(lv, key)["median"] or 0 for lv in levels], tput, marker="o")
-        for lv, x, y in zip(levels, [getattr(lv, key)["median"] or 0 for lv in levels], tput):
-            ax.annotate(lv.load, (x, y), fontsize=8)
+    slo_ttft, slo_tpot = slos
+    for ax, key, label, slo in ((axes[0], "tpot_ms", "median TPOT (ms)", slo_tpot),
+                                (axes[1], "ttft_ms", "median TTFT (ms)", slo_ttft)):
+        xs = [getattr(lv, key)["median"] or 0 for lv in levels]
+        ax.plot(xs, tput, marker="o")
+        for lv, x, y in zip(levels, xs, tput):
+            ax.annotate(lv.load, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if slo is not None:
+            ax.axvline(slo * 1000, color="tab:red", linestyle="--", label=f"SLO {slo * 1000:g} ms")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("output tokens/s")
+        ax.margins(x=0.15, y=0.15)  # room for the labels at the ends
         ax.grid(alpha=0.3)
-    fig.suptitle("throughput vs latency")
+    fig.suptitle(f"{model}: throughput against latency")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
