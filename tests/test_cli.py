@@ -124,7 +124,7 @@ def test_bad_choice_is_an_argparse_error(capsys, tiny):
 def test_info_prints_model_facts_as_json(capsys, tiny):
     from safetensors import safe_open
 
-    rc, out, _ = run(capsys, "info", *engine_args(tiny))
+    rc, out, _ = run(capsys, "info", "--load", *engine_args(tiny))
     assert rc == 0
     info = json.loads(out)
     kernels, device, linears = info.pop("kernels"), info.pop("device"), info.pop("linears")
@@ -169,8 +169,27 @@ def _numel(shape) -> int:
 
 
 def test_info_honours_max_model_len(capsys, tiny):
-    rc, out, _ = run(capsys, "info", *engine_args(tiny), "--max-model-len", "100")
+    rc, out, _ = run(capsys, "info", "--load", *engine_args(tiny), "--max-model-len", "100")
     assert rc == 0 and json.loads(out)["max_model_len"] == 100
+
+
+def test_info_reads_headers_only_and_is_readable(capsys, tiny, tmp_path, smollm2_gguf):
+    from safetensors import safe_open
+
+    rc, out, _ = run(capsys, "info", str(tiny), "--json")
+    card = json.loads(out)
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    assert rc == 0 and card["parameters"] == n_params and card["architecture"] == "LlamaForCausalLM"
+    assert card["context"] == 512 and card["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # bf16 K, V
+    assert card["size_on_disk"] == (tiny / "model.safetensors").stat().st_size
+    rc, out, _ = run(capsys, "info", str(smollm2_gguf))  # a GGUF: its quantization per group, not "bfloat16"
+    assert rc == 0 and "LlamaForCausalLM, GGUF file" in out and "attention Q4_1" in out and "0.10 GB" in out
+    rc, out, _ = run(capsys, "info", "deepseek-r1", cache_dir=tmp_path)  # R1 from the built-in config
+    assert rc == 0 and "671.0 B (37.6 B active per token)" in out and "FP8 e4m3" in out and "70,272 bytes" in out
+    assert not any(tmp_path.iterdir()), "info downloads nothing"
+    rc, _, err = run(capsys, "info", "deepseek-r1-distill-qwen-7b", cache_dir=tmp_path)
+    assert rc == 2 and "r1serve pull deepseek-r1-distill-qwen-7b" in err
 
 
 # ---- pull ------------------------------------------------------------------------------------------

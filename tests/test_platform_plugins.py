@@ -35,7 +35,7 @@ def run_cli(args: list[str], plugin_path: Path, **env: str) -> subprocess.Comple
 
 
 def info(tiny, plugin_path, *extra, **env) -> dict:
-    out = run_cli(["info", str(tiny), "--dtype", "float32", *extra], plugin_path, **env)
+    out = run_cli(["info", str(tiny), "--load", "--dtype", "float32", *extra], plugin_path, **env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -51,12 +51,12 @@ def test_the_plugin_platform_is_chosen_and_binds_its_own_kernels(tiny, plugin_pa
 def test_auto_tries_plugins_first_and_falls_back_when_their_device_is_absent(tiny, plugin_path):
     assert info(tiny, plugin_path)["platform"] == "toycpu"
     assert info(tiny, plugin_path, TOY_PLATFORM_ABSENT="1")["platform"] == "cpu"
-    absent = run_cli(["info", str(tiny), "--device", "toycpu"], plugin_path, TOY_PLATFORM_ABSENT="1")
+    absent = run_cli(["info", str(tiny), "--load", "--device", "toycpu"], plugin_path, TOY_PLATFORM_ABSENT="1")
     assert absent.returncode != 0 and "toycpu platform plugin found no device" in absent.stderr
 
 
 def test_an_unknown_device_names_the_plugins(tiny, plugin_path):
-    out = run_cli(["info", str(tiny), "--device", "tpu"], plugin_path)
+    out = run_cli(["info", str(tiny), "--load", "--device", "tpu"], plugin_path)
     assert out.returncode != 0 and "device='tpu'" in out.stderr and "toycpu" in out.stderr
 
 

@@ -172,6 +172,12 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
+    if not args.load:  # the files' headers only: a moment, whatever the model's size
+        from r1serve.model_card import describe, model_card
+
+        card = model_card(args.model, cache_dir_from(args))
+        print(json.dumps(card.as_dict(), indent=2) if args.json else describe(card))
+        return
     path = Path(args.model).expanduser()
     if path.suffix == ".json" and path.is_file():
         print(json.dumps(_config_only_info(path, args), indent=2))
@@ -467,8 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_arg(p)
     p.set_defaults(func=cmd_usage)
 
-    p = sub.add_parser("info", help="parameters (total, active), weight and KV bytes, context that fits; "
-                                    "a config.json alone is enough")
+    p = sub.add_parser("info", help="what a model is, from its files' headers at once: architecture, parameters, "
+                                    "weights' storage, size on disk, context, KV bytes per token (deepseek-r1: "
+                                    "from the built-in config, nothing downloaded)")
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.add_argument("--load", action="store_true",
+                   help="load the model as the engine would and report its kernels, linears and KV budget "
+                        "(the engine flags below apply)")
     add_engine_args(p)
     p.set_defaults(func=cmd_info)
 

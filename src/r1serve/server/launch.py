@@ -35,6 +35,7 @@ def serve(config: ServerConfig, host: str, port: int, grace_s: float = 30.0, log
     """Blocks until the server stops; returns the process exit code. `cores`: engine
     processes already spawned, by model name."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list at every start says nothing to users
     _raise_open_files_limit()
     holder: dict = {}
     app = build_app(config, on_fatal=lambda: holder["server"].handle_exit(0, None), cores=cores,

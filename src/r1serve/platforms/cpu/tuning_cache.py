@@ -27,6 +27,7 @@ class TuningCache:
 
         key = "\0".join([cpu_model(), *sorted(cpu_flags()), torch.__version__])
         self.path = Path(directory) / "tuning" / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        self._said = False  # a start that measures says so once: it is why that start is slower
 
     def _read(self) -> dict:
         try:
@@ -38,6 +39,9 @@ class TuningCache:
         values = self._read()
         if key in values:
             return int(values[key])
+        if not self._said:
+            self._said = True
+            log.info("timing kernel choices for this CPU (once per CPU and weight shape; kept in %s)", self.path)
         value = measure()
         values = {**self._read(), key: value}  # another process may have written meanwhile
         try:
