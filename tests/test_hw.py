@@ -394,3 +394,31 @@ def test_ep_imbalance_is_the_busiest_device_of_random_routing():
             busiest.append(max(counts) / per_device)
         simulated = sorted(busiest)[len(busiest) // 2]
         assert ep_imbalance(devices, per_device) == pytest.approx(simulated, rel=0.15)
+
+
+def test_plan_says_how_the_ratio_moves_with_the_chip_count_and_agrees_with_compare(capsys):
+    rc, out, _ = run(capsys, "hw", "plan", "--chip", "ascend-910c", "--chips", "8", "--json")
+    plan_j = json.loads(out)
+    rc2, out, _ = run(capsys, "hw", "compare", "--only", "h100,ascend-910c", "--json")
+    compare_j = json.loads(out)
+    assert rc == rc2 == 0
+    by_chips = {int(n): v for n, v in plan_j["pct_of_h100_by_chips"].items()}
+    assert plan_j["compare_chips"] == compare_j["chips"] and {8, compare_j["chips"]} <= set(by_chips)
+    row = next(r for r in compare_j["rows"] if r["chip"] == "ascend-910c")
+    assert by_chips[compare_j["chips"]] == pytest.approx(row["pct_of_h100"])  # the two commands agree
+    assert by_chips[8] == pytest.approx(plan_j["pct_of_h100"])
+    h100 = next(r for r in compare_j["rows"] if r["chip"] == "h100")
+    assert h100["output_tokens_per_s_per_kw"] == pytest.approx(h100["output_tokens_per_s_per_chip"] / 700 * 1000)
+    rc, out, _ = run(capsys, "hw", "plan", "--chip", "ascend-910c", "--chips", "8")
+    assert "% of H100 by chip count" in out and "(hw compare's count)" in out and "static (a fixed cost" in out
+
+
+def test_a_planner_answer_needs_no_torch_once_the_shape_is_known(tmp_path):
+    import subprocess
+    import sys
+
+    assert model_shape("deepseek-r1", tmp_path) == model_shape("deepseek-r1")  # computed, then kept
+    code = ("import sys; from r1serve.planner.model import model_shape; "
+            f"model_shape('deepseek-r1', {str(tmp_path)!r}); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"  # a cached shape: no torch import, an answer in a fraction of a second

@@ -85,7 +85,11 @@ def run(args, cache_dir) -> None:
     if args.hw_command == "measure":
         cmd_measure(args, cache_dir)
         return
-    {"list": cmd_list, "plan": cmd_plan, "compare": cmd_compare, "validate": cmd_validate}[args.hw_command](args)
+    if args.hw_command == "list":
+        cmd_list(args)
+        return
+    # cache_dir: where computed model shapes are kept (planner/model.py)
+    {"plan": cmd_plan, "compare": cmd_compare, "validate": cmd_validate}[args.hw_command](args, cache_dir)
 
 
 def _emit(args, obj, text) -> None:
@@ -107,7 +111,7 @@ def _workload(args):
     return Workload(args.input, args.output, args.tpot_slo, args.ttft_slo, args.mtp)
 
 
-def cmd_plan(args) -> None:
+def cmd_plan(args, cache_dir=None) -> None:
     from r1serve.planner.catalog import load_catalog
     from r1serve.planner.model import model_shape
     from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
@@ -115,7 +119,7 @@ def cmd_plan(args) -> None:
     from r1serve.planner.roofline import Device, weight_format
 
     catalog, w = load_catalog(args.catalog), _workload(args)
-    chip, m = catalog.chip(args.chip), model_shape(args.model)
+    chip, m = catalog.chip(args.chip), model_shape(args.model, cache_dir)
     chips = args.chips
     if chips is None:
         if not chip.bandwidth:
@@ -124,23 +128,45 @@ def cmd_plan(args) -> None:
     p = plan(m, chip, chips, w, args.weights)
     ref = reference_plan(m, catalog.chip(REFERENCE_CHIP), chips, w)
     j = plan_json(p, pct_of(p, ref), ref)
+    compared = compare_chip_count(catalog, m, w, [c for c in catalog.chips.values() if c.bandwidth])
+    j["compare_chips"] = compared
+    j["pct_of_h100_by_chips"] = _by_chip_count(m, catalog, chip, w, args.weights, chips, compared)
     _emit(args, j, lambda: plan_text(j, p))
 
 
-def compare_rows(args) -> tuple[list[dict], int]:
-    from r1serve.planner.catalog import load_catalog
-    from r1serve.planner.model import model_shape
-    from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan, smallest_fit
-    from r1serve.planner.report import plan_json
+def _by_chip_count(m, catalog, chip, w, weights: str, chips: int, compared: int) -> dict[int, float | None]:
+    """% of H100 at this plan's chip count, at `hw compare`'s, and at the powers of two around:
+    the ratio moves with the count (more chips hold larger decode batches, and the two chips
+    gain at different rates), so a single figure misleads."""
+    from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan
+
+    counts = sorted({chips, compared} | {n for n in (chips // 2, chips * 2, chips * 4) if 1 <= n <= 256})
+    out = {}
+    for n in counts:
+        p = plan(m, chip, n, w, weights)
+        out[n] = pct_of(p, reference_plan(m, catalog.chip(REFERENCE_CHIP), n, w))["overall"] if p.fits else None
+    return out
+
+
+def compare_chip_count(catalog, m, w, chips) -> int:
+    """What `hw compare` deploys each chip on: the fewest (a power of two) that hold the model on all."""
+    from r1serve.planner.plan import smallest_fit
     from r1serve.planner.roofline import Device, weight_format
 
-    catalog, w, m = load_catalog(args.catalog), _workload(args), model_shape(args.model)
+    fits = [smallest_fit(m, Device(c, weight_format(m, c)), w) for c in chips]
+    return max([f for f in fits if f] or [1])
+
+
+def compare_rows(args, cache_dir=None) -> tuple[list[dict], int]:
+    from r1serve.planner.catalog import load_catalog
+    from r1serve.planner.model import model_shape
+    from r1serve.planner.plan import REFERENCE_CHIP, pct_of, plan, reference_plan
+    from r1serve.planner.report import plan_json
+
+    catalog, w, m = load_catalog(args.catalog), _workload(args), model_shape(args.model, cache_dir)
     ids = args.only.split(",") if args.only else [c.id for c in catalog.chips.values() if c.bandwidth]
     chips = [catalog.chip(i.strip()) for i in ids]
-    n = args.chips
-    if n is None:
-        fits = [smallest_fit(m, Device(c, weight_format(m, c)), w) for c in chips]
-        n = max([f for f in fits if f] or [1])
+    n = args.chips or compare_chip_count(catalog, m, w, chips)
     ref = reference_plan(m, catalog.chip(REFERENCE_CHIP), n, w)
     rows = []
     for c in chips:
@@ -149,10 +175,10 @@ def compare_rows(args) -> tuple[list[dict], int]:
     return rows, n
 
 
-def cmd_compare(args) -> None:
+def cmd_compare(args, cache_dir=None) -> None:
     from r1serve.planner.report import compare_chart, compare_text
 
-    rows, n = compare_rows(args)
+    rows, n = compare_rows(args, cache_dir)
     title = (f"{rows[0]['model']}: {args.input} in / {args.output} out, TPOT <= {args.tpot_slo * 1e3:g} ms, "
              f"{n} chips each")
     if args.chart:
@@ -162,13 +188,13 @@ def cmd_compare(args) -> None:
           lambda: f"{title}\n{compare_text(rows, markdown=args.markdown)}{chart}")
 
 
-def cmd_validate(args) -> None:
+def cmd_validate(args, cache_dir=None) -> None:
     from r1serve.planner.catalog import load_catalog
     from r1serve.planner.model import model_shape
     from r1serve.planner.report import validation_json, validation_text
     from r1serve.planner.validation import validate
 
-    checks = validate(model_shape("deepseek-r1"), load_catalog(detect_cpu=False))
+    checks = validate(model_shape("deepseek-r1", cache_dir), load_catalog(detect_cpu=False))
     _emit(args, validation_json(checks), lambda: validation_text(checks, markdown=args.markdown))
 
 

@@ -8,16 +8,18 @@ a test checks that the parts add up to the total.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
-
+from r1serve import __version__
 from r1serve.errors import R1ServeError
 from r1serve.models.arch_config import ArchConfig
-from r1serve.models.planning import numbers_from_config
 
 BUILTIN_CONFIGS = {"deepseek-r1": "deepseek-r1.json", "deepseek-v3": "deepseek-r1.json"}
 
@@ -77,12 +79,45 @@ def read_config(model: str) -> tuple[str, dict]:
         raise R1ServeError(f"{path} is not valid JSON: {e}") from None
 
 
-def model_shape(model: str) -> ModelShape:
+def model_shape(model: str, cache_dir: Path | None = None) -> ModelShape:
+    """The model's shape; kept in `cache_dir` once computed, so that an answer of the planner
+    does not wait for torch to import and a model to be built on the meta device (seconds)."""
     name, cfg = read_config(model)
-    return shape_from_config(name, cfg)
+    if cache_dir is None:
+        return shape_from_config(name, cfg)
+    path = Path(cache_dir) / "planner" / "shapes.json"
+    key = hashlib.sha256(json.dumps([__version__, name, cfg], sort_keys=True).encode()).hexdigest()[:24]
+    known = _read_json(path)
+    if key in known:
+        return ModelShape(**known[key])
+    shape = shape_from_config(name, cfg)
+    _write_json(path, {**_read_json(path), key: dataclasses.asdict(shape)})
+    return shape
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:  # whole or not at all: a second process may be writing too
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".shapes-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: computed again next time
 
 
 def shape_from_config(name: str, cfg: dict) -> ModelShape:
+    import torch  # here, not at import: a cached shape needs neither torch nor the model code
+
+    from r1serve.models.planning import numbers_from_config
+
     arch = ArchConfig.from_hf(cfg)
     numbers = numbers_from_config(cfg, torch.bfloat16, 1)
     fmt = "fp8" if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8" else "bf16"

@@ -97,6 +97,7 @@ def plan_json(plan: Plan, pct: dict, ref: Plan) -> dict:
             "tpot_ms": dec and dec.step_s * 1e3 / (1 + w.mtp_acceptance),
             "meets_tpot_slo": dec and dec.meets_slo,
             "output_tokens_per_s_per_chip": plan.output_tokens_per_s_per_chip,
+            "output_tokens_per_s_per_kw": _per_kw(plan),
             "pct_of_h100": pct["overall"], "pct_of_h100_prefill": pct["prefill"],
             "pct_of_h100_decode": pct["decode"], "h100_reference_chips": ref.chips}
     if plan.fits:
@@ -106,6 +107,17 @@ def plan_json(plan: Plan, pct: dict, ref: Plan) -> dict:
                          "decode": layout_json(dec, share, moe)}
         out["prefill_breakdown"], out["decode_breakdown"] = breakdown_json(pre), breakdown_json(dec)
     return out
+
+
+def _per_kw(plan: Plan) -> float | None:
+    watts = plan.chip.value("tdp_w")
+    tput = plan.output_tokens_per_s_per_chip
+    return None if not watts or tput is None else tput / watts * 1000
+
+
+BOUNDS = ("what bounds each term: compute (the chip's FLOP/s), memory (its bandwidth), scale-up link (the "
+          "collectives between chips), static (a fixed cost per kernel: launch, synchronisation, pipeline fill, "
+          "which no roofline shows)")
 
 
 def describe_layout(p: PhasePlan, share: int, moe: bool) -> str:
@@ -150,11 +162,17 @@ def plan_text(j: dict, plan: Plan) -> str:
             f"({j['prefill_batch_tokens_per_chip']:,.0f} tokens per chip per step), TTFT {j['ttft_ms']:,.0f} ms",
             f"decode:  {j['decode_tokens_per_s_per_chip']:,.0f} tokens/s per chip at {j['decode_batch_per_chip']:.1f} "
             f"sequences per chip, TPOT {j['tpot_ms']:.1f} ms ({'meets' if j['meets_tpot_slo'] else 'MISSES'} the SLO)",
-            f"overall: {j['output_tokens_per_s_per_chip']:,.0f} output tokens/s per chip, prefill and decode both paid",
+            f"overall: {j['output_tokens_per_s_per_chip']:,.0f} output tokens/s per chip, prefill and decode both paid"
+            + (f"; {j['output_tokens_per_s_per_kw']:,.0f} per kW of chip power" if j["output_tokens_per_s_per_kw"]
+               else ""),
             f"vs {j['h100_reference_chips']} x H100 on the same workload: {_pct(j['pct_of_h100'])} "
             f"(prefill {_pct(j['pct_of_h100_prefill'])}, decode {_pct(j['pct_of_h100_decode'])})"]
+    if j.get("pct_of_h100_by_chips"):
+        steps = [f"{n} chips {_pct(v)}" + (" (hw compare's count)" if n == j["compare_chips"] else "")
+                 for n, v in j["pct_of_h100_by_chips"].items()]
+        body.append("% of H100 by chip count (each against as many H100s): " + " · ".join(steps))
     return "\n".join(head + body + _breakdown_text("decode step", j["decode_breakdown"])
-                     + _breakdown_text("prefill step", j["prefill_breakdown"]))
+                     + _breakdown_text("prefill step", j["prefill_breakdown"]) + [BOUNDS])
 
 
 def _serve_line(model: str, lay: dict) -> str:
@@ -181,7 +199,7 @@ COMPARE_COLUMNS = (("chip", "chip", "{}"), ("chips", "chips", "{}"), ("fmt", "we
                    ("decode tok/s", "decode_tokens_per_s_per_chip", "{:,.0f}"),
                    ("batch", "decode_batch_per_chip", "{:.0f}"), ("TPOT ms", "tpot_ms", "{:.1f}"),
                    ("TTFT ms", "ttft_ms", "{:,.0f}"), ("out tok/s", "output_tokens_per_s_per_chip", "{:,.0f}"),
-                   ("% H100", "pct_of_h100", "{:.0f}%"), ("prefill %", "pct_of_h100_prefill", "{:.0f}%"),
+                   ("tok/s per kW", "output_tokens_per_s_per_kw", "{:,.0f}"), ("% H100", "pct_of_h100", "{:.0f}%"), ("prefill %", "pct_of_h100_prefill", "{:.0f}%"),
                    ("decode %", "pct_of_h100_decode", "{:.0f}%"))
 
 
