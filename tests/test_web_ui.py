@@ -147,7 +147,8 @@ def test_answer_streams_in_and_history_is_sent(page, ui_server):
                                           "stream_options": {"include_usage": True}, "temperature": 0,
                                           "top_p": 0.95, "max_tokens": 24}
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
-    assert second["messages"][1]["content"].strip() == answer.strip()
+    # what was shown is the answer's markdown rendered: the same text without its markers
+    assert re.sub(r"[*_`#]", "", second["messages"][1]["content"]).strip() == answer.strip()
     assert all("authorization" not in headers for _, headers in bodies)  # no key entered: no header
 
     page.click("#new-chat")
@@ -155,14 +156,25 @@ def test_answer_streams_in_and_history_is_sent(page, ui_server):
     expect(page.locator("#message")).to_be_focused()
 
 
-def test_reasoning_is_shown_collapsed(page, ui_server):
+def test_reasoning_is_shown_live_then_folded(page, ui_server):
     load_playground(page, ui_server)
+    page.evaluate("""() => {  // whether the reasoning was open while its text streamed in
+        window.openWhileThinking = [];
+        new MutationObserver((records) => {
+            for (const r of records) {
+                if (r.target.classList?.contains('reasoning-text') && r.addedNodes.length)
+                    window.openWhileThinking.push(r.target.closest('details').open);
+            }
+        }).observe(document.querySelector('#transcript'), {childList: true, subtree: true});
+    }""")
     send(page, "Why is the sky blue?", model="r1-tiny")
 
+    assert page.evaluate("window.openWhileThinking.length") > 0
+    assert all(page.evaluate("window.openWhileThinking")), "the reasoning must be shown while it streams"
     reasoning = last_turn(page).locator("details.reasoning")
     expect(reasoning).to_be_visible()
     assert reasoning.get_attribute("open") is None
-    expect(reasoning.locator("summary")).to_have_text(re.compile(r"Reasoning \(\d+ chars\)"))
+    expect(reasoning.locator("summary")).to_have_text(re.compile(r"Thought for \d+\.\d s"))
     assert reasoning.locator(".reasoning-text").text_content().strip()
     expect(reasoning.locator(".reasoning-text")).not_to_be_visible()  # collapsed
     reasoning.locator("summary").click()
@@ -421,3 +433,86 @@ def test_api_docs_work_offline(page, ui_server):
     page.locator(".opblock-summary-path", has_text="/v1/chat/completions").first.wait_for(timeout=20000)
     assert fetched and all(url.startswith(ui_server.base) or url.startswith("data:") for url in fetched), fetched
     assert page.locator(".opblock").count() > 5
+
+
+
+def sse_reply(*deltas: dict) -> str:
+    chunks = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+MARKDOWN = ("Here is **bold** and `code`.\n\n```python\nprint('<b>hi</b>')\n```\n\n- one\n- two\n\n"
+            "| a | b |\n|---|---|\n| 1 | 2 |\n\nSee [the docs](https://example.org/x) and "
+            "<img src=x onerror=\"window.pwned=1\"> <script>window.pwned=2</script>")
+
+
+def test_answers_render_markdown_and_never_html(page, ui_server):
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        content_type="text/event-stream", body=sse_reply(*({"content": MARKDOWN[i:i + 7]}
+                                                            for i in range(0, len(MARKDOWN), 7)))))
+    load_playground(page, ui_server)
+    send(page, "Show me markdown", model="smollm2")
+    answer = last_turn(page).locator(".answer")
+    expect(answer.locator("strong")).to_have_text("bold")
+    expect(answer.locator("pre code")).to_have_text("print('<b>hi</b>')")
+    expect(answer.locator("ul li")).to_have_count(2)
+    expect(answer.locator("table th")).to_have_count(2)
+    expect(answer.locator("a")).to_have_attribute("href", "https://example.org/x")
+    expect(answer.locator("img, script, b")).to_have_count(0)  # the model's HTML is text, not markup
+    expect(answer).to_contain_text('<img src=x onerror="window.pwned=1">')
+    assert page.evaluate("window.pwned") is None
+
+
+def test_regenerate_copy_system_prompt_and_json_mode(page, ui_server):
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    load_playground(page, ui_server)
+    page.fill("#system-prompt", "Answer in one word.")
+    page.check("#json-mode")
+    send(page, "Name a colour.", model="smollm2")
+    first = last_turn(page).locator(".answer").inner_text()
+    last_turn(page).locator("button.regenerate").click()
+    page.wait_for_function(DONE, timeout=120_000)
+    expect(page.locator(".turn.assistant")).to_have_count(1)  # replaced, not added
+    assert len(bodies) == 2 and bodies[0]["messages"] == bodies[1]["messages"] == [
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+    assert bodies[0]["response_format"] == {"type": "json_object"}
+    last_turn(page).locator("button.copy").click()
+    expect(page.locator("#chat-status")).to_have_text("Answer copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == last_turn(page).locator(".answer").inner_text() \
+        or first  # the raw text; an answer with markdown reads differently rendered
+    send(page, "Another.")  # the history holds one answer, the regenerated one
+    assert [m["role"] for m in bodies[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    expect(page.locator("button.regenerate")).to_have_count(1)  # only the newest answer offers it
+
+
+def test_markdown_renders_every_prefix_of_a_streamed_answer(page, ui_server):
+    """A stream stops anywhere: "- ", "1. ", an open fence, a table without its rule yet."""
+    load_playground(page, ui_server)
+    text = "# Title\n\n1. first\n2. \n- \n```js\nlet a = 1;\n| a | b |\n|---|\nend *em* `c"
+    shown = page.evaluate("""async (text) => {
+        const { renderMarkdown } = await import('/ui/markdown.js');
+        const out = [];
+        for (let i = 0; i <= text.length; i++) {
+            const div = document.createElement('div');
+            div.append(renderMarkdown(text.slice(0, i)));
+            out.push(div.innerHTML);
+        }
+        return out;
+    }""", text)
+    assert len(shown) == len(text) + 1
+    assert "<h3>Title</h3>" in shown[-1] and "<ol><li>first</li><li></li></ol>" in shown[-1]
+    assert '<pre><code data-lang="js">let a = 1;' in shown[-1]  # an open fence runs to the end
+
+
+def test_a_loose_numbered_list_is_one_list(page, ui_server):
+    load_playground(page, ui_server)
+    html = page.evaluate("""async () => {
+        const { renderMarkdown } = await import('/ui/markdown.js');
+        const div = document.createElement('div');
+        div.append(renderMarkdown('Tips:\\n\\n1. **One**: a\\n\\n2. **Two**: b\\n\\n3. Three\\n\\nDone.\\n\\n4. four'));
+        return div.innerHTML;
+    }""")
+    assert html.count("<ol") == 2 and html.count("<li>") == 4 and '<ol start="4">' in html, html

@@ -1,5 +1,6 @@
 // The playground: pick a model, chat with it, watch the answer (and its reasoning) stream in.
 import { ApiError, chatStream, explain, getJSON, loadSetting, saveSetting, serverStatus } from "./api.js";
+import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS = "r1serve.playground";
@@ -58,16 +59,19 @@ class AssistantTurn {
     this.finishReason = null;
     this.started = performance.now();
     this.firstTokenAt = null;
+    this.thoughtUntil = null;
+    this.rendering = false;
     this.node = el("article", "turn assistant");
     this.node.setAttribute("aria-label", `Answer from ${model}`);
     this.details = el("details", "reasoning");
     this.details.hidden = true;
-    this.summary = el("summary", "", "Reasoning");
+    this.summary = el("summary", "", "Thinking…");
     this.reasoningText = el("div", "text reasoning-text");
     this.details.append(this.summary, this.reasoningText);
-    this.answer = el("div", "text answer");
+    this.answer = el("div", "text answer markdown");
     this.meta = el("p", "meta", "waiting for the first token…");
-    this.node.append(el("div", "who", model), this.details, this.answer, this.meta);
+    this.actions = el("div", "turn-actions");
+    this.node.append(el("div", "who", model), this.details, this.answer, this.meta, this.actions);
     appendTurn(this.node);
   }
 
@@ -77,19 +81,43 @@ class AssistantTurn {
     this.firstTokenAt ??= performance.now();
     if (reasoning) {
       this.reasoning += reasoning;
-      this.details.hidden = false;
+      if (this.details.hidden) {  // shown live while it thinks, folded once it answers
+        this.details.hidden = false;
+        this.details.open = true;
+      }
       this.reasoningText.append(reasoning);
-      this.summary.textContent = `Reasoning (${this.reasoning.length} chars)`;
     }
     if (content) {
+      if (this.reasoning) this.foldReasoning();
       this.content += content;
-      this.answer.append(content);
+      this.scheduleRender();
     }
     this.meta.textContent = "generating…";
     if (follow) s.scrollTop = s.scrollHeight;
   }
 
+  foldReasoning() {
+    if (this.thoughtUntil !== null) return;
+    this.thoughtUntil = performance.now();
+    this.details.open = false;
+    this.summary.textContent = `Thought for ${((this.thoughtUntil - this.started) / 1000).toFixed(1)} s`;
+  }
+
+  // Markdown is rendered once per frame, however many tokens arrived in it.
+  scheduleRender() {
+    if (this.rendering) return;
+    this.rendering = true;
+    requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    this.rendering = false;
+    this.answer.replaceChildren(renderMarkdown(this.content));
+  }
+
   finish(outcome) {
+    if (this.reasoning) this.foldReasoning();
+    this.render();
     const seconds = (performance.now() - this.started) / 1000;
     const parts = [`${seconds.toFixed(1)} s`];
     if (this.firstTokenAt !== null) parts.push(`first token ${((this.firstTokenAt - this.started) / 1000).toFixed(2)} s`);
@@ -121,7 +149,9 @@ function numberOrNull(input) {
   return v === "" ? null : Number(v);
 }
 
-function requestBody(model, messages) {
+function requestBody(model, history) {
+  const system = $("system-prompt").value.trim();
+  const messages = system ? [{ role: "system", content: system }, ...history] : history;
   const body = {
     model, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), top_p: Number($("top-p").value),
@@ -130,6 +160,7 @@ function requestBody(model, messages) {
   const budget = numberOrNull($("reasoning-budget"));
   if (maxTokens !== null) body.max_tokens = maxTokens;
   if (budget !== null && reasons.get(model) !== false) body.max_reasoning_tokens = budget;
+  if ($("json-mode").checked) body.response_format = { type: "json_object" };
   return body;
 }
 
@@ -168,39 +199,47 @@ function setBusy(busy) {
 
 async function send() {
   const text = $("message").value.trim();
-  const model = $("model").value;
-  if (chat.controller || !text) return;
-  if (!model) {
-    $("chat-status").textContent = "No model to send to yet; see the message next to the model list.";
-    return;
-  }
+  if (chat.controller || !text || !modelChosen()) return;
   $("message").value = "";
   autoGrow();
   const userTurn = addUserTurn(text);
-  // Held here, not read from `chat`: "New chat" during the request starts a new history,
-  // and this turn's ending must not land in it.
-  const history = chat.history;
+  chat.history.push({ role: "user", content: text });
+  const failed = await answer(chat.history);
+  if (failed) {
+    // The failed turn leaves the history, so the next message is not a second user turn
+    // in a row; its text goes back in the box to retry.
+    chat.history.pop();
+    userTurn.classList.add("unsent");
+    userTurn.setAttribute("aria-label", "You (not sent)");
+    if (!$("message").value) $("message").value = text;
+  }
+}
+
+function modelChosen() {
+  if ($("model").value) return true;
+  $("chat-status").textContent = "No model to send to yet; see the message next to the model list.";
+  return false;
+}
+
+// Streams the answer to `history` (which ends with the user's turn) into a new turn;
+// returns whether it failed. `history` is held, not read from `chat`: "New chat" during the
+// request starts a new history, and this turn's ending must not land in it.
+async function answer(history) {
+  const model = $("model").value;
   const controller = new AbortController();
-  history.push({ role: "user", content: text });
   const turn = new AssistantTurn(model);
   chat.controller = controller;
   setBusy(true);
+  let failed = false;
   try {
     await streamOrRetry(turn, requestBody(model, history), controller.signal);
     turn.finish();
-    history.push({ role: "assistant", content: turn.content });
   } catch (err) {
     if (err.name === "AbortError") {
       turn.finish("stopped");
-      history.push({ role: "assistant", content: turn.content });
     } else {
-      // The failed turn leaves the history, so the next message is not a second user turn
-      // in a row; its text goes back in the box to retry.
-      history.pop();
-      userTurn.classList.add("unsent");
-      userTurn.setAttribute("aria-label", "You (not sent)");
+      failed = true;
       turn.fail(explain(err));
-      if (!$("message").value) $("message").value = text;
     }
   } finally {
     if (chat.controller === controller) {
@@ -208,6 +247,33 @@ async function send() {
       setBusy(false);
     }
   }
+  if (!failed) {
+    history.push({ role: "assistant", content: turn.content });
+    offerActions(turn, history);
+  }
+  return failed;
+}
+
+// Copy on every answer; Regenerate on the newest one only (it replaces that answer).
+function offerActions(turn, history) {
+  for (const old of document.querySelectorAll(".turn .regenerate")) old.remove();
+  const copy = el("button", "copy", "Copy");
+  copy.type = "button";
+  copy.addEventListener("click", async () => {
+    await navigator.clipboard.writeText(turn.content);
+    $("chat-status").textContent = "Answer copied.";
+  });
+  const again = el("button", "regenerate", "Regenerate");
+  again.type = "button";
+  again.addEventListener("click", () => regenerate(turn, history));
+  turn.actions.append(copy, again);
+}
+
+async function regenerate(turn, history) {
+  if (chat.controller || history !== chat.history || !modelChosen()) return;
+  history.pop();  // the answer being replaced
+  turn.node.remove();
+  await answer(history);
 }
 
 function stop() {
@@ -271,7 +337,7 @@ export async function loadModels() {
   }
 }
 
-const FIELDS = ["temperature", "top-p", "max-tokens", "reasoning-budget"];
+const FIELDS = ["temperature", "top-p", "max-tokens", "reasoning-budget", "system-prompt"];
 
 function restoreSettings() {
   for (const id of FIELDS) {
@@ -321,5 +387,7 @@ export function initPlayground() {
       showRanges();
     });
   }
+  $("json-mode").checked = loadSetting(`${SETTINGS}.json-mode`) === "true";
+  $("json-mode").addEventListener("change", () => saveSetting(`${SETTINGS}.json-mode`, String($("json-mode").checked)));
   loadModels();
 }
