@@ -299,9 +299,12 @@ def test_api_key_is_kept_and_sent_and_errors_read_well(page, ui_server):
 
     page.route("**/v1/chat/completions", reply)
     expectations = ["refused the API key", "Retry in 7 s", "quota is used up"]
-    for i, expected in enumerate(expectations):
+    # The key field says what each answer implied: refused (401), then known (429, 402).
+    states = ["the server refused key …1234", "key …1234 accepted", "key …1234 accepted"]
+    for i, (expected, state) in enumerate(zip(expectations, states)):
         send(page, f"message {i}", model="smollm2")
         expect(last_turn(page).locator(".error[role=alert]")).to_contain_text(expected)
+        expect(page.locator("#key-state")).to_have_text(state)
         # The failed message goes back in the box and out of the history.
         expect(page.locator("#message")).to_have_value(f"message {i}")
     assert seen == ["Bearer sk-test-1234"] * 3
@@ -309,6 +312,20 @@ def test_api_key_is_kept_and_sent_and_errors_read_well(page, ui_server):
     page.click("#key-forget")
     page.reload()
     expect(page.locator("#api-key")).to_have_value("")
+
+
+def test_the_key_field_says_what_the_server_said(page, ui_server):
+    load_playground(page, ui_server)  # an open server
+    expect(page.locator("#key-state")).to_have_text("no key needed: this server is open")
+    page.route("**/v1/models", lambda route: route.fulfill(status=401, content_type="application/json", body=json.dumps(
+        {"error": {"message": "You didn't provide an API key.", "type": "authentication_error", "param": None,
+                   "code": "invalid_api_key"}})))
+    page.reload()
+    expect(page.locator("#key-state")).to_have_text("this server needs an API key")
+    expect(page.locator("#model option")).to_have_text(["— needs a valid API key —"])  # never an empty box
+    page.fill("#api-key", "sk-wrong-9999")
+    page.press("#api-key", "Enter")
+    expect(page.locator("#key-state")).to_have_text("the server refused key …9999")
 
 
 def test_keyboard_only(page, ui_server):

@@ -28,24 +28,35 @@ function showPage(moveFocus) {
   if (moveFocus) $(`${page}-title`).focus();
 }
 
+// The key field says only what the server has said: until it answers, that a key is saved
+// (or none is); then whether it took the key (playground.js reports each verdict).
 function showKeyState(message) {
   const key = apiKey();
-  $("key-state").textContent = message ?? (key ? `key …${key.slice(-4)} in use` : "no key (fine on an open server)");
+  $("key-state").textContent = message ?? (key ? `key …${key.slice(-4)} saved` : "no key");
+}
+
+function showVerdict(accepted) {
+  const key = apiKey();
+  const tail = key ? `key …${key.slice(-4)}` : "";
+  if (accepted) showKeyState(key ? `${tail} accepted` : "no key needed: this server is open");
+  else showKeyState(key ? `the server refused ${tail}` : "this server needs an API key");
+  $("key-state").dataset.accepted = String(accepted);
 }
 
 function initKey() {
   $("api-key").value = apiKey();
   showKeyState();
+  document.addEventListener("r1serve:key", (event) => showVerdict(event.detail.accepted));
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     setApiKey($("api-key").value);
-    showKeyState(apiKey() ? `saved; key …${apiKey().slice(-4)} in use` : "no key; requests go without one");
+    showKeyState(apiKey() ? `key …${apiKey().slice(-4)} saved; checking…` : "no key; checking…");
     refresh();
   });
   $("key-forget").addEventListener("click", () => {
     setApiKey("");
     $("api-key").value = "";
-    showKeyState("key forgotten; requests go without one");
+    showKeyState("key forgotten; checking…");
     refresh();
   });
 }
