@@ -39,6 +39,8 @@ def test_key_lifecycle(tiny, tmp_path, db):
         assert complete(server, bob["key"]).status_code == 200
         listed = httpx.get(server.base + "/v1/admin/keys", headers=bearer(admin["key"]), timeout=30).json()["data"]
         assert {k["name"] for k in listed} == {"admin", "alice", "bob"} and all("key" not in k for k in listed)
+        last = {k["name"]: k["last_used_at"] for k in listed}  # alice ran a request; admin only managed keys
+        assert last["admin"] is None and last["alice"].endswith("+00:00")
         r = httpx.patch(server.base + f"/v1/admin/keys/{bob['id']}", json={"quota_tokens": 5},
                         headers=bearer(admin["key"]), timeout=30)
         assert r.json()["quota_tokens"] == 5

@@ -533,3 +533,59 @@ def test_a_loose_numbered_list_is_one_list(page, ui_server):
         return div.innerHTML;
     }""")
     assert html.count("<ol") == 2 and html.count("<li>") == 4 and '<ol start="4">' in html, html
+
+
+@pytest.fixture(scope="module")
+def keyed_server(smollm2_gguf, tmp_path_factory):
+    from platform_processes import new_key
+
+    where = tmp_path_factory.mktemp("keyed")
+    db = f"sqlite:///{where / 'keys.db'}"
+    keys = {"admin": new_key(db, "admin", "--admin"), "alice": new_key(db, "alice", "--quota-tokens", "50000")}
+    server = ServerProcess([str(smollm2_gguf), "--served-model-name", "smollm2", "--threads", "2"],
+                           where / "server.log", db=db)
+    server.keys = keys
+    yield server
+    server.stop()
+
+
+def with_key(page: Page, server, key: str) -> None:
+    page.goto(f"{server.base}/ui/")
+    page.evaluate("(k) => localStorage.setItem('r1serve.apiKey', k)", key)
+
+
+def test_an_admin_sees_every_key_and_manages_them(page, keyed_server):
+    import httpx
+
+    alice = keyed_server.keys["alice"]
+    r = httpx.post(keyed_server.base + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {alice['key']}"},
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert r.status_code == 200
+    with_key(page, keyed_server, keyed_server.keys["admin"]["key"])
+    page.goto(f"{keyed_server.base}/ui/#usage")
+    admin = page.locator("#admin")
+    expect(admin).to_be_visible()
+    row = admin.locator(f"tr[data-key='{alice['id']}']")
+    expect(row.locator("td").nth(1)).to_have_text("50,000")  # quota
+    expect(row.locator("td").nth(5)).to_have_text("1")  # requests in the period
+    expect(row.locator("td").nth(7)).to_contain_text("UTC")  # last use
+    page.fill("#new-key-name", "bob")
+    page.fill("#new-key-quota", "1000")
+    page.click("#new-key-form button[type=submit]")
+    expect(page.locator("#new-key-secret")).to_have_text(re.compile(r"^sk-[0-9a-f]{64}$"))
+    bob = admin.locator("tr", has_text="bob")
+    expect(bob.locator("td").nth(1)).to_have_text("1,000")
+    secret = page.locator("#new-key-secret").text_content()
+    assert httpx.get(keyed_server.base + "/v1/models", headers={"Authorization": f"Bearer {secret}"},
+                     timeout=30).status_code == 200  # the key made in the page works
+    bob.locator("button.revoke").click()
+    expect(bob.locator("td").nth(8)).to_have_text("revoked")
+    assert httpx.get(keyed_server.base + "/v1/models", headers={"Authorization": f"Bearer {secret}"},
+                     timeout=30).status_code == 401
+
+
+def test_a_user_key_sees_no_admin_part(page, keyed_server):
+    with_key(page, keyed_server, keyed_server.keys["alice"]["key"])
+    page.goto(f"{keyed_server.base}/ui/#usage")
+    expect(page.locator("#quota")).to_contain_text("50,000")
+    expect(page.locator("#admin")).to_be_hidden()

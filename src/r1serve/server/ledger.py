@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import sqlalchemy as sa
 
-from r1serve.server.db import admissions, api_keys, usage_ledger, utcnow
+from r1serve.server.db import admissions, api_keys, as_utc, usage_ledger, utcnow
 
 CACHED_TOKEN_WEIGHT = 0.1
 
@@ -82,6 +82,13 @@ class Ledger:
             conn.execute(admissions.update().where(admissions.c.id == admission_id)
                          .values(held_tokens=0, rate_tokens=charged))
         return charged
+
+    def last_used(self) -> dict[str, str]:
+        """When each key's latest request was recorded (ISO 8601, UTC), for keys with any."""
+        u = usage_ledger.c
+        query = sa.select(u.key_id, sa.func.max(u.created_at)).where(u.key_id.is_not(None)).group_by(u.key_id)
+        with self.engine.begin() as conn:
+            return {key: as_utc(at).isoformat(timespec="seconds") for key, at in conn.execute(query)}
 
     def summary(self, key_id: str | None = None, since: dt.date | None = None, until: dt.date | None = None,
                 by: tuple[str, ...] = ("day", "model")) -> list[dict]:

@@ -213,9 +213,13 @@ class NewKeyInfo(KeyInfo):
     key: str  # the secret: in this response only
 
 
+class ListedKey(KeyInfo):
+    last_used_at: str | None = Field(None, description="its latest request (ISO 8601, UTC); null: none yet")
+
+
 class KeyList(Doc):
     object: Literal["list"]
-    data: list[KeyInfo]
+    data: list[ListedKey]
 
 
 class UsageRow(Doc):

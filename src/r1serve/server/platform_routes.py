@@ -95,7 +95,8 @@ def add_platform_routes(app: FastAPI, access: Access) -> None:
     @app.get("/v1/admin/keys", dependencies=[Depends(admin), API_KEY], responses=responses(KeyList, 400, 401, 403))
     async def list_keys(include_revoked: bool = False):
         keys = await asyncio.to_thread(access.keys.list, include_revoked)
-        return {"object": "list", "data": [k.public() for k in keys]}
+        last = await asyncio.to_thread(access.ledger.last_used)
+        return {"object": "list", "data": [k.public() | {"last_used_at": last.get(k.id)} for k in keys]}
 
     @app.patch("/v1/admin/keys/{key_id}", dependencies=[Depends(admin), API_KEY],
                responses=responses(KeyInfo, 400, 401, 403, 404))

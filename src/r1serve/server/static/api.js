@@ -41,8 +41,18 @@ function headers(json) {
   return h;
 }
 
+// What the server's answers say of the key, for the key field to tell the truth (app.js
+// listens): refused (401), or known (any other answer to a route that checks keys: even a
+// 402, 403 or 429 means the server knew the key and said no to the request, not to it).
+function keyHeard(key, response) {
+  if (response.status >= 500 || response.status === 404) return;
+  const accepted = response.status !== 401;
+  document.dispatchEvent(new CustomEvent("r1serve:key", { detail: { accepted, key } }));
+}
+
 export async function request(path, { method = "GET", body, signal } = {}) {
   let response;
+  const key = apiKey();
   try {
     response = await fetch(path, {
       method, signal, headers: headers(body !== undefined),
@@ -52,6 +62,7 @@ export async function request(path, { method = "GET", body, signal } = {}) {
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, `could not reach the server (${err.message})`);
   }
+  keyHeard(key, response);
   if (!response.ok) throw await errorFrom(response);
   return response;
 }

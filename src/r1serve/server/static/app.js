@@ -35,8 +35,8 @@ function showKeyState(message) {
   $("key-state").textContent = message ?? (key ? `key …${key.slice(-4)} saved` : "no key");
 }
 
-function showVerdict(accepted) {
-  const key = apiKey();
+function showVerdict(accepted, key) {
+  if (key !== apiKey()) return;  // an answer to a key no longer in use says nothing of this one
   const tail = key ? `key …${key.slice(-4)}` : "";
   if (accepted) showKeyState(key ? `${tail} accepted` : "no key needed: this server is open");
   else showKeyState(key ? `the server refused ${tail}` : "this server needs an API key");
@@ -46,7 +46,7 @@ function showVerdict(accepted) {
 function initKey() {
   $("api-key").value = apiKey();
   showKeyState();
-  document.addEventListener("r1serve:key", (event) => showVerdict(event.detail.accepted));
+  document.addEventListener("r1serve:key", (event) => showVerdict(event.detail.accepted, event.detail.key));
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     setApiKey($("api-key").value);

@@ -234,14 +234,11 @@ async function answer(history) {
   try {
     await streamOrRetry(turn, requestBody(model, history), controller.signal);
     turn.finish();
-    keyHeard(true);
   } catch (err) {
     if (err.name === "AbortError") {
       turn.finish("stopped");
     } else {
       failed = true;
-      if (err.status === 401) keyHeard(false);
-      else if ([402, 403, 429].includes(err.status)) keyHeard(true);  // it knew the key, and said no to the request
       turn.fail(explain(err));
     }
   } finally {
@@ -321,20 +318,12 @@ function showModelHint() {
   showBudgetState();
 }
 
-// What the server said of the API key, for the key field to tell the truth: true
-// (accepted, or none needed), false (refused: 401).
-function keyHeard(accepted) {
-  document.dispatchEvent(new CustomEvent("r1serve:key", { detail: { accepted } }));
-}
-
 // Models load in the background after the server starts; until all are in, ask again.
 export async function loadModels() {
   let models = [];
   try {
     models = (await getJSON("/v1/models")).data ?? [];
-    keyHeard(true);
   } catch (err) {
-    if (err.status === 401) keyHeard(false);
     // Never an empty box: it says why there is nothing to pick.
     const none = el("option", "", err.status === 401 ? "— needs a valid API key —" : "— no models —");
     none.value = "";

@@ -1,5 +1,6 @@
 // The usage dashboard: the caller's key and quota, tokens and requests per day, per model.
 import { ApiError, explain, getJSON } from "./api.js";
+import { hideAdmin, initAdmin, loadAdmin } from "./admin.js";
 import { barChart, colorFor } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -152,6 +153,8 @@ function render(answer, since) {
   renderCharts();
   $("usage-body").hidden = false;
   $("usage-status").textContent = rows.length ? "" : "No requests in this period yet.";
+  if (answer.key?.is_admin) loadAdmin(since);
+  else hideAdmin();
 }
 
 // ---- loading ------------------------------------------------------------------------------
@@ -171,6 +174,7 @@ export async function loadUsage() {
 }
 
 export function initUsage() {
+  initAdmin(() => sinceFor($("usage-period").value));
   $("usage-period").addEventListener("change", loadUsage);
   $("usage-refresh").addEventListener("click", loadUsage);
   // Charts are drawn at their real width so their text stays readable; redraw on resize.
