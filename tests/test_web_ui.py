@@ -589,3 +589,28 @@ def test_a_user_key_sees_no_admin_part(page, keyed_server):
     page.goto(f"{keyed_server.base}/ui/#usage")
     expect(page.locator("#quota")).to_contain_text("50,000")
     expect(page.locator("#admin")).to_be_hidden()
+
+
+def test_chats_are_kept_in_the_browser_and_a_message_can_be_edited(page, ui_server):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    load_playground(page, ui_server)
+    send(page, "First question.", model="smollm2")
+    send(page, "Second question.")
+    # Edit the first message: the conversation goes back to before it, its text to the box.
+    page.locator(".turn.user").first.locator("button.edit").click()
+    expect(page.locator(".turn")).to_have_count(0)
+    expect(page.locator("#message")).to_have_value("First question.")
+    page.fill("#message", "First question, edited.")
+    page.click("#send")
+    page.wait_for_function(DONE, timeout=120_000)
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "First question, edited."}]
+    answer = last_turn(page).locator(".answer").inner_text()
+
+    page.reload()  # a new page: the chat is among the earlier ones
+    expect(page.locator("#chats option")).to_have_count(2)
+    page.select_option("#chats", label="First question, edited.")
+    expect(page.locator(".turn.user .text")).to_have_text(["First question, edited."])
+    assert last_turn(page).locator(".answer").inner_text() == answer
+    send(page, "And then?", model="smollm2")
+    assert [m["role"] for m in bodies[-1]["messages"]] == ["user", "assistant", "user"]

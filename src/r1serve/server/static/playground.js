@@ -8,7 +8,14 @@ const MODEL_RETRY_MS = 2000;
 
 // What the conversation holds: the messages sent so far (reasoning is not sent back, as
 // DeepSeek's API asks) and the request in flight, if any.
-const chat = { history: [], controller: null };
+const chat = { id: newId(), history: [], controller: null };
+// Earlier conversations, kept in this browser only (localStorage), newest first.
+const CHATS = "r1serve.chats";
+const KEEP_CHATS = 50;
+
+function newId() {
+  return `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+}
 
 // Whether each model reasons is learnt from its replies: /v1/models does not say, and the
 // server rejects a reasoning budget for a model without a reasoning parser.
@@ -42,12 +49,31 @@ function appendTurn(node) {
   if (follow) s.scrollTop = s.scrollHeight;
 }
 
-function addUserTurn(text) {
+// `at`: the message's index in the history, where Edit cuts the conversation back to.
+function addUserTurn(text, at) {
   const turn = el("article", "turn user");
   turn.setAttribute("aria-label", "You");
-  turn.append(el("div", "who", "You"), el("div", "text", text));
+  const edit = el("button", "edit", "Edit");
+  edit.type = "button";
+  edit.addEventListener("click", () => editFrom(turn, text, at));
+  const actions = el("div", "turn-actions");
+  actions.append(edit);
+  turn.append(el("div", "who", "You"), el("div", "text", text), actions);
   appendTurn(turn);
   return turn;
+}
+
+// Edit and resend: the conversation goes back to before this message, which returns to
+// the box to be changed and sent again.
+function editFrom(turn, text, at) {
+  if (chat.controller) return;
+  chat.history.length = at;
+  while (turn.nextSibling) turn.nextSibling.remove();
+  turn.remove();
+  $("transcript-empty").hidden = chat.history.length > 0;
+  $("message").value = text;
+  autoGrow();
+  $("message").focus();
 }
 
 class AssistantTurn {
@@ -202,7 +228,7 @@ async function send() {
   if (chat.controller || !text || !modelChosen()) return;
   $("message").value = "";
   autoGrow();
-  const userTurn = addUserTurn(text);
+  const userTurn = addUserTurn(text, chat.history.length);
   chat.history.push({ role: "user", content: text });
   const failed = await answer(chat.history);
   if (failed) {
@@ -250,8 +276,60 @@ async function answer(history) {
   if (!failed) {
     history.push({ role: "assistant", content: turn.content });
     offerActions(turn, history);
+    saveChat(history, model);
   }
   return failed;
+}
+
+// ---- earlier chats ------------------------------------------------------------------------
+
+function savedChats() {
+  try {
+    return JSON.parse(loadSetting(CHATS, "[]"));
+  } catch {
+    return [];
+  }
+}
+
+function saveChat(history, model) {
+  if (history !== chat.history) return;  // "New chat" was pressed meanwhile
+  const title = (history.find((m) => m.role === "user")?.content ?? "").slice(0, 60);
+  const others = savedChats().filter((c) => c.id !== chat.id);
+  const saved = { id: chat.id, title, model, history, updated: Date.now() };
+  saveSetting(CHATS, JSON.stringify([saved, ...others].slice(0, KEEP_CHATS)));
+  showChats();
+}
+
+function showChats() {
+  const chats = savedChats();
+  const first = el("option", "", chats.length ? "Earlier chats…" : "No earlier chats");
+  first.value = "";
+  const options = chats.map((c) => {
+    const option = el("option", "", c.title || "(untitled)");
+    option.value = c.id;
+    return option;
+  });
+  $("chats").replaceChildren(first, ...options);
+}
+
+function openChat(id) {
+  const saved = savedChats().find((c) => c.id === id);
+  if (!saved) return;
+  newChat();
+  chat.id = saved.id;
+  chat.history = saved.history;
+  saved.history.forEach((m, i) => {
+    if (m.role === "user") {
+      addUserTurn(m.content, i);
+      return;
+    }
+    const turn = new AssistantTurn(saved.model);
+    turn.content = m.content;
+    turn.render();
+    turn.meta.textContent = "earlier answer";
+    offerActions(turn, chat.history);
+  });
+  $("chat-status").textContent = `Opened "${saved.title}".`;
 }
 
 // Copy on every answer; Regenerate on the newest one only (it replaces that answer).
@@ -282,7 +360,9 @@ function stop() {
 
 function newChat() {
   stop();
+  chat.id = newId();
   chat.history = [];
+  showChats();
   $("transcript").replaceChildren($("transcript-empty"));
   $("transcript-empty").hidden = false;
   $("chat-status").textContent = "New chat started.";
@@ -381,6 +461,8 @@ export function initPlayground() {
   $("message").addEventListener("input", autoGrow);
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
+  $("chats").addEventListener("change", () => openChat($("chats").value));
+  showChats();
   $("model").addEventListener("change", () => {
     saveSetting(`${SETTINGS}.model`, $("model").value);
     showModelHint();
