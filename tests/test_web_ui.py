@@ -498,10 +498,11 @@ def test_regenerate_copy_system_prompt_and_json_mode(page, ui_server):
     assert bodies[0]["response_format"] == {"type": "json_object"}
     last_turn(page).locator("button.copy").click()
     expect(page.locator("#chat-status")).to_have_text("Answer copied.")
-    assert page.evaluate("navigator.clipboard.readText()") == last_turn(page).locator(".answer").inner_text() \
-        or first  # the raw text; an answer with markdown reads differently rendered
+    copied = page.evaluate("navigator.clipboard.readText()")
     send(page, "Another.")  # the history holds one answer, the regenerated one
     assert [m["role"] for m in bodies[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert copied == bodies[-1]["messages"][2]["content"] and copied.strip()  # the answer as written (markdown)
+    assert re.sub(r"[*_`#]", "", copied).strip() == first.strip()  # and as it was shown
     expect(page.locator("button.regenerate")).to_have_count(1)  # only the newest answer offers it
 
 

@@ -76,7 +76,8 @@ def _from_config(name: str, hf_config: dict, source: str, files: list[Path], siz
     if quant.get("quant_method") == "fp8":
         block = "x".join(str(b) for b in quant.get("weight_block_size", []))
         stored = f"FP8 {quant.get('fmt', 'e4m3')}" + (f", one scale per {block} block" if block else "")
-    weights = {"linear layers": stored, "embedding, norms, router": hf_config.get("torch_dtype", "bfloat16")}
+    rest = "embedding, norms, router" if hf_config.get("n_routed_experts") else "embedding, norms"
+    weights = {"linear layers": stored, rest: hf_config.get("torch_dtype", "bfloat16")}
     return _card(name, hf_config, source, weights, files, size)
 
 
