@@ -304,6 +304,45 @@ def test_cli_compare_json_and_chart(capsys, tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+CHIP_PRICES = 'currency = "EUR"\n[chips]\nh100 = 2.0\n910c = 1.0\n'  # "910c": the alias a user types
+
+
+def test_chip_prices_give_the_cost_of_a_million_tokens_in_compare_and_plan(capsys, tmp_path):
+    prices = tmp_path / "prices.toml"
+    prices.write_text(CHIP_PRICES)
+    rc, out, _ = run(capsys, "hw", "compare", "--only", "h100,h20,ascend-910c", "--chip-prices", str(prices), "--json")
+    rows = {r["chip"]: r for r in json.loads(out)["rows"]}
+    assert rc == 0 and rows["h20"]["price"] is None
+    for chip, hourly in (("h100", 2.0), ("ascend-910c", 1.0)):
+        price, per_s = rows[chip]["price"], rows[chip]["output_tokens_per_s_per_chip"]
+        assert price["currency"] == "EUR" and price["per_chip_hour"] == hourly
+        assert price["per_million_output_tokens"] == pytest.approx(hourly / (per_s * 3600) * 1e6)
+        assert price["output_tokens_per_unit"] == pytest.approx(per_s * 3600 / hourly)
+    rc, text, _ = run(capsys, "hw", "compare", "--only", "h100,h20", "--chip-prices", str(prices))
+    h100_line = next(line for line in text.splitlines() if line.startswith("h100"))
+    assert "EUR/M out" in text and f"{rows['h100']['price']['per_million_output_tokens']:.3f}" in h100_line
+    rc, text, _ = run(capsys, "hw", "plan", "--chip", "910c", "--chips", "16", "--chip-prices", str(prices))
+    cost = rows["ascend-910c"]["price"]["per_million_output_tokens"]
+    assert rc == 0 and f"cost: {cost:.3f} EUR per million output tokens" in text
+
+
+@pytest.mark.parametrize("text, error", [("[chips]\nh100 = -1\n", "price per chip-hour >= 0"),
+                                         ("currency = 'USD'\n", "no [chips] table"),
+                                         ("[chips]\ntpu-v9 = 1\n", "unknown chip 'tpu-v9'")])
+def test_bad_chip_prices_are_clear_errors(capsys, tmp_path, text, error):
+    prices = tmp_path / "prices.toml"
+    prices.write_text(text)
+    rc, _, err = run(capsys, "hw", "compare", "--chip-prices", str(prices))
+    assert rc == 2 and error in err
+
+
+def test_plan_draws_its_chart(capsys, tmp_path):
+    chart = tmp_path / "plan.png"
+    rc, out, _ = run(capsys, "hw", "plan", "--chip", "h20", "--chart", str(chart), "--json")
+    assert rc == 0 and json.loads(out)["chart"] == str(chart)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_validate_json(capsys):
     rc, out, _ = run(capsys, "hw", "validate", "--json")
     rows = json.loads(out)

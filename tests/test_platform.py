@@ -9,6 +9,7 @@ import signal
 import time
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from r1serve.server.access import KEYS_RECHECK_S, Access
@@ -209,18 +210,28 @@ def test_ledger_survives_sigkill(tiny, tmp_path, any_db):
     assert out[0]["requests"] == 4 and out[0]["completion_tokens"] == 80
 
 
-def test_usage_cli_groupings(tiny, tmp_path, db):
+def test_usage_cli_groupings_at_the_servers_prices(tiny, tmp_path, db):
     key = new_key(db, "u")
-    server = serve_tiny(tiny, tmp_path, db)
+    prices = tmp_path / "prices.toml"  # a hit at a quarter of a miss, output at three misses
+    prices.write_text('currency = "CNY"\n[default]\ninput_cache_hit = 9\ninput_cache_miss = 9\noutput = 9\n'
+                      '[models.tiny]\ninput_cache_hit = 0.5\ninput_cache_miss = 2\noutput = 6\n')
+    server = serve_tiny(tiny, tmp_path, db, extra=("--prices", str(prices)))
     try:
         for _ in range(2):  # the second reuses the first's cached prompt blocks
             assert complete(server, key["key"], prompt=list(range(40, 80))).status_code == 200
+        served = httpx.get(server.base + "/v1/usage", headers=bearer(key["key"]), timeout=30).json()["data"]
     finally:
         server.stop()
-    by_model = json.loads(cli("usage", "--by", "model", "--json", db=db))
-    assert by_model[0]["model"] == "tiny" and by_model[0]["requests"] == 2
-    assert by_model[0]["cached_tokens"] > 0 and by_model[0]["charged_tokens"] < by_model[0]["total_tokens"]
-    assert "tiny" in cli("usage", "--by", "model", db=db)
+    by_model = json.loads(cli("usage", "--by", "model", "--json", "--prices", str(prices), db=db))
+    row = by_model[0]
+    assert row["model"] == "tiny" and row["requests"] == 2 and 0 < row["cached_tokens"] < row["prompt_tokens"]
+    fresh = row["prompt_tokens"] - row["cached_tokens"]
+    assert row["charged_tokens"] == fresh + -(-row["cached_tokens"] // 4) + row["completion_tokens"]
+    expected = (row["cached_tokens"] * 0.5 + fresh * 2 + row["completion_tokens"] * 6) / 1e6
+    assert row["cost"] == pytest.approx(expected) and row["currency"] == "CNY"
+    assert served[0]["cost"] == pytest.approx(expected)
+    text = cli("usage", "--by", "model", "--prices", str(prices), db=db)
+    assert "tiny" in text and "CNY" in text and "cost" in text
 
 
 # ---- PostgreSQL: several servers, one ledger ------------------------------------------------------
@@ -271,7 +282,8 @@ def test_a_version_1_database_migrates_with_its_keys_and_ledger(tmp_path):
     access = Access(url)  # migrates to the latest version
     key = access.keys.get("key_old")
     assert (key.used_tokens, key.quota_tokens, key.remaining_tokens) == (40, 1000, 960)
-    assert access.ledger.summary("key_old", by=("model",))[0]["charged_tokens"] == 40
+    old_row = access.ledger.summary("key_old", by=("model",))[0]
+    assert old_row["charged_tokens"] == 40 and old_row["cost"] == 0  # priced rows start with version 4
     with access.engine.begin() as conn:
         assert conn.execute(sa.text("SELECT version FROM r1serve_schema")).scalar_one() == MIGRATIONS[-1][0]
         assert conn.execute(sa.text("PRAGMA foreign_key_check")).all() == []

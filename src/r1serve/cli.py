@@ -73,6 +73,9 @@ def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
 def add_db_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None, help="key and usage database: sqlite:///FILE (default: r1serve.db in the "
                                              "data directory) or postgresql+psycopg://USER:PASS@HOST/DB")
+    p.add_argument("--prices", default=None, metavar="FILE.toml",
+                   help="price table per million tokens (default: r1serve's, DeepSeek's published prices; "
+                        "see server/prices.toml)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -235,6 +238,9 @@ def cmd_serve(args) -> None:
                       EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)))
                for name, model in zip(names, args.model)}
     _check_port_free(args.host, args.port)
+    from r1serve.server.prices import load_prices
+
+    prices = load_prices(args.prices)  # a bad table fails now, before any model loads
     # The engine processes start first (each loads its model at once, importing torch itself),
     # so that the server's own start-up below runs beside them instead of before them.
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -248,7 +254,8 @@ def cmd_serve(args) -> None:
 
     specs = tuple(ModelSpec(name, path, engine, args.reasoning_parser, args.tool_call_parser)
                   for name, (path, engine) in engines.items())
-    config = ServerConfig(specs, db_url_from(args), cached_token_weight=args.cached_token_weight,
+    config = ServerConfig(specs, db_url_from(args), prices,
+                          cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
                           engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease,
                           journal_path=journal_path(db_url_from(args), cache_dir))
@@ -296,7 +303,9 @@ def db_url_from(args) -> str:
 def _access(args):
     from r1serve.server.access import Access
 
-    return Access(db_url_from(args))
+    from r1serve.server.prices import load_prices
+
+    return Access(db_url_from(args), load_prices(getattr(args, "prices", None)))
 
 
 def cmd_keys(args) -> None:
@@ -432,9 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_db_arg(p)
-    p.add_argument("--cached-token-weight", type=float, default=0.1,
-                   help="what one prefix-cache-hit prompt token counts against a quota (default 0.1: DeepSeek "
-                        "prices a cache hit at a tenth of a miss)")
+    p.add_argument("--cached-token-weight", type=float, default=None,
+                   help="what one prefix-cache-hit prompt token counts against a quota (default: the price "
+                        "table's hit price over its miss price, 0.1 at DeepSeek's prices)")
     p.add_argument("--quota-lease", type=float, default=30.0,
                    help="seconds after which the quota holds of a server that died (renewed every third of this "
                         "while it lives) go back to their keys")

@@ -45,6 +45,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", type=float, default=0.0, metavar="ACCEPTANCE",
                    help="decode with one MTP draft token accepted at this rate, e.g. 0.85 (default: off)")
     p.add_argument("--catalog", default=None, help="a TOML file of extra chips (see docs/hardware.md)")
+    p.add_argument("--chip-prices", default=None, metavar="FILE.toml",
+                   help="what a chip-hour costs you, per chip id ([chips] h100 = 2.2): adds the cost of a million "
+                        "output tokens and tokens per unit of money (see docs/hardware.md)")
     p.add_argument("--json", action="store_true")
 
 
@@ -58,6 +61,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--chips", type=int, default=None, help="how many (default: the fewest that hold the model)")
     q.add_argument("--weights", default="auto", choices=["auto", "fp8", "int8", "bf16"],
                    help="auto: the checkpoint's format where the chip has it, else INT8, else BF16")
+    q.add_argument("--chart", default=None, help="write the step breakdowns and %% of H100 by chip count to this PNG")
     _workload_args(q)
     q = hw.add_parser("compare", help="every chip on the same workload, as a percentage of H100s")
     q.add_argument("--chips", type=int, default=None,
@@ -131,7 +135,24 @@ def cmd_plan(args, cache_dir=None) -> None:
     compared = compare_chip_count(catalog, m, w, [c for c in catalog.chips.values() if c.bandwidth])
     j["compare_chips"] = compared
     j["pct_of_h100_by_chips"] = _by_chip_count(m, catalog, chip, w, args.weights, chips, compared)
-    _emit(args, j, lambda: plan_text(j, p))
+    _priced([j], catalog, args)
+    if args.chart:
+        from r1serve.planner.report import plan_chart
+
+        j["chart"] = str(plan_chart(j, args.chart))
+    _emit(args, j, lambda: plan_text(j, p) + (f"\nchart: {args.chart}" if args.chart else ""))
+
+
+def _priced(rows: list[dict], catalog, args) -> None:
+    """Each plan's cost per million output tokens, where --chip-prices prices its chip."""
+    from r1serve.planner.chip_prices import ChipPrices, load_chip_prices
+
+    prices = load_chip_prices(args.chip_prices)
+    if prices is None:
+        return
+    by_id = ChipPrices(prices.currency, {catalog.chip(c).id: v for c, v in prices.per_chip_hour.items()})
+    for j in rows:
+        j["price"] = by_id.cost(j["chip"], j["output_tokens_per_s_per_chip"])
 
 
 def _by_chip_count(m, catalog, chip, w, weights: str, chips: int, compared: int) -> dict[int, float | None]:
@@ -172,6 +193,7 @@ def compare_rows(args, cache_dir=None) -> tuple[list[dict], int]:
     for c in chips:
         p = plan(m, c, n, w)
         rows.append(plan_json(p, pct_of(p, ref), ref))
+    _priced(rows, catalog, args)
     return rows, n
 
 

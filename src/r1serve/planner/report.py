@@ -167,12 +167,23 @@ def plan_text(j: dict, plan: Plan) -> str:
                else ""),
             f"vs {j['h100_reference_chips']} x H100 on the same workload: {_pct(j['pct_of_h100'])} "
             f"(prefill {_pct(j['pct_of_h100_prefill'])}, decode {_pct(j['pct_of_h100_decode'])})"]
+    if j.get("price"):
+        body.append(_price_line(j["price"]))
     if j.get("pct_of_h100_by_chips"):
         steps = [f"{n} chips {_pct(v)}" + (" (hw compare's count)" if n == j["compare_chips"] else "")
                  for n, v in j["pct_of_h100_by_chips"].items()]
         body.append("% of H100 by chip count (each against as many H100s): " + " · ".join(steps))
     return "\n".join(head + body + _breakdown_text("decode step", j["decode_breakdown"])
                      + _breakdown_text("prefill step", j["prefill_breakdown"]) + [BOUNDS])
+
+
+def _price_line(price: dict) -> str:
+    cur = price["currency"]
+    if price["per_million_output_tokens"] is None:
+        return f"cost: {price['per_chip_hour']:.2f} {cur} per chip-hour, and no output to spread it over"
+    return (f"cost: {price['per_million_output_tokens']:.3f} {cur} per million output tokens "
+            f"({price['output_tokens_per_unit']:,.0f} tokens per {cur}) at {price['per_chip_hour']:.2f} {cur} "
+            "per chip-hour, prefill paid")
 
 
 def _serve_line(model: str, lay: dict) -> str:
@@ -204,13 +215,24 @@ COMPARE_COLUMNS = (("chip", "chip", "{}"), ("chips", "chips", "{}"), ("fmt", "we
 
 
 def compare_text(rows: list[dict], markdown: bool = False) -> str:
-    cells = [[_cell(r.get(key), fmt) for _, key, fmt in COMPARE_COLUMNS] for r in rows]
-    heads = [h for h, _, _ in COMPARE_COLUMNS]
+    columns = COMPARE_COLUMNS + _price_columns(rows)
+    cells = [[_cell(r.get(key) if key in r else (r.get("price") or {}).get(key), fmt) for _, key, fmt in columns]
+             for r in rows]
+    heads = [h for h, _, _ in columns]
     if markdown:
         lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     return "\n".join(_aligned(row, widths) for row in [heads, *cells])
+
+
+def _price_columns(rows: list[dict]) -> tuple:
+    """With --chip-prices: what a chip-hour and a million output tokens cost (a row's "price")."""
+    priced = [r["price"] for r in rows if r.get("price")]
+    if not priced:
+        return ()
+    cur = priced[0]["currency"]
+    return ((f"{cur}/chip-h", "per_chip_hour", "{:.2f}"), (f"{cur}/M out", "per_million_output_tokens", "{:.3f}"))
 
 
 def _aligned(row: list[str], widths: list[int]) -> str:
@@ -246,6 +268,58 @@ def compare_chart(rows: list[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+BOUND_COLORS = {"compute": "tab:blue", "memory": "tab:orange", "scale-up link": "tab:green",
+                "scale-out network": "tab:olive", "static": "tab:gray"}
+
+
+def plan_chart(j: dict, path: Path) -> Path:
+    """One plan drawn: each step's terms (coloured by what bounds them, each step on its own
+    scale: prefill runs ~100x longer) and % of H100 by chip count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 4.6))
+    grid = fig.add_gridspec(2, 2, width_ratios=[3, 2])
+    for row, phase in enumerate(("decode", "prefill")):
+        _step_bar(fig.add_subplot(grid[row, 0]), f"{phase} step", j.get(f"{phase}_breakdown", {}))
+    fig.axes[0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in BOUND_COLORS.values()],
+                       labels=[f"{b}-bound" for b in BOUND_COLORS], fontsize=7, ncol=3, loc="upper right",
+                       bbox_to_anchor=(1, 1.45))
+    counts = fig.add_subplot(grid[:, 1])
+    by = {int(n): v for n, v in j.get("pct_of_h100_by_chips", {}).items() if v is not None}
+    counts.plot(list(by), list(by.values()), marker="o")
+    counts.axhline(100, color="black", linewidth=0.8, linestyle="--")
+    counts.axvline(j["chips"], color="tab:red", linewidth=0.8, linestyle=":", label=f"this plan ({j['chips']})")
+    counts.set_xscale("log", base=2)
+    counts.set_xticks(list(by), [str(n) for n in by])
+    counts.minorticks_off()
+    counts.set_xlabel("chips (against as many H100s)")
+    counts.set_ylabel("% of H100")
+    counts.legend(fontsize=8)
+    fig.suptitle(f"{j['model']} on {j['chips']} x {j['chip_name']}: {j['input_len']} in / {j['output_len']} out, "
+                 f"TPOT <= {j['tpot_slo_ms']:g} ms", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _step_bar(ax, title: str, breakdown: dict) -> None:
+    """The step as one bar of its terms, longest first, each named where it is wide enough."""
+    left, total = 0.0, sum(v["ms"] for v in breakdown.values()) or 1.0
+    for name, v in sorted(breakdown.items(), key=lambda kv: -kv[1]["ms"]):
+        ax.barh(0, v["ms"], left=left, color=BOUND_COLORS.get(v["bound"], "tab:purple"), edgecolor="white")
+        if v["ms"] / total > len(name) / 120:  # about the share of the bar the name needs
+            ax.text(left + v["ms"] / 2, 0, name, ha="center", va="center", fontsize=7, color="white")
+        left += v["ms"]
+    ax.set_yticks([0], [title])
+    ax.set_xlabel("ms per micro-batch", fontsize=8)
 
 
 # ---- validation -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from r1serve.server.db import UNREACHABLE, open_database
 from r1serve.server.db_health import DatabaseHealth, describe
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
-from r1serve.server.ledger import CACHED_TOKEN_WEIGHT, Ledger, UsageRecord
+from r1serve.server.ledger import Ledger, UsageRecord
+from r1serve.server.prices import PriceTable
 from r1serve.server.request_log import KEY
 from r1serve.server.settle_journal import SettleJournal
 
@@ -52,10 +53,10 @@ class Access:
     """The platform's state: keys and ledger (the CLI's too), and for a server its lease and
     admission control (`start_lease`)."""
 
-    def __init__(self, db_url: str, cached_weight: float = CACHED_TOKEN_WEIGHT) -> None:
+    def __init__(self, db_url: str, prices: PriceTable | None = None, cached_weight: float | None = None) -> None:
         self.engine: sa.Engine = open_database(db_url)
         self.keys = KeyStore(self.engine)
-        self.ledger = Ledger(self.engine, cached_weight)
+        self.ledger = Ledger(self.engine, prices, cached_weight)
         self.health = DatabaseHealth(self.engine)
         self.admission: AdmissionControl | None = None
         self.journal: SettleJournal | None = None  # a server's: settlements the database could not take

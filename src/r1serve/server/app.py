@@ -24,7 +24,7 @@ from r1serve.errors import InvalidRequestError
 from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
 from r1serve.server.api_docs import add_api_docs
 from r1serve.server.db import UNREACHABLE
-from r1serve.server.ledger import CACHED_TOKEN_WEIGHT
+from r1serve.server.prices import PriceTable
 from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.request_log import RequestLog
@@ -44,7 +44,8 @@ log = logging.getLogger("r1serve.server")
 class ServerConfig:
     models: tuple[ModelSpec, ...]
     db_url: str  # the key and usage database (sqlite:///FILE or postgresql+psycopg://…)
-    cached_token_weight: float = CACHED_TOKEN_WEIGHT  # what a prefix-cache hit costs against a quota, per token
+    prices: PriceTable | None = None  # None: r1serve's own table (server/prices.toml)
+    cached_token_weight: float | None = None  # what a prefix-cache hit counts against a quota (None: as priced)
     max_waiting: int = 256  # requests queued beyond the running batch before 429
     max_body_bytes: int = 16 * 2**20
     retry_after_s: int = 1
@@ -133,7 +134,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
               on_ready: Callable[[ServerState], None] = lambda _: None) -> FastAPI:
     """`cores`: engine processes already spawned, by model name (the rest start here);
     `on_ready`: called once every model is loaded."""
-    access = Access(config.db_url, config.cached_token_weight)
+    access = Access(config.db_url, config.prices, config.cached_token_weight)
     if access.is_open:
         # The command names this server's database: a key made in another one protects nothing.
         db = sa.engine.make_url(config.db_url).render_as_string(hide_password=True)

@@ -45,6 +45,7 @@ usage_ledger = sa.Table(
     sa.Column("completion_tokens", sa.Integer, nullable=False),  # reasoning included, as OpenAI counts
     sa.Column("reasoning_tokens", sa.Integer, nullable=False),
     sa.Column("charged_tokens", sa.Integer, nullable=False),
+    sa.Column("cost", sa.Float, nullable=False, server_default="0"),  # at the price table's rates when settled
     sa.Column("latency_ms", sa.Integer, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # "ok" | "aborted" | "error"
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
@@ -125,8 +126,14 @@ def _v3(ops: Operations) -> None:
     ops.create_index("ix_usage_ledger_request_id", "usage_ledger", ["request_id"])
 
 
+def _v4(ops: Operations) -> None:
+    # Each row records its cost at the prices it settled under (rows from before: 0).
+    with ops.batch_alter_table("usage_ledger") as batch:
+        batch.add_column(sa.Column("cost", sa.Float, nullable=False, server_default="0"))
+
+
 # (version, upgrade) in order; a new schema change is a new entry, never an edit of an old one.
-MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 
 # What a database that went away raises (refused or dropped connections, a pool that cannot
 # connect, SQLite's lock or disk errors): the server answers 503 and retries, it is no bug.

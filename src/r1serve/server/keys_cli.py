@@ -87,8 +87,9 @@ def run_usage(args, access: Access) -> None:
         return
     names = {k.id: f"{k.name} ({k.id})" for k in access.keys.list(include_revoked=True)}
     print(f"{args.by:32} {'requests':>9} {'prompt':>10} {'cached':>9} {'completion':>11} {'reasoning':>10} "
-          f"{'charged':>10}")
+          f"{'charged':>10} {'cost':>12}")
     for r in rows:
         group = names.get(r["key"], "no key (open server)") if args.by == "key" else str(r[args.by])
         print(f"{group[:32]:32} {r['requests']:>9} {r['prompt_tokens']:>10} {r['cached_tokens']:>9} "
-              f"{r['completion_tokens']:>11} {r['reasoning_tokens']:>10} {r['charged_tokens']:>10}")
+              f"{r['completion_tokens']:>11} {r['reasoning_tokens']:>10} {r['charged_tokens']:>10} "
+              f"{r['cost']:>8.4f} {r['currency']}")

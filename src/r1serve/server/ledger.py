@@ -5,10 +5,11 @@ concurrent requests on a key, on one server or several sharing a database, can n
 together be admitted past the quota. When it ends, one transaction writes its ledger row,
 charges what it really used and ends the hold; the response is sent only after that commit.
 
-Charged tokens = uncached prompt tokens + cached prompt tokens x `cached_weight` + completion
-tokens (reasoning included), rounded up. A prefix-cache hit costs the server far less, and
-DeepSeek prices it at a tenth of a miss ($0.028 against $0.28 per million input tokens since
-V3.2): CACHED_TOKEN_WEIGHT, which `--cached-token-weight` changes.
+Charged tokens = uncached prompt tokens + cached prompt tokens x the cache-hit weight +
+completion tokens (reasoning included), rounded up. A prefix-cache hit costs the server far
+less, and DeepSeek prices it at a tenth of a miss: the weight is the price table's hit price
+over its miss price (prices.py), or `--cached-token-weight`. Each row also records the
+request's cost at the table's prices when it settled.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from dataclasses import asdict, dataclass
 import sqlalchemy as sa
 
 from r1serve.server.db import admissions, api_keys, as_utc, usage_ledger, utcnow
-
-CACHED_TOKEN_WEIGHT = 0.1
+from r1serve.server.prices import PriceTable, load_prices
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,20 @@ USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_token
 
 
 class Ledger:
-    def __init__(self, engine: sa.Engine, cached_weight: float = CACHED_TOKEN_WEIGHT) -> None:
+    def __init__(self, engine: sa.Engine, prices: PriceTable | None = None, cached_weight: float | None = None) -> None:
+        """`cached_weight`: what a cache-hit token counts against a quota (None: as priced)."""
         self.engine = engine
+        self.prices = prices or load_prices()
         self.cached_weight = cached_weight
 
     def charge(self, r: UsageRecord) -> int:
-        return math.ceil(r.prompt_tokens - r.cached_tokens + r.cached_tokens * self.cached_weight + r.completion_tokens)
+        weight = self.cached_weight
+        if weight is None:
+            weight = self.prices.price(r.model).cached_weight
+        return math.ceil(r.prompt_tokens - r.cached_tokens + r.cached_tokens * weight + r.completion_tokens)
+
+    def cost(self, r: UsageRecord) -> float:
+        return self.prices.price(r.model).cost(r.prompt_tokens, r.cached_tokens, r.completion_tokens)
 
     def release(self, admission_id: int) -> None:
         """A request admitted but never run: its hold goes, and its tokens leave the tpm
@@ -74,7 +82,8 @@ class Ledger:
 
     def _settle(self, conn: sa.Connection, record: UsageRecord, admission_id: int | None) -> int:
         charged = self.charge(record)
-        conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, created_at=utcnow()))
+        conn.execute(usage_ledger.insert().values(**asdict(record), charged_tokens=charged, cost=self.cost(record),
+                                                  created_at=utcnow()))
         if record.key_id is not None:
             k = api_keys.c
             conn.execute(api_keys.update().where(k.id == record.key_id).values(used_tokens=k.used_tokens + charged))
@@ -99,7 +108,7 @@ class Ledger:
         cols = [groups[g] for g in by]
         sums = [sa.func.count().label("requests")] + [sa.func.coalesce(sa.func.sum(getattr(u, c)), 0).label(c) for c in
                                                       ("prompt_tokens", "cached_tokens", "completion_tokens",
-                                                       "reasoning_tokens", "charged_tokens")]
+                                                       "reasoning_tokens", "charged_tokens", "cost")]
         query = sa.select(*cols, *sums).group_by(*cols).order_by(*cols)
         if key_id is not None:
             query = query.where(u.key_id == key_id)
@@ -115,6 +124,8 @@ class Ledger:
             r["total_tokens"] = r["prompt_tokens"] + r["completion_tokens"]
             for c in USAGE_COLUMNS:
                 r[c] = int(r[c])
+            r["cost"] = round(float(r["cost"]), 6)
+            r["currency"] = self.prices.currency
         return rows
 
     def _day(self, column):

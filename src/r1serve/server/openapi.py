@@ -233,6 +233,8 @@ class UsageRow(Doc):
     reasoning_tokens: int
     total_tokens: int
     charged_tokens: int
+    cost: float  # at the price table's rates when each request settled
+    currency: str
 
 
 class OwnUsage(Doc):

@@ -41,10 +41,22 @@ function seriesOf(rows, days, models, field) {
 
 const COLUMNS = [["requests", "Requests"], ["prompt_tokens", "Prompt"], ["cached_tokens", "Cached"],
   ["completion_tokens", "Completion"], ["reasoning_tokens", "Reasoning"], ["total_tokens", "Total tokens"]];
-// What the quota is charged, where the server weighs cached prompt tokens less than fresh ones.
+// What the quota is charged, where the server weighs cached prompt tokens less than fresh ones,
+// and what the requests cost at the server's price table when they settled.
 const CHARGED = ["charged_tokens", "Charged"];
+const COST = ["cost", "Cost"];
 
-const columnsFor = (rows) => (rows.some((r) => CHARGED[0] in r) ? [...COLUMNS, CHARGED] : COLUMNS);
+function columnsFor(rows) {
+  const extra = [CHARGED, COST].filter(([f]) => rows.some((r) => f in r));
+  return [...COLUMNS, ...extra];
+}
+
+// Costs are small sums: a cent's tenths of thousandths still show, in the server's currency.
+function shown(field, value, rows) {
+  if (field !== COST[0]) return count.format(value);
+  const currency = rows.find((r) => r.currency)?.currency ?? "USD";
+  return new Intl.NumberFormat("en", { style: "currency", currency, maximumFractionDigits: 6 }).format(value);
+}
 
 function sums(rows, key, columns) {
   const groups = new Map();
@@ -65,14 +77,14 @@ function cell(tag, text, attrs = {}) {
   return node;
 }
 
-function table(target, firstHeading, groups, columns, models) {
+function table(target, firstHeading, groups, columns, models, rows) {
   const head = document.createElement("tr");
   head.append(cell("th", firstHeading, { scope: "col" }), ...columns.map(([, h]) => cell("th", h, { scope: "col" })));
   const body = [...groups].map(([name, g]) => {
     const row = document.createElement("tr");
     const label = cell("th", name, { scope: "row" });
     if (models) label.prepend(swatch(colorFor(name, models)));
-    row.append(label, ...columns.map(([f]) => cell("td", count.format(g[f]))));
+    row.append(label, ...columns.map(([f]) => cell("td", shown(f, g[f], rows))));
     return row;
   });
   const thead = document.createElement("thead");
@@ -123,7 +135,7 @@ function renderTotals(rows) {
   const total = (f) => rows.reduce((s, r) => s + (r[f] ?? 0), 0);
   $("totals").replaceChildren(...columnsFor(rows).map(([f, heading]) => {
     const pair = document.createElement("div");
-    pair.append(cell("dt", heading), cell("dd", count.format(total(f))));
+    pair.append(cell("dt", heading), cell("dd", shown(f, total(f), rows)));
     return pair;
   }));
 }
@@ -141,8 +153,8 @@ function renderCharts() {
   }));
   const columns = columnsFor(rows);
   const byModel = new Map([...sums(rows, "model", columns)].sort(([a], [b]) => a.localeCompare(b)));
-  table("model-table", "Model", byModel, columns, models);
-  table("day-table", "Day", sums(rows, "day", columns), columns, null);
+  table("model-table", "Model", byModel, columns, models, rows);
+  table("day-table", "Day", sums(rows, "day", columns), columns, null, rows);
 }
 
 function render(answer, since) {
