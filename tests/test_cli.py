@@ -192,6 +192,14 @@ def test_info_reads_headers_only_and_is_readable(capsys, tiny, tmp_path, smollm2
     assert rc == 2 and "r1serve pull deepseek-r1-distill-qwen-7b" in err
 
 
+def test_info_takes_engine_flags_only_with_load(capsys, tiny):
+    rc, _, err = run(capsys, "info", str(tiny), "--threads", "2", "--max-num-seqs", "3")
+    assert rc == 2 and "--max-num-seqs, --threads: engine flags" in err and "--load" in err
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    assert "engine flags (with --load only):" in capsys.readouterr().out
+
+
 # ---- pull ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["pull", "--list"], ["pull"]])

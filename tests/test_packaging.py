@@ -68,8 +68,9 @@ def test_wheel_carries_what_the_package_reads(wheel):
     needed = {f"r1serve/kernels/csrc/{p.name}" for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")}
     needed |= {f"r1serve/kernels/csrc/{h}" for h in included_headers()}
     static = ROOT / "src" / "r1serve" / "server" / "static"
-    needed |= {f"r1serve/server/static/{p.name}" for p in static.iterdir()}
-    needed |= {"r1serve/planner/accelerators.toml", "r1serve/planner/model_configs/deepseek-r1.json"}
+    needed |= {f"r1serve/server/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
+    needed |= {"r1serve/planner/accelerators.toml", "r1serve/planner/model_configs/deepseek-r1.json",
+               "r1serve/server/prices.toml"}
     assert included_headers(), "the kernels include local headers; this test must see them"
     assert needed <= names, f"missing from the wheel: {sorted(needed - names)}"
 

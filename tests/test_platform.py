@@ -310,3 +310,4 @@ def test_the_log_says_where_to_go_and_one_line_per_request(tiny, tmp_path, db):
     assert ("POST /v1/completions 200 in " in text
             and f"{prompt} prompt (0 cached) + {PROMPT['max_tokens']} completion tokens, key {key['id']}" in text)
     assert "POST /v1/completions 401 in " in text and "GET /health" not in text
+    assert "alembic" not in text  # no library chatter at start

@@ -387,6 +387,10 @@ def test_usage_dashboard_charts_real_usage(page, ui_server):
     assert page.locator("#requests-chart svg rect.bar").count() >= 1
     expect(page.locator("#model-table tbody th", has_text="smollm2")).to_have_count(1)
     expect(page.locator("#quota")).to_contain_text("runs open")  # no key on this server
+    # what the requests cost at the server's price table (DeepSeek's, in dollars: a few millionths)
+    expect(page.locator("#model-table thead th").last).to_have_text("Cost")
+    cost = page.locator("#model-table tbody tr").first.locator("td").last
+    expect(cost).to_have_text(re.compile(r"^\$0\.0000[1-9]\d*$"))
 
 
 _TODAY = dt.datetime.now(dt.timezone.utc).date()
@@ -473,6 +477,9 @@ def test_answers_render_markdown_and_never_html(page, ui_server):
     answer = last_turn(page).locator(".answer")
     expect(answer.locator("strong")).to_have_text("bold")
     expect(answer.locator("pre code")).to_have_text("print('<b>hi</b>')")
+    # highlighted as the python it says it is, the string's HTML still text inside its span
+    expect(answer.locator("pre code.language-python.hljs .hljs-built_in")).to_have_text("print")
+    expect(answer.locator("pre code .hljs-string")).to_have_text("'<b>hi</b>'")
     expect(answer.locator("ul li")).to_have_count(2)
     expect(answer.locator("table th")).to_have_count(2)
     expect(answer.locator("a")).to_have_attribute("href", "https://example.org/x")
@@ -522,7 +529,21 @@ def test_markdown_renders_every_prefix_of_a_streamed_answer(page, ui_server):
     }""", text)
     assert len(shown) == len(text) + 1
     assert "<h3>Title</h3>" in shown[-1] and "<ol><li>first</li><li></li></ol>" in shown[-1]
-    assert '<pre><code data-lang="js">let a = 1;' in shown[-1]  # an open fence runs to the end
+    assert re.search(r'<pre><code data-lang="js" class="language-js hljs[^>]*>.*let.* a = .*1.*;', shown[-1])
+    assert "| a | b |" in shown[-1] and "<table" not in shown[-1]  # an open fence runs to the end
+
+
+def test_code_without_a_known_language_is_guessed_or_left_plain(page, ui_server):
+    load_playground(page, ui_server)
+    html = page.evaluate("""async () => {
+        const { renderMarkdown } = await import('/ui/markdown.js');
+        const div = document.createElement('div');
+        div.append(renderMarkdown('```\\ndef f(x):\\n    return x + 1\\n```\\n\\n```nosuchlang\\n<i>x</i>\\n```'));
+        return [...div.querySelectorAll('pre code')].map((c) => [c.className, c.innerHTML]);
+    }""")
+    (guessed_class, guessed), (plain_class, plain) = html
+    assert "hljs" in guessed_class and '<span class="hljs-keyword">def</span>' in guessed
+    assert plain_class == "" and plain == "&lt;i&gt;x&lt;/i&gt;"  # unknown: plain text, never markup
 
 
 def test_a_loose_numbered_list_is_one_list(page, ui_server):

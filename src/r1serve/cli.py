@@ -23,9 +23,25 @@ def cache_dir_from(args) -> Path:
     return Path(args.cache_dir or os.environ.get("R1SERVE_CACHE_DIR") or default_cache_dir())
 
 
-def add_engine_args(p: argparse.ArgumentParser, many: bool = False) -> None:
-    p.add_argument("model", nargs="+" if many else None,
-                   help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
+def add_engine_args(parser: argparse.ArgumentParser, many: bool = False, only_with: str | None = None) -> None:
+    """The model argument and the engine's flags; `only_with`: the flag without which they are
+    refused (listed under their own heading in --help)."""
+    parser.add_argument("model", nargs="+" if many else None,
+                        help="catalog name (see `r1serve pull --list`), a .gguf file or an HF model directory")
+    p = parser.add_argument_group(f"engine flags (with {only_with} only)") if only_with else parser
+    first = len(parser._actions)
+    _engine_flags(p)
+    if only_with:
+        parser.set_defaults(engine_flags={a.dest: (a.option_strings[0], a.default) for a in parser._actions[first:]})
+
+
+def unused_engine_flags(args) -> list[str]:
+    """The engine flags given a value other than their default."""
+    return [flag for dest, (flag, default) in getattr(args, "engine_flags", {}).items()
+            if getattr(args, dest) != default]
+
+
+def _engine_flags(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations and float weights (auto: the checkpoint's; a 16-bit one in the device's preferred "
                         "half precision)")
@@ -175,6 +191,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
+    if not args.load and unused_engine_flags(args):
+        raise R1ServeError(f"{', '.join(unused_engine_flags(args))}: engine flags change how a model is loaded, "
+                           "not what its files hold; give them with --load")
     if not args.load:  # the files' headers only: a moment, whatever the model's size
         from r1serve.model_card import describe, model_card
 
@@ -244,6 +263,7 @@ def cmd_serve(args) -> None:
     # The engine processes start first (each loads its model at once, importing torch itself),
     # so that the server's own start-up below runs beside them instead of before them.
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list at every start says nothing to a user
     cores = _spawn_engines(engines) if not args.engine_on_thread else {}
 
     from r1serve.server.app import ServerConfig
@@ -489,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", action="store_true",
                    help="load the model as the engine would and report its kernels, linears and KV budget "
                         "(the engine flags below apply)")
-    add_engine_args(p)
+    add_engine_args(p, only_with="--load")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -75,8 +75,23 @@ function codeBlock(lang, lines) {
   const code = node("code");
   if (lang) code.dataset.lang = lang;
   code.textContent = lines.join("\n");
+  highlight(code, lang);
   pre.append(code);
   return pre;
+}
+
+// Colours a code block with highlight.js (vendor/, loaded beside this module; without it the
+// block stays plain). It reads the element's text and writes its own escaped markup, so the
+// model's text is never parsed as HTML. A named language it knows is used; a block with no
+// name is guessed; a name it does not know stays plain rather than guessed wrong.
+function highlight(code, lang) {
+  const hljs = globalThis.hljs;
+  if (!hljs) return;
+  if (lang) {
+    if (!hljs.getLanguage(lang)) return;
+    code.classList.add(`language-${lang}`);
+  }
+  hljs.highlightElement(code);
 }
 
 function list(ordered, items, start) {

@@ -52,7 +52,7 @@ function columnsFor(rows) {
 }
 
 // Costs are small sums: a cent's tenths of thousandths still show, in the server's currency.
-function shown(field, value, rows) {
+function formatted(field, value, rows) {
   if (field !== COST[0]) return count.format(value);
   const currency = rows.find((r) => r.currency)?.currency ?? "USD";
   return new Intl.NumberFormat("en", { style: "currency", currency, maximumFractionDigits: 6 }).format(value);
@@ -84,7 +84,7 @@ function table(target, firstHeading, groups, columns, models, rows) {
     const row = document.createElement("tr");
     const label = cell("th", name, { scope: "row" });
     if (models) label.prepend(swatch(colorFor(name, models)));
-    row.append(label, ...columns.map(([f]) => cell("td", shown(f, g[f], rows))));
+    row.append(label, ...columns.map(([f]) => cell("td", formatted(f, g[f], rows))));
     return row;
   });
   const thead = document.createElement("thead");
@@ -135,7 +135,7 @@ function renderTotals(rows) {
   const total = (f) => rows.reduce((s, r) => s + (r[f] ?? 0), 0);
   $("totals").replaceChildren(...columnsFor(rows).map(([f, heading]) => {
     const pair = document.createElement("div");
-    pair.append(cell("dt", heading), cell("dd", shown(f, total(f), rows)));
+    pair.append(cell("dt", heading), cell("dd", formatted(f, total(f), rows)));
     return pair;
   }));
 }
