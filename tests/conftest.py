@@ -71,6 +71,22 @@ def smollm2_server(smollm2_gguf, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def hermes(tmp_path_factory):
+    """`r1serve serve` on a tiny Qwen2 (served as "tiny") whose chat template declares tools in
+    the Hermes format: tool calls through the OpenAI and Anthropic APIs."""
+    from r1serve.bench.random_checkpoint import write_tokenizer
+    from server_process import ServerProcess
+    from tiny_models import make_checkpoint
+
+    path = make_checkpoint(tmp_path_factory.mktemp("hermes"), "qwen2", max_position_embeddings=2048)
+    write_tokenizer(path, tools=True)
+    server = ServerProcess([str(path), "--served-model-name", "tiny", "--dtype", "float32", "--threads", "1"],
+                           tmp_path_factory.mktemp("hermes-log") / "server.log")
+    yield server
+    server.stop()
+
+
 # ---- the key and usage databases: a SQLite file, and PostgreSQL when one can be had ---------------
 
 

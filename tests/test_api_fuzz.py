@@ -3,10 +3,11 @@ run of a few hundred requests over every route of a real `r1serve serve` on Smol
 with an admin key so the key and usage routes do real work too.
 
 Every response must be no 5xx; a status, media type and body the schema declares for the
-route (each event of a stream too, and no error event); OpenAI's error body for any 4xx;
-and, when the schema says the request is valid, a success, unless one of the few rules no
-schema can state refused it (SCHEMA_CANNOT_SAY). After the run the server is healthy,
-still answers a chat, has no request running and no KV block in use, and logged no error.
+route (each event of a stream too, and no error event); OpenAI's error body for any 4xx
+(Anthropic's on the Messages routes); and, when the schema says the request is valid, a
+success, unless one of the few rules no schema can state refused it (SCHEMA_CANNOT_SAY).
+After the run the server is healthy, still answers a chat, has no request running and no
+KV block in use, and logged no error.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2"
 VOCAB = 49152  # SmolLM2's
 MAX_MODEL_LEN = 256  # generated prompts stay cheap to prefill
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
 # What one generated request may cost. The schema states the API's true ranges (n up to 128,
 # max_tokens up to the context), and no server option bounds n: at ~10 tokens/s on two
 # shared cores, a few such requests would take the whole run. So the test lowers n and
@@ -133,8 +135,20 @@ def fit_to_server(case, target_key: str) -> None:
             body[field] = [_in_vocab(p) if isinstance(p, list) else _non_empty(p) for p in _in_vocab(ids)]
     if "prompt" in body:
         body["prompt"] = _non_empty(body["prompt"])
+    if case.path in ANTHROPIC_ROUTES:
+        _unsigned(body)
     if case.path in GENERATION_ROUTES:
         _bound_cost(body)
+
+
+def _unsigned(body: dict) -> None:
+    """Thinking blocks sent back without a signature: a generated one was never written by this
+    server (a 400 no schema can state); without one the block is taken as sent."""
+    for message in body.get("messages") if isinstance(body.get("messages"), list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "thinking":
+                block.pop("signature", None)
 
 
 def _bound_cost(body: dict) -> None:
@@ -152,18 +166,24 @@ def _bound_cost(body: dict) -> None:
         body["max_tokens"] = MAX_TOKENS
 
 
-def openai_error_shape(ctx, response, case) -> None:
+def error_shape(ctx, response, case) -> None:
+    """OpenAI's error body, or Anthropic's on the Messages routes."""
     if 400 <= response.status_code < 600 and case.path != "/health":
-        error = response.json().get("error")
-        assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, \
-            f"{response.status_code} without OpenAI's error body: {response.text[:300]}"
+        body = response.json()
+        error, keys = body.get("error"), {"message", "type", "param", "code"}
+        if case.path in ANTHROPIC_ROUTES:
+            assert body.get("type") == "error", f"{response.status_code} without Anthropic's error body"
+            keys = {"message", "type"}
+        assert isinstance(error, dict) and set(error) == keys, \
+            f"{response.status_code} without the route's error body: {response.text[:300]}"
         assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
 
 
 def no_error_in_streams(ctx, response, case) -> None:
     # A stream starts with a 200 once the request is accepted; a failure after that is an
     # error event, a server error the status code does not show.
-    errors = [line for line in response.text.splitlines() if line.startswith('data: {"error"')]
+    errors = [line for line in response.text.splitlines()
+              if line.startswith(('data: {"error"', 'data: {"type":"error"', "event: error"))]
     assert not errors, f"the stream ended in an error: {errors[0][:300]}"
 
 
@@ -176,7 +196,7 @@ def valid_requests_succeed(ctx, response, case) -> None:
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          openai_error_shape, no_error_in_streams, valid_requests_succeed]
+          error_shape, no_error_in_streams, valid_requests_succeed]
 
 
 @schema.parametrize()

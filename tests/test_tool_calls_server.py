@@ -12,10 +12,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from r1serve.bench.random_checkpoint import DEEPSEEK_V3_TINY, write_deepseek_v3, write_tokenizer
+from r1serve.bench.random_checkpoint import DEEPSEEK_V3_TINY, write_deepseek_v3
 
 from server_process import ServerProcess
-from tiny_models import make_checkpoint
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now.",
@@ -44,16 +43,6 @@ def _valid_call(call) -> dict:
         spec = schema["properties"][key]
         assert value in spec["enum"] if "enum" in spec else isinstance(value, bool)
     return args
-
-
-@pytest.fixture(scope="module")
-def hermes(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("hermes"), "qwen2", max_position_embeddings=2048)
-    write_tokenizer(path, tools=True)
-    server = ServerProcess([str(path), "--served-model-name", "tiny", "--dtype", "float32", "--threads", "1"],
-                           tmp_path_factory.mktemp("hermes-log") / "server.log")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -266,6 +266,7 @@ def cmd_serve(args) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list at every start says nothing to a user
     cores = _spawn_engines(engines) if not args.engine_on_thread else {}
 
+    from r1serve.server.thinking_signer import signing_key
     from r1serve.server.app import ServerConfig
     from r1serve.server.connection_limits import ConnectionLimits
     from r1serve.server.launch import serve
@@ -278,7 +279,8 @@ def cmd_serve(args) -> None:
                           cached_token_weight=args.cached_token_weight,
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
                           engine_process=not args.engine_on_thread, quota_lease_s=args.quota_lease,
-                          journal_path=journal_path(db_url_from(args), cache_dir))
+                          journal_path=journal_path(db_url_from(args), cache_dir),
+                          signing_key=signing_key(cache_dir / "thinking-signing.key"))
     limits = ConnectionLimits(args.max_header_bytes, args.max_headers, args.header_timeout, args.timeout_keep_alive)
     code = serve(config, args.host, args.port, grace_s=args.shutdown_grace, log_level=args.log_level, cores=cores,
                  limits=limits)

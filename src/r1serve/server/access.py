@@ -49,6 +49,14 @@ class Principal:
         return self.key is not None and self.key.is_admin
 
 
+def presented_key(request: Request) -> str:
+    """The key a client sent: OpenAI's clients as a bearer token, Anthropic's as x-api-key."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and secret.strip():
+        return secret.strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
 class Access:
     """The platform's state: keys and ledger (the CLI's too), and for a server its lease and
     admission control (`start_lease`)."""
@@ -117,11 +125,11 @@ class Access:
             closed = await asyncio.to_thread(self.keys.has_keys)
         if not closed:
             return Principal(None)  # whatever key a client sends (SDKs insist on one) is ignored
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…'.",
-                           code="invalid_api_key")
-        key = await asyncio.to_thread(self.keys.authenticate, secret.strip())
+        secret = presented_key(request)
+        if not secret:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…' "
+                                "(or 'x-api-key: sk-…', as Anthropic's clients do).", code="invalid_api_key")
+        key = await asyncio.to_thread(self.keys.authenticate, secret)
         if key is None:
             raise APIError(401, "Incorrect API key provided (unknown or revoked).", code="invalid_api_key")
         setattr(request.state, KEY, key.id)  # for the request's log line

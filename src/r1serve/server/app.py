@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,15 +23,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
 from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
+from r1serve.server.anthropic_messages import MessageJob, chat_request, count_tokens
+from r1serve.server.anthropic_protocol import CountTokensRequest, MessagesRequest
+from r1serve.server.thinking_signer import ThinkingSigner
 from r1serve.server.api_docs import add_api_docs
 from r1serve.server.db import UNREACHABLE
 from r1serve.server.prices import PriceTable
-from r1serve.server.errors import APIError, BodyLimit, install_error_handlers
+from r1serve.server.errors import APIError, BodyLimit, error_response, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.request_log import RequestLog
 from r1serve.server.metrics import ServerMetrics
-from r1serve.server.openapi import (API_KEY, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
-                                    Health, ModelCard, ModelList, Text, Tokens, publish_stream_models, responses)
+from r1serve.server.openapi import (API_KEY, AnthropicError, AnthropicEvent, AnthropicReply, ChatCompletion,
+                                    ChatCompletionChunk, Completion, CompletionChunk, Health, InputTokens, ModelCard,
+                                    ModelList, Text, Tokens, publish_stream_models, responses)
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
 from r1serve.server.served_model import ModelSpec, ServedModel, tool_format, uses_reasoning
@@ -56,6 +61,9 @@ class ServerConfig:
     # Where settlements wait while the database is away (settle_journal.journal_path); None:
     # nowhere, such a request fails instead.
     journal_path: Path | None = None
+    # What signs the thinking blocks of Anthropic-format replies (anthropic_messages.signing_key);
+    # None: a key for this process only.
+    signing_key: bytes | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -159,6 +167,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
     install_error_handlers(app)
     _add_database_handler(app, access)
     _add_routes(app, state)
+    _add_anthropic_routes(app, state, ThinkingSigner(config.signing_key or os.urandom(32)))
     add_platform_routes(app, state.access)
     publish_stream_models(app)
     add_api_docs(app)
@@ -256,10 +265,33 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _add_anthropic_routes(app: FastAPI, state: ServerState, signer: ThinkingSigner) -> None:
+    """Anthropic's Messages API, at /v1/messages and under the /anthropic base URL DeepSeek uses."""
+    caller = Depends(state.access.principal)
+
+    async def messages(req: MessagesRequest, raw: Request, principal: Principal = caller):
+        served = state.model(req.model)
+        state.admit(served)
+        chat = chat_request(req, served, signer, stream=bool(req.stream))
+        return await _engine_call(create_chat_completion(served, chat, raw, state.access, principal, MessageJob,
+                                                         signer=signer))
+
+    async def tokens(req: CountTokensRequest, principal: Principal = caller):
+        return await count_tokens(state.model(req.model), req, signer)
+
+    for base in ("", "/anthropic"):
+        app.post(f"{base}/v1/messages", dependencies=[API_KEY], include_in_schema=not base,
+                 responses=responses(AnthropicReply, 400, 401, 402, 404, 429, 503, stream=AnthropicEvent,
+                                     error=AnthropicError))(messages)
+        app.post(f"{base}/v1/messages/count_tokens", dependencies=[API_KEY], include_in_schema=not base,
+                 responses=responses(InputTokens, 400, 401, 404, 503, error=AnthropicError))(tokens)
+
+
 def _add_database_handler(app: FastAPI, access: Access) -> None:
-    async def database_down(_: Request, exc: Exception):
+    async def database_down(request: Request, exc: Exception):
         access.health.failed(exc)
-        return database_unavailable(exc).response()
+        down = database_unavailable(exc)
+        return error_response(request, down.status, down.body(), down.headers)
 
     for error in UNREACHABLE:
         app.add_exception_handler(error, database_down)

@@ -55,6 +55,35 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
+# The Anthropic Messages routes answer in Anthropic's shape: {"type": "error", "error": {"type",
+# "message"}}, with its type names (its SDKs pick their exception class by status, and read these).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+ANTHROPIC_PATHS = ("/v1/messages", "/anthropic/")
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path.startswith(ANTHROPIC_PATHS)
+
+
+def status_of(body: dict) -> int:
+    """The status an error body (OpenAI's shape) was written for, from its type."""
+    kind = body["error"].get("type")
+    return next((status for status, t in _TYPES.items() if t == kind), 500)
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_response(request: Request, status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error body (OpenAI's shape) as the route's clients read errors."""
+    if speaks_anthropic(request.url.path):
+        body = anthropic_error_body(status, body["error"]["message"])
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -114,29 +143,29 @@ def _no_route(request: Request) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(request, exc.status, exc.body(), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = _not_json(request) or _validation_message(exc)
-        return JSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
+        return error_response(request, 400, error_body(400, message, param, "invalid_value"))
 
     @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, exc: InvalidRequestError):
-        return JSONResponse(error_body(400, str(exc), None, "invalid_value"), status_code=400)
+    async def _invalid(request: Request, exc: InvalidRequestError):
+        return error_response(request, 400, error_body(400, str(exc), None, "invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = _no_route(request)
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+        return error_response(request, exc.status_code, error_body(exc.status_code, message), exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal server error ({type(exc).__name__})"), status_code=500)
+        return error_response(request, 500, error_body(500, f"internal server error ({type(exc).__name__})"))
 
 
 class BodyLimit:

@@ -251,30 +251,160 @@ class AllUsage(Doc):
 # ---- what a route declares ----------------------------------------------------------------------
 
 
-def _events(chunk: type[BaseModel]) -> dict:
-    data = {"type": "string", "if": {"const": "[DONE]"},
-            "else": {"contentMediaType": "application/json",
-                     "contentSchema": {"anyOf": [{"$ref": REF.format(model=chunk.__name__)},
-                                                 {"$ref": REF.format(model=ErrorBody.__name__)}]}}}
+# ---- Anthropic's Messages API (anthropic_messages.py) --------------------------------------------
+
+
+class AnthropicErrorDetail(Doc):
+    type: str
+    message: str
+
+
+class AnthropicError(Doc):
+    """Every error of the Messages routes: Anthropic's shape."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class OutText(Doc):
+    type: Literal["text"]
+    text: str
+
+
+class OutThinking(Doc):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str = Field(description="this server's signature of the thinking: send the block back as it came")
+
+
+class OutToolUse(Doc):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(Doc):
+    input_tokens: int = Field(description="prompt tokens not served from the prefix cache")
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int = Field(description="prompt tokens served from the prefix cache")
+
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+class AnthropicReply(Doc):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[OutThinking | OutText | OutToolUse]
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class InputTokens(Doc):
+    input_tokens: int
+
+
+class TextDelta(Doc):
+    type: Literal["text_delta"]
+    text: str
+
+
+class ThinkingDelta(Doc):
+    type: Literal["thinking_delta"]
+    thinking: str
+
+
+class SignatureDelta(Doc):
+    type: Literal["signature_delta"]
+    signature: str
+
+
+class InputJsonDelta(Doc):
+    type: Literal["input_json_delta"]
+    partial_json: str
+
+
+class MessageStart(Doc):
+    type: Literal["message_start"]
+    message: AnthropicReply
+
+
+class BlockStart(Doc):
+    type: Literal["content_block_start"]
+    index: int
+    content_block: OutThinking | OutText | OutToolUse
+
+
+class BlockDelta(Doc):
+    type: Literal["content_block_delta"]
+    index: int
+    delta: TextDelta | ThinkingDelta | SignatureDelta | InputJsonDelta
+
+
+class BlockStop(Doc):
+    type: Literal["content_block_stop"]
+    index: int
+
+
+class ReplyStop(Doc):
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+
+
+class ReplyDelta(Doc):
+    type: Literal["message_delta"]
+    delta: ReplyStop
+    usage: AnthropicUsage
+
+
+class Marker(Doc):
+    type: Literal["message_stop", "ping"]
+
+
+class AnthropicEvent(Doc):
+    """One streamed event's data (its `event:` line names the same type)."""
+
+    root: MessageStart | BlockStart | BlockDelta | BlockStop | ReplyDelta | Marker | AnthropicError
+
+
+def _events(chunk: type[BaseModel], error: type[BaseModel]) -> dict:
+    data: dict[str, Any] = {"contentMediaType": "application/json",
+                            "contentSchema": {"anyOf": [{"$ref": REF.format(model=m.__name__)}
+                                                        for m in dict.fromkeys(_members(chunk) + [error])]}}
+    if error is ErrorBody:  # OpenAI's streams end with [DONE]; Anthropic's with message_stop
+        data = {"type": "string", "if": {"const": "[DONE]"}, "else": data}
+    else:
+        data = {"type": "string"} | data
     return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
 
 
+def _members(chunk: type[BaseModel]) -> list[type[BaseModel]]:
+    # A union of event types is stated as a model with a `root` field: its members are the events.
+    root = chunk.model_fields.get("root")
+    return list(root.annotation.__args__) if root is not None else [chunk]
+
+
 def responses(ok: type[BaseModel] | None, *errors: int | str, stream: type[BaseModel] | None = None,
-              ok_status: int = 200) -> dict[int | str, dict[str, Any]]:
-    """A route decorator's `responses`: `ok` as JSON (and `stream` as SSE events), and OpenAI's
-    error body for each status in `errors` plus any other 4xx."""
+              ok_status: int = 200, error: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """A route decorator's `responses`: `ok` as JSON (and `stream` as SSE events), and the
+    error body (OpenAI's unless `error` says) for each status in `errors` plus any other 4xx."""
     declared: dict[int | str, dict[str, Any]] = {}
     if ok is not None:
         declared[ok_status] = {"model": ok}
         if stream is not None:
-            declared[ok_status] |= {"content": {"text/event-stream": _events(stream)},
+            declared[ok_status] |= {"content": {"text/event-stream": _events(stream, error)},
                                     "description": "JSON, or with stream true server-sent events"}
     for status in (*errors, "4XX"):
-        declared[status] = {"model": ErrorBody, "description": WHEN[status]}
+        declared[status] = {"model": error, "description": WHEN[status]}
     return declared
 
 
-STREAMED = (ChatCompletionChunk, CompletionChunk, ErrorBody)
+STREAMED = (ChatCompletionChunk, CompletionChunk, ErrorBody, *_members(AnthropicEvent))
 
 
 def publish_stream_models(app: FastAPI) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from r1serve.server.thinking import EFFORT_LEVELS, Thinking
 from r1serve.server.valid_text import ValidText, invalid_text
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -161,7 +162,7 @@ class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    reasoning_content: str | None = None  # earlier turns' thinking: accepted and dropped
+    reasoning_content: str | None = None  # its thinking: rendered inside a tool loop, dropped before (serving_chat)
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None  # a tool message: the call it answers
 
@@ -225,6 +226,10 @@ class ResponseFormat(Request):
         return self
 
 
+class ThinkingSwitch(Request):
+    type: Literal["enabled", "disabled"]
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = with_rules(
         STREAM_OPTIONS_NEED_STREAM,
@@ -246,6 +251,11 @@ class ChatCompletionRequest(SamplingFields):
         None, json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})
     max_reasoning_tokens: int | None = Field(None, ge=0, description="r1serve's thinking budget (reasoning "
                                                                       "models only)")
+    thinking: ThinkingSwitch | None = Field(None, description="DeepSeek's switch: whether the model thinks "
+                                                              "(default: the model's own behaviour)")
+    reasoning_effort: Literal[tuple(EFFORT_LEVELS)] | None = Field(  # type: ignore[valid-type]
+        None, description="how long thinking may run: low 1,024 tokens, high 8,192, max unlimited; none: no "
+                          "thinking (minimal counts as low, medium and xhigh as high, ultra as max)")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default: auto with tools, none without; required or a named one needs tools")
@@ -286,6 +296,10 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def thinking_asked(self) -> Thinking:
+        return Thinking.of(self.thinking.type if self.thinking else None, self.reasoning_effort)
 
 
 class CompletionRequest(SamplingFields):

@@ -128,8 +128,21 @@ class ResponseJob(ABC):
             raise
         choices = self.choices(ordered)
         await self.report("ok")
+        return self.response_body(choices)
+
+    def response_body(self, choices: list[dict]) -> dict:
+        """The whole (non-streamed) response, once the job has reported."""
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model.name,
                 "choices": choices, "usage": self.usage(), "system_fingerprint": self.model.fingerprint}
+
+    def closing_events(self) -> bytes:
+        """What ends a stream that completed, once the job has reported."""
+        usage = sse(self.envelope([]) | {"usage": self.usage()}) if self.include_usage else b""
+        return usage + SSE_DONE
+
+    def error_events(self, body: dict) -> bytes:
+        """What ends a stream that failed: the error, in the format's shape."""
+        return sse(body) + SSE_DONE
 
     async def write_events(self, streams: list[RequestStream], send: Send) -> None:
         """Stream the SSE response: one ASGI body message per engine output, written here.
@@ -149,27 +162,26 @@ class ResponseJob(ABC):
                 async for i, out in merged(streams):
                     await self._write(i, out, send)
             await self.report("ok")
-            if self.include_usage:
-                tail = sse(self.envelope([]) | {"usage": self.usage()})
+            tail = self.closing_events()
         except APIError as exc:
             await self.report("error")
-            tail = sse(exc.body())
+            tail = self.error_events(exc.body())
         except (EngineDeadError, EngineStepError) as exc:  # one stream, read directly
             await self.report("error")
-            tail = sse(engine_error(exc).body())
+            tail = self.error_events(engine_error(exc).body())
         except (ClientGone, OSError):  # OSError: ASGI servers may raise it on a closed connection
             return
         except Exception as exc:  # a bug in this request's path: it ends with an error event, alone
             log.exception("streamed response %s failed", self.id)
             await self.report("error")
-            tail = sse(error_body(500, f"internal server error ({type(exc).__name__})"))
+            tail = self.error_events(error_body(500, f"internal server error ({type(exc).__name__})"))
         finally:
             for s in streams:
                 s.abort()  # a no-op for finished ones
             if not self.reported:  # the client left (or the server is stopping): counted, as aborted
                 self.finish_reasons = [r or "abort" for r in self.finish_reasons]
                 self.meter.access.in_background(self.report("aborted"))
-        await send(_body(tail + SSE_DONE, more=False))
+        await send(_body(tail, more=False))
 
     async def _write(self, index: int, out: RequestOutput, send: Send) -> None:
         engine_failed(out)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
@@ -19,23 +19,32 @@ from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 from r1serve.server.structured_outputs import banned_markers, structured_outputs
+from r1serve.server.thinking import switch_kwargs, template_switches, without_thinking
 from r1serve.tokenizer.chat_template import ToolArguments
 from r1serve.tool_calls import ToolCallParser
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as templates expect them. Earlier assistant turns lose their reasoning (as the
-    DeepSeek API requires: thinking is not fed back), whether sent as reasoning_content or
-    left inline in the content."""
+    """Messages as templates expect them. An assistant turn's reasoning (sent as
+    reasoning_content, or left inline before </think>) goes back to the template only inside
+    the tool loop of the current question: a turn after the last user message that made tool
+    calls, whose thinking the next step continues. Earlier turns lose it, as the DeepSeek API
+    documents (thinking is not fed back between questions). Templates that render no
+    reasoning ignore it."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     conv = []
-    for m in messages:
-        content = m.text()
+    for i, m in enumerate(messages):
+        content, reasoning = m.text(), m.reasoning_content
         if m.role == "assistant" and END in content:
-            content = content.split(END)[-1].lstrip("\n")
+            inline, _, content = content.rpartition(END)
+            content = content.lstrip("\n")
+            reasoning = reasoning or inline.removeprefix(START).strip("\n")
         role = "system" if m.role == "developer" else m.role
         message = {"role": role, "content": content} | ({"name": m.name} if m.name else {})
         if m.tool_calls:
             message["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+            if i > last_user and reasoning:
+                message["reasoning_content"] = reasoning
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         conv.append(message)
@@ -51,6 +60,8 @@ def _template_call(call) -> dict:
 
 def _render(tok, conv: list[dict], req: ChatCompletionRequest) -> str:
     kwargs = dict(req.chat_template_kwargs or {})
+    if req.thinking_asked.enabled is not None:  # the switch, for templates that read one; the request's kwargs win
+        kwargs = switch_kwargs(req.thinking_asked, template_switches(tok.chat_template)) | kwargs
     if req.tools and req.tool_mode != "none":  # with "none" the model is not told of tools it may not call
         kwargs.setdefault("tools", [t.model_dump(exclude_none=True) for t in req.tools])
     try:
@@ -83,11 +94,15 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> PromptInput:
             raise APIError(400, "continue_final_message: the chat template does not reproduce the final "
                                 "message's content, so it cannot be continued", param="messages")
         text = text[:at]
+    elif req.thinking_asked.enabled is False:  # R1's templates open thinking whatever they are told
+        text = without_thinking(text)
     # The template writes BOS where the model wants it: no second one from the encoder.
     return PromptInput(text, tok.encode(text, add_special_tokens=False))
 
 
 def reasoning_spec(model: ServedModel, req: ChatCompletionRequest, prompt: PromptInput) -> ReasoningSpec | None:
+    """How the output's thinking is read and bounded (None: a model served without a reasoning
+    parser; an effort asked of it is moot, as of any model that does not think)."""
     if not model.reasoning:
         if req.max_reasoning_tokens is not None:
             raise APIError(400, f"max_reasoning_tokens needs a reasoning model; {model.name} is served without "
@@ -95,13 +110,17 @@ def reasoning_spec(model: ServedModel, req: ChatCompletionRequest, prompt: Promp
                            param="max_reasoning_tokens")
         return None
     tok = model.engine.tokenizer
+    budget = req.max_reasoning_tokens if req.max_reasoning_tokens is not None else req.thinking_asked.budget
     return ReasoningSpec(tuple(tok.encode(START, add_special_tokens=False)),
                          tuple(tok.encode(END, add_special_tokens=False)),
-                         open_at_start=prompt.text.rstrip().endswith(START), max_tokens=req.max_reasoning_tokens)
+                         open_at_start=prompt.text.rstrip().endswith(START), max_tokens=budget)
 
 
 async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest, raw: HTTPRequest,
-                                 access: Access, principal: Principal):
+                                 access: Access, principal: Principal, job: type[ChatJob] | None = None,
+                                 **job_args):
+    """`job` (with `job_args`): the response's format (default: OpenAI's chat completion)."""
+    job = job or ChatJob
     engine = model.engine
     prompt = chat_prompt(model, req)
     max_tokens = check_context(len(prompt.token_ids), req.completion_limit, engine.max_model_len, "messages")
@@ -111,11 +130,11 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     banned = banned_markers(model, req)
     params = replace(params, structured_outputs=structured_outputs(model, req),
                      logit_bias=(params.logit_bias or {}) | banned if banned else params.logit_bias)
-    request_id = new_id("chatcmpl")
+    request_id = job.new_request_id()
     meter = access.meter(principal, model.name, request_id)
     granted = await meter.admit(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
     params = capped(params, granted)
-    chat = _Chat(model, req, request_id, prompt, spec, meter)
+    chat = job(model, req, request_id, prompt, spec, meter, **job_args)
     setattr(raw.state, JOB, chat)  # its tokens go in the request's log line
     streams = await start_requests(engine, [chat.id], [prompt], params, meter)
     if req.stream:
@@ -123,8 +142,23 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     return JSONResponse(await until_disconnect(raw, chat.full(streams)))
 
 
-class _Chat(ResponseJob):
+@dataclass(frozen=True)
+class ChoiceDelta:
+    reasoning: str
+    content: str
+    calls: list[dict]  # OpenAI tool_calls entries: id, type and name on a call's first, argument text on each
+    finish_reason: str | None
+
+
+class ChatJob(ResponseJob):
+    """A chat request's outputs as OpenAI's chat completion (other formats subclass it)."""
+
     object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
+    call_id_prefix = "call_"
+
+    @staticmethod
+    def new_request_id() -> str:
+        return new_id("chatcmpl")
 
     def __init__(self, model: ServedModel, req: ChatCompletionRequest, request_id: str, prompt: PromptInput,
                  spec: ReasoningSpec | None, meter: Meter) -> None:
@@ -174,7 +208,7 @@ class _Chat(ResponseJob):
                 continue
             entry: dict = {"index": d.index}
             if d.name is not None:
-                self.call_ids[i].append(f"call_{uuid.uuid4().hex[:24]}")
+                self.call_ids[i].append(f"{self.call_id_prefix}{uuid.uuid4().hex[:24]}")
                 entry |= {"id": self.call_ids[i][d.index], "type": "function",
                           "function": {"name": d.name, "arguments": d.arguments}}
             else:
@@ -198,6 +232,21 @@ class _Chat(ResponseJob):
         return [event for c in out.outputs for event in self._choice_events(c)]
 
     def _choice_events(self, c: CompletionOutput) -> list[bytes]:
+        d = self._delta(c)
+        body: dict = {}
+        if d.reasoning:
+            body["reasoning_content"] = d.reasoning
+        if d.content:
+            body["content"] = d.content
+        if d.calls:
+            body["tool_calls"] = d.calls
+        logprobs = self._logprobs(c)
+        if not body and logprobs is None and not c.finished:
+            return []
+        return [self._chunk(c.index, body, logprobs, d.finish_reason)]
+
+    def _delta(self, c: CompletionOutput) -> ChoiceDelta:
+        """What one streamed output adds to its choice: thinking, answer text, call deltas."""
         i = c.index
         self._count(c, delta=True)
         delta = Delta(content=c.text)
@@ -206,28 +255,18 @@ class _Chat(ResponseJob):
             if c.finished:
                 tail = self.splitters[i].flush()
                 delta = Delta(delta.reasoning + tail.reasoning, delta.content + tail.content)
-        body: dict = {}
-        if delta.reasoning:
-            body["reasoning_content"] = delta.reasoning
         content, calls = delta.content, []
         if self.tool_parsers is not None:
             parsed = self.tool_parsers[i].feed(content, last=c.finished)
             content, calls = parsed.content, self._tool_calls(i, parsed.calls)
-        if content:
-            body["content"] = content
+        if content or calls:
             self.timer.on_answer()
-        if calls:
-            body["tool_calls"] = calls
-            self.timer.on_answer()
-        logprobs = self._logprobs(c)
         finish_reason = c.finish_reason
         if c.finished:
             if self.call_ids[i]:
                 finish_reason = _with_calls(finish_reason)
             self.finish_reasons[i] = finish_reason
-        if not body and logprobs is None and not c.finished:
-            return []
-        return [self._chunk(i, body, logprobs, finish_reason)]
+        return ChoiceDelta(delta.reasoning, content, calls, finish_reason)
 
     def _chunk(self, i: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> bytes:
         return sse(self.envelope([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]))
