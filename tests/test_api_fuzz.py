@@ -119,8 +119,10 @@ def fit_to_server(case, target_key: str) -> None:
     """Fill in what no schema says about this server, and bound the cost of a request:
     the served model's name and an existing key's id (a generated one is a 404 before any
     work), token ids inside the vocabulary and no empty prompt (SmolLM2 has no BOS token to
-    start one), best_of equal to n (the only best_of served), and n and max_tokens at most
-    MAX_N and MAX_TOKENS. Requests stay as valid, or as invalid, as they were generated."""
+    start one), best_of equal to n (the only best_of served), no FIM suffix (SmolLM2 has no
+    FIM tokens), chat prefix completion on the last message only, thinking blocks without
+    a signature, and n and max_tokens at most MAX_N and MAX_TOKENS. Requests stay as valid,
+    or as invalid, as they were generated."""
     named = {"name": MODEL, "key_id": target_key}
     for param in set(case.path_parameters or {}) & set(named):
         case.path_parameters[param] = named[param]
@@ -137,8 +139,23 @@ def fit_to_server(case, target_key: str) -> None:
         body["prompt"] = _non_empty(body["prompt"])
     if case.path in ANTHROPIC_ROUTES:
         _unsigned(body)
+    if case.path == "/v1/completions":
+        body.pop("suffix", None)  # SmolLM2 has no fill-in-the-middle tokens (test_deepseek_beta.py has FIM)
+    if case.path == "/v1/chat/completions":
+        _prefix_last_only(body)
     if case.path in GENERATION_ROUTES:
         _bound_cost(body)
+
+
+def _prefix_last_only(body: dict) -> None:
+    """DeepSeek's `prefix: true` kept only where it may be (the last message, an assistant's):
+    which message is last is a rule no schema states."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not message.get("prefix"):
+            continue
+        if i < len(messages) - 1 or message.get("role") != "assistant":
+            del message["prefix"]
 
 
 def _unsigned(body: dict) -> None:

@@ -32,6 +32,8 @@ R1_TOOL_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", 
                   "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
                   "<｜tool▁output▁end｜>"]
 HERMES_TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+DEEPSEEK_FIM_TOKENS = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
+QWEN_FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 # ChatML with tools, as Qwen2.5's template lays them out: the tools as JSON lines in the
 # system turn, calls as <tool_call> elements, results as <tool_response> in a user turn.
 HERMES_CHAT_TEMPLATE = (
@@ -52,10 +54,12 @@ HERMES_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False, tools: bool = False) -> None:
+def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False, tools: bool = False,
+                    fim: bool = False) -> None:
     """A byte-level BPE trained on a few sentences: any text encodes. With a ChatML template,
     or (r1_format) with R1's special tokens and no template, as R1 checkpoints without one.
-    With tools: the format's tool-call markers as tokens, and for ChatML a Hermes template."""
+    With tools: the format's tool-call markers as tokens, and for ChatML a Hermes template.
+    With fim: the family's fill-in-the-middle tokens (DeepSeek's, or Qwen's for ChatML)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -66,6 +70,8 @@ def write_tokenizer(path: Path, vocab_size: int = VOCAB, r1_format: bool = False
     special = R1_SPECIAL[:4] if r1_format else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     markers = (R1_SPECIAL[4:] if r1_format else []) + ((R1_TOOL_TOKENS if r1_format else HERMES_TOOL_TOKENS)
                                                         if tools else [])
+    if fim:
+        markers += DEEPSEEK_FIM_TOKENS if r1_format else QWEN_FIM_TOKENS
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markers), special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = ["The quick brown fox jumps over the lazy dog.", "Hello, my name is r1serve.",

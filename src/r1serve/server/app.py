@@ -238,6 +238,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.admit(served)
         return await _engine_call(create_completion(served, req, raw, state.access, principal))
 
+    # DeepSeek's base URL has no /v1, and its beta features (FIM, chat prefix completion) live
+    # under /beta: the same routes there, unpublished (the schema names each once).
+    for base in ("", "/beta"):
+        app.post(f"{base}/chat/completions", dependencies=[API_KEY], include_in_schema=False)(chat_completions)
+        app.post(f"{base}/completions", dependencies=[API_KEY], include_in_schema=False)(completions)
+    app.get("/models", dependencies=[Depends(state.access.principal), API_KEY], include_in_schema=False)(list_models)
+    app.get("/models/{name:path}", dependencies=[Depends(state.access.principal), API_KEY],
+            include_in_schema=False)(get_model)
+
     @app.post("/tokenize", dependencies=[Depends(state.access.principal), API_KEY],
               responses=responses(Tokens, 400, 401, 404, 503))
     async def tokenize(req: TokenizeRequest):

@@ -165,6 +165,8 @@ class ChatMessage(Request):
     reasoning_content: str | None = None  # its thinking: rendered inside a tool loop, dropped before (serving_chat)
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None  # a tool message: the call it answers
+    prefix: bool | None = Field(None, description="DeepSeek's chat prefix completion: the last (assistant) "
+                                                  "message, continued as written")
 
     @model_validator(mode="after")
     def _content_needed(self):
@@ -280,6 +282,12 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_supported(self):
+        prefixed = [i for i, m in enumerate(self.messages) if m.prefix]
+        if prefixed:
+            if prefixed != [len(self.messages) - 1] or self.messages[-1].role != "assistant":
+                raise ValueError("prefix: true goes on the last message only, an assistant message")
+            # DeepSeek's spelling of vLLM's continue_final_message
+            self.continue_final_message, self.add_generation_prompt = True, False
         if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
             raise ValueError("continue_final_message needs add_generation_prompt false and an assistant message last")
         if self.top_logprobs is not None and not self.logprobs:
@@ -310,7 +318,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1, description="OpenAI's default, 16; none: all the context left")
     logprobs: int | None = Field(None, ge=0, le=20, description="the number of alternatives per token")
     echo: bool | None = Field(False, description="not with logprobs (that needs prompt logprobs)")
-    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0}, description="not supported: none or ''")
+    suffix: str | None = Field(None, description="fill in the middle: the text after the completion (models with "
+                                                 "FIM tokens; prompt as text)")
     best_of: int | None = Field(None, ge=1, le=128, description="only best_of == n (no server-side best-of)")
 
     @field_validator("prompt", mode="before")
@@ -326,8 +335,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_supported(self):
-        if self.suffix:
-            raise ValueError("suffix is not supported")
+        if self.suffix and not all(isinstance(p, str) for p in self.prompts()):
+            raise ValueError("suffix needs the prompt as text (a string or a list of strings), not token ids")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
         if self.echo and self.logprobs is not None:

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.server.access import Access, Meter, Principal
+from r1serve.server.errors import APIError
+from r1serve.server.fim import FimFormat, fim_format
 from r1serve.server.generation import (PromptInput, capped, check_context, completion_logprobs, sampling_params, sse,
                                        start_requests, until_disconnect)
 from r1serve.server.protocol import CompletionRequest, new_id, usage_body
@@ -20,8 +22,19 @@ from r1serve.server.served_model import ServedModel
 
 def completion_prompts(model: ServedModel, req: CompletionRequest) -> list[PromptInput]:
     tok = model.engine.tokenizer
+    if req.suffix:  # the prompt's text stays the prompt (echo shows it); the tokens are the FIM prompt's
+        fim = _fim(model)
+        return [PromptInput(p, tok.encode(fim.prompt(p, req.suffix))) for p in req.prompts()]
     return [PromptInput(p, tok.encode(p)) if isinstance(p, str) else PromptInput(None, list(p))
             for p in req.prompts()]
+
+
+def _fim(model: ServedModel) -> FimFormat:
+    found = fim_format(model.engine.tokenizer)
+    if found is None:
+        raise APIError(400, f"{model.name} has no fill-in-the-middle tokens (DeepSeek's, Qwen's or StarCoder's), so "
+                            "it cannot complete between a prompt and a suffix; send no suffix", param="suffix")
+    return found
 
 
 async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTTPRequest, access: Access,
