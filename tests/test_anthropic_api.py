@@ -119,12 +119,16 @@ def test_r1_thinks_in_a_signed_thinking_block(r1_client, stream):
               thinking={"type": "enabled", "budget_tokens": 8})
     if stream:
         with r1_client.messages.stream(**kw) as s:
-            thinking = "".join(e.thinking for e in s if e.type == "thinking")
+            events = list(s)
             m = s.get_final_message()
-        assert thinking == m.content[0].thinking
+        assert "".join(e.thinking for e in events if e.type == "thinking") == m.content[0].thinking
+        # the SDK keeps message_start's usage fields it does not know; the closing one says it
+        usage = next(e.usage for e in events if e.type == "message_delta")
     else:
         m = r1_client.messages.create(**kw)
+        usage = m.usage
     assert m.content[0].type == "thinking" and m.content[0].thinking and m.content[0].signature
+    assert getattr(usage, "reasoning_truncated") is True  # the budget of 8 ended it (r1serve's usage field)
     # sent back as it came, the block is taken; changed, it is refused
     block = m.content[0].model_dump()
     again = ASK + [{"role": "assistant", "content": [block, {"type": "text", "text": "Sunny."}]},

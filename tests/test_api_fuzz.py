@@ -120,7 +120,7 @@ def fit_to_server(case, target_key: str) -> None:
     the served model's name and an existing key's id (a generated one is a 404 before any
     work), token ids inside the vocabulary and no empty prompt (SmolLM2 has no BOS token to
     start one), best_of equal to n (the only best_of served), no FIM suffix (SmolLM2 has no
-    FIM tokens), chat prefix completion on the last message only, thinking blocks without
+    FIM tokens) and no tools in Messages requests (nor a tool-call format), chat prefix completion on the last message only, thinking blocks without
     a signature, and n and max_tokens at most MAX_N and MAX_TOKENS. Requests stay as valid,
     or as invalid, as they were generated."""
     named = {"name": MODEL, "key_id": target_key}
@@ -139,6 +139,9 @@ def fit_to_server(case, target_key: str) -> None:
         body["prompt"] = _non_empty(body["prompt"])
     if case.path in ANTHROPIC_ROUTES:
         _unsigned(body)
+    valid = case.meta is not None and case.meta.generation.mode == GenerationMode.POSITIVE
+    if case.path == "/v1/messages" and valid:  # SmolLM2 writes no tool calls (test_anthropic_api.py's model does)
+        body.pop("tools", None), body.pop("tool_choice", None)
     if case.path == "/v1/completions":
         body.pop("suffix", None)  # SmolLM2 has no fill-in-the-middle tokens (test_deepseek_beta.py has FIM)
     if case.path == "/v1/chat/completions":

@@ -142,3 +142,32 @@ def test_an_unknown_effort_is_a_400(r1):
     with pytest.raises(openai.BadRequestError) as e:
         r1.chat.completions.create(model="r1-tiny", messages=ASK, max_tokens=4, extra_body={"reasoning_effort": "huge"})
     assert e.value.body["param"] == "reasoning_effort"
+
+
+# ---- the answer reserve -----------------------------------------------------------------------------
+
+
+def test_the_reserve_bounds_thinking_within_max_tokens():
+    from r1serve.sampling_params import ReasoningSpec, SamplingParams
+    from r1serve.server.thinking import answer_reserve, reserve_answer
+
+    assert [answer_reserve(n, None) for n in (3, 40, 4000, 100_000)] == [0, 10, 1000, 1024]
+    assert answer_reserve(4000, 7) == 7
+    spec = ReasoningSpec((1,), (2,))
+    assert reserve_answer(SamplingParams(max_tokens=40, reasoning=spec), None).reasoning.max_tokens == 30
+    budgeted = SamplingParams(max_tokens=40, reasoning=ReasoningSpec((1,), (2,), max_tokens=8))
+    assert reserve_answer(budgeted, None) == budgeted  # a budget under the limit stands
+    assert reserve_answer(SamplingParams(max_tokens=40, reasoning=spec), 0).reasoning.max_tokens == 40
+    assert reserve_answer(SamplingParams(max_tokens=40), None).reasoning is None  # no thinking to bound
+
+
+def test_a_reply_cut_by_max_tokens_still_answers(r1):
+    kw = dict(model="r1-tiny", messages=ASK, max_tokens=24, temperature=0)
+    reserved = r1.chat.completions.create(**kw)
+    details = reserved.usage.completion_tokens_details
+    assert reserved.choices[0].finish_reason == "length" and reserved.choices[0].message.content
+    assert details.reasoning_tokens == 24 - 6 + 1 and details.reasoning_truncated  # thinking ended at 18, + </think>
+    unreserved = r1.chat.completions.create(extra_body={"reasoning_reserve": 0}, **kw)
+    assert unreserved.choices[0].message.content == ""  # a random model thinks to the limit
+    assert unreserved.usage.completion_tokens_details.reasoning_tokens == 24
+    assert not unreserved.usage.completion_tokens_details.reasoning_truncated

@@ -24,6 +24,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
     logprobs: SampleLogprobs | None = None
     num_reasoning_tokens: int = 0  # tokens spent thinking (counted when SamplingParams.reasoning is set)
+    reasoning_cut: bool = False  # thinking was ended by its budget (ReasoningSpec.max_tokens), not by the model
 
     @property
     def finished(self) -> bool:

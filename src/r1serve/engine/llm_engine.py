@@ -394,7 +394,8 @@ class LLMEngine:
             sent[0] += len(text)
             sent[1] += len(token_ids)
         return CompletionOutput(index, text, token_ids, child.finish_reason, child.stop_reason,
-                                list(logprobs) if logprobs is not None else None, child.num_reasoning_tokens)
+                                list(logprobs) if logprobs is not None else None, child.num_reasoning_tokens,
+                                child.reasoning_cut)
 
     # ---- introspection ------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     num_reasoning_tokens: int = 0  # output tokens up to and including the end-of-thinking marker
+    reasoning_cut: bool = False  # the budget ended thinking: the end marker was forced
     reasoning_state: ReasoningState = ReasoningState.NONE
     # Tokens the engine emits in place of the sampled ones (the end-of-thinking marker when
     # the reasoning budget is spent). Substituted before the token is fed back to the model.
@@ -90,6 +91,7 @@ class Request:
             self.first_token_time = time.monotonic()
         if self._reasoning_budget_spent():
             self.forced_token_ids = list(self.params.reasoning.end_ids)
+            self.reasoning_cut = True
         if self.forced_token_ids:
             token_id = self.forced_token_ids.pop(0)
         self.token_ids.append(token_id)

@@ -38,7 +38,7 @@ def chat_request(req: MessagesRequest | CountTokensRequest, model: ServedModel, 
     body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": stream}
     if isinstance(req, MessagesRequest):
         body |= {"max_tokens": req.max_tokens, "stop": req.stop_sequences, "temperature": req.temperature,
-                 "top_p": req.top_p, "top_k": req.top_k}
+                 "top_p": req.top_p, "top_k": req.top_k, "reasoning_reserve": req.reasoning_reserve}
     if req.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                             "parameters": t.input_schema}} for t in req.tools]
@@ -191,7 +191,8 @@ class MessageJob(ChatJob):
     def anthropic_usage(self) -> dict:
         prompt, cached, completion, _ = self.counts()
         return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": cached, "output_tokens": completion}
+                "cache_read_input_tokens": cached, "output_tokens": completion,
+                "reasoning_truncated": any(self.reasoning_cut)}
 
     # -- streams
 

@@ -155,3 +155,5 @@ class MessagesRequest(PromptedRequest):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     stream: bool | None = False
+    reasoning_reserve: int | None = Field(None, ge=0, description="r1serve's: tokens of max_tokens kept for the "
+                                                                  "answer (default a quarter, at most 1,024; 0: off)")

@@ -55,6 +55,7 @@ class PromptTokensDetails(Doc):
 
 class CompletionTokensDetails(Doc):
     reasoning_tokens: int
+    reasoning_truncated: bool = Field(description="thinking was ended by its budget or the answer reserve")
 
 
 class Usage(Doc):
@@ -289,6 +290,7 @@ class AnthropicUsage(Doc):
     output_tokens: int
     cache_creation_input_tokens: int
     cache_read_input_tokens: int = Field(description="prompt tokens served from the prefix cache")
+    reasoning_truncated: bool = Field(description="r1serve's: thinking was ended by its budget or the answer reserve")
 
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]

@@ -253,6 +253,8 @@ class ChatCompletionRequest(SamplingFields):
         None, json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})
     max_reasoning_tokens: int | None = Field(None, ge=0, description="r1serve's thinking budget (reasoning "
                                                                       "models only)")
+    reasoning_reserve: int | None = Field(None, ge=0, description="tokens of max_tokens kept for the answer: "
+                                          "thinking ends before them (default: a quarter, at most 1,024; 0: off)")
     thinking: ThinkingSwitch | None = Field(None, description="DeepSeek's switch: whether the model thinks "
                                                               "(default: the model's own behaviour)")
     reasoning_effort: Literal[tuple(EFFORT_LEVELS)] | None = Field(  # type: ignore[valid-type]
@@ -391,14 +393,16 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int) -> dict:
-    """OpenAI's usage plus DeepSeek's cache fields (hit + miss = prompt tokens)."""
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int,
+               reasoning_cut: bool = False) -> dict:
+    """OpenAI's usage plus DeepSeek's cache fields (hit + miss = prompt tokens), and whether a
+    budget or the answer reserve ended some thinking (r1serve's `reasoning_truncated`)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "reasoning_truncated": reasoning_cut},
         "prompt_cache_hit_tokens": cached_tokens,
         "prompt_cache_miss_tokens": prompt_tokens - cached_tokens,
     }

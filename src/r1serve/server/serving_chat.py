@@ -19,7 +19,7 @@ from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 from r1serve.server.structured_outputs import banned_markers, structured_outputs
-from r1serve.server.thinking import switch_kwargs, template_switches, without_thinking
+from r1serve.server.thinking import reserve_answer, switch_kwargs, template_switches, without_thinking
 from r1serve.tokenizer.chat_template import ToolArguments
 from r1serve.tool_calls import ToolCallParser
 
@@ -133,7 +133,7 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     request_id = job.new_request_id()
     meter = access.meter(principal, model.name, request_id)
     granted = await meter.admit(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
-    params = capped(params, granted)
+    params = reserve_answer(capped(params, granted), req.reasoning_reserve)
     chat = job(model, req, request_id, prompt, spec, meter, **job_args)
     setattr(raw.state, JOB, chat)  # its tokens go in the request's log line
     streams = await start_requests(engine, [chat.id], [prompt], params, meter)
@@ -167,6 +167,7 @@ class ChatJob(ResponseJob):
         self.splitters = [ReasoningSplitter(spec.open_at_start) for _ in range(req.n)] if spec else None
         self.completion_tokens = [0] * req.n
         self.reasoning_tokens = [0] * req.n
+        self.reasoning_cut = [False] * req.n
         self.cached = 0
         # Tool calls are read out of the answer (never out of the reasoning), one parser per choice.
         fmt = model.tool_format if req.tools and req.tool_mode != "none" else None
@@ -276,10 +277,11 @@ class ChatJob(ResponseJob):
         self.completion_tokens[i] = self.completion_tokens[i] + len(c.token_ids) if delta else len(c.token_ids)
         # The engine counts thinking in tokens (0 when the output did not open with <think>).
         self.reasoning_tokens[i] = c.num_reasoning_tokens
+        self.reasoning_cut[i] = c.reasoning_cut
 
     def usage(self) -> dict:
         return usage_body(len(self.prompt.token_ids), sum(self.completion_tokens), self.cached,
-                          sum(self.reasoning_tokens))
+                          sum(self.reasoning_tokens), any(self.reasoning_cut))
 
     def counts(self) -> tuple[int, int, int, int]:
         return len(self.prompt.token_ids), self.cached, sum(self.completion_tokens), sum(self.reasoning_tokens)

@@ -14,12 +14,17 @@ Effort is a reasoning budget (the most tokens thinking may take before `</think>
 low 1,024, high 8,192, max unlimited. DeepSeek's names are low, high and max; OpenAI's
 minimal counts as low, medium and xhigh as high, ultra as max, and none turns thinking off.
 A request's own `max_reasoning_tokens` wins over its effort.
+
+Whatever the budget, thinking also ends where only the answer reserve of max_tokens is left
+(`reasoning_reserve`; default a quarter of max_tokens, at most 1,024 tokens; 0 turns it
+off), so a reply cut by max_tokens still has an answer; the usage says when thinking was cut.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from r1serve.sampling_params import SamplingParams
 from r1serve.server.reasoning import END, START
 
 EFFORT_LEVELS = {"none": "none", "minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "high",
@@ -64,3 +69,24 @@ def without_thinking(prompt: str) -> str:
     if not stripped.endswith(START):
         return prompt
     return stripped[: -len(START)] + EMPTY_THINKING
+
+
+# The answer reserve: thinking ends at max_tokens - reserve, so a reply cut by max_tokens still
+# has an answer (an R1 reply that thinks to the limit otherwise ends with empty content).
+RESERVE_SHARE, RESERVE_MOST = 4, 1024
+
+
+def answer_reserve(max_tokens: int, asked: int | None) -> int:
+    """The tokens kept for the answer: as asked, else a quarter of max_tokens, at most 1,024."""
+    return asked if asked is not None else min(max_tokens // RESERVE_SHARE, RESERVE_MOST)
+
+
+def reserve_answer(params: SamplingParams, asked: int | None) -> SamplingParams:
+    """`params` whose thinking budget leaves the answer its reserve of max_tokens."""
+    spec = params.reasoning
+    if spec is None or params.max_tokens is None:
+        return params
+    limit = max(params.max_tokens - answer_reserve(params.max_tokens, asked), 0)
+    if spec.max_tokens is not None and spec.max_tokens <= limit:
+        return params
+    return replace(params, reasoning=replace(spec, max_tokens=limit))
