@@ -14,6 +14,7 @@ from r1serve.server.protocol import ChatCompletionRequest
 from r1serve.server.serving_chat import chat_prompt, reasoning_spec
 from r1serve.server.thinking import Thinking
 from r1serve.tokenizer.tokenizer import Tokenizer
+from r1serve.tool_calls import detect_format
 
 from server_process import ServerProcess
 
@@ -39,8 +40,14 @@ def tokenizer(tmp_path, template: str | None, r1: bool = False) -> Tokenizer:
     return Tokenizer.from_dir(tmp_path)
 
 
+def served(tok: Tokenizer) -> SimpleNamespace:
+    """What chat_prompt reads of a served model."""
+    return SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), name="m", reasoning=True,
+                           tool_format=detect_format(tok.chat_template))
+
+
 def prompt_of(tok: Tokenizer, **body) -> str:
-    model = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), name="m", reasoning=True)
+    model = served(tok)
     return chat_prompt(model, ChatCompletionRequest.model_validate(body)).text
 
 
@@ -61,8 +68,7 @@ def test_switch_and_effort_map_as_documented(switch, effort, expected):
 
 
 def test_effort_is_a_budget_unless_the_request_sets_one(tmp_path):
-    tok = tokenizer(tmp_path, None, r1=True)
-    model = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), name="r1", reasoning=True)
+    model = served(tokenizer(tmp_path, None, r1=True))
     for body, budget in (({"reasoning_effort": "low"}, 1024), ({"reasoning_effort": "max"}, None),
                          ({"reasoning_effort": "low", "max_reasoning_tokens": 5}, 5), ({}, None)):
         req = ChatCompletionRequest.model_validate({"messages": ASK} | body)

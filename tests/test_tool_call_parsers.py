@@ -83,6 +83,15 @@ def test_a_cut_off_call_keeps_its_name_and_what_arguments_came():
     assert content == "" and calls[0].name == "get_weather" and calls[0].arguments == '{"city": "Par'
 
 
+@pytest.mark.parametrize("name", ["hermes", "deepseek_v3"])
+def test_a_call_whose_end_marker_was_cut_has_its_arguments_whole(name):
+    fmt = FORMATS[name]
+    whole = HERMES if name == "hermes" else DS_CALLS
+    end = whole.index(fmt.call_end) + 3  # the output stopped three characters into the end marker
+    _, calls = parse_tool_calls(fmt, whole[:end])
+    assert calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"] == "Paris"
+
+
 def test_format_is_detected_from_the_chat_template():
     from r1serve.bench.random_checkpoint import HERMES_CHAT_TEMPLATE
     from r1serve.tokenizer.r1_chat_format import R1_CHAT_TEMPLATE

@@ -115,18 +115,20 @@ class Request:
         Before the output has shown whether it reasons, it may also open its reasoning."""
         if self.grammar is None or self.reasoning_state is ReasoningState.OPEN:
             return None
-        if self.reasoning_state is ReasoningState.UNKNOWN:
-            return self.grammar.matcher, self.params.reasoning.start_ids[0]
+        start = self.params.reasoning.start_ids if self.params.reasoning is not None else ()
+        if self.reasoning_state is ReasoningState.UNKNOWN and len(start) == 1:
+            return self.grammar.matcher, start[0]
+        # A marker of several tokens is not offered: its first token is ordinary text ("<"),
+        # which the grammar's own text may begin with.
         return self.grammar.matcher, None
 
     def _advance_grammar(self, token_id: int, before: ReasoningState) -> None:
         state = self.reasoning_state
         if state is ReasoningState.UNKNOWN:
-            # The output began the start marker (the one token the mask let through besides the
-            # grammar's): it reasons, so the engine writes the rest of the marker.
-            spec = self.params.reasoning
-            self.forced_token_ids = list(spec.start_ids[self.num_output_tokens:])
-            return
+            # Still unknown after a token only where the marker has several tokens and this one
+            # began it: the grammar's own text (grammar_row offers no such marker), not thinking.
+            self.reasoning_state, self.num_reasoning_tokens = ReasoningState.NONE, 0
+            state = ReasoningState.NONE
         if state is ReasoningState.OPEN or (state is ReasoningState.CLOSED and before is not ReasoningState.CLOSED):
             return  # thinking, or the end marker's own tokens: the constraint starts after them
         if not self.grammar.accept(token_id):

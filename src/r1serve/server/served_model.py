@@ -39,7 +39,15 @@ class ServedModel:
     metrics: ServerMetrics
     created: int
     root: str
-    tool_format: ToolCallFormat | None = None  # how the model writes tool calls; None: it has no format
+    tool_format: ToolCallFormat | None = None  # how the model's template writes tool calls; None: it has none
+
+    @property
+    def call_format(self) -> ToolCallFormat:
+        """The format its calls are read and enforced in: the template's, else the generic one
+        that generic_tools.py teaches it in the prompt."""
+        from r1serve.server.generic_tools import GENERIC_FORMAT
+
+        return self.tool_format or GENERIC_FORMAT
 
     @cached_property  # read for every streamed chunk
     def fingerprint(self) -> str:

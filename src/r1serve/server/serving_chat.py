@@ -19,6 +19,7 @@ from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
 from r1serve.server.served_model import ServedModel
 from r1serve.server.structured_outputs import banned_markers, structured_outputs
+from r1serve.server.generic_tools import with_generic_tools
 from r1serve.server.thinking import reserve_answer, switch_kwargs, template_switches, without_thinking
 from r1serve.tokenizer.chat_template import ToolArguments
 from r1serve.tool_calls import ToolCallParser
@@ -83,6 +84,8 @@ CONTINUE_MARK = "\ue000r1serve:continue\ue000"
 def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> PromptInput:
     tok = model.engine.tokenizer
     conv = conversation(req.messages)
+    if model.tool_format is None:  # the template shows no tools: r1serve writes them in
+        conv = with_generic_tools(conv, req.tools if req.tool_mode != "none" else None)
     if req.continue_final_message:
         # The reply continues the last (assistant) message: cut what the template wrote after
         # it. A mark rather than a search for its text, which may be empty or said before.
@@ -170,7 +173,7 @@ class ChatJob(ResponseJob):
         self.reasoning_cut = [False] * req.n
         self.cached = 0
         # Tool calls are read out of the answer (never out of the reasoning), one parser per choice.
-        fmt = model.tool_format if req.tools and req.tool_mode != "none" else None
+        fmt = model.call_format if req.tools and req.tool_mode != "none" else None
         self.tool_parsers = [ToolCallParser(fmt) for _ in range(req.n)] if fmt else None
         self.call_ids: list[list[str]] = [[] for _ in range(req.n)]
         model.metrics.count_request(model.name, req)

@@ -1,5 +1,6 @@
 """What a chat request constrains its output to: response_format, or the tool calls that
-tool_choice "required" or a named function demands (in the model's own tool-call format).
+tool_choice "required" or a named function demands (in the model's own tool-call format, or
+the generic one of generic_tools.py for a model whose template has none).
 
 Every schema is compiled here, before any work starts, so one that the grammar library
 cannot take is a 400 naming its field. tool_choice "auto" is not constrained: the model
@@ -24,7 +25,7 @@ def structured_outputs(model: ServedModel, req: ChatCompletionRequest) -> Struct
             tools = [t for t in tools if t.name == req.tool_choice.function.name]
         # A named function is called once, as OpenAI does; "required" calls one or more.
         parallel = mode == "required" and req.parallel_tool_calls is not False
-        grammar = model.tool_format.grammar(tools, parallel, model.engine.tokenizer.token_to_id)
+        grammar = model.call_format.grammar(tools, parallel, model.engine.tokenizer.token_to_id)
         return _compiled(StructuredOutputsParams(grammar=grammar), "tool_choice")
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
@@ -56,10 +57,6 @@ def _checked_tools(model: ServedModel, req: ChatCompletionRequest) -> list[ToolS
     if mode == "named" and req.tool_choice.function.name not in names:
         raise APIError(400, f"tool_choice names the function {req.tool_choice.function.name!r}, which is not "
                             f"among the tools ({', '.join(names)})", param="tool_choice")
-    if mode != "none" and model.tool_format is None:
-        raise APIError(400, f"{model.name} has no tool-call format (its chat template writes no tool calls); "
-                            "start the server with --tool-call-parser deepseek_v3 or hermes, or send "
-                            "tool_choice 'none'", param="tools")
     specs = [ToolSpec.from_openai(t.model_dump()) for t in req.tools]
     for i, spec in enumerate(specs):
         _compiled(StructuredOutputsParams(json=spec.parameters), f"tools[{i}].function.parameters")

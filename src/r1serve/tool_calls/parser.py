@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from r1serve.tool_calls.formats import ToolCallFormat
+from r1serve.tool_calls.formats import ToolCallFormat, partial_suffix
 
 
 @dataclass
@@ -69,7 +69,8 @@ class ToolCallParser:
     def _flush(self, delta: ToolDelta) -> None:
         """The end of the output: held text is what it looked like."""
         held, self._held = self._held, ""
-        if self.state == "args":
+        if self.state == "args":  # a call_end cut short by the output's end ("}\n</tool") is still its end
+            held = held[:len(held) - partial_suffix(held, self.fmt.call_end)]
             self._emit_args(self.fmt.strip_args_end(held), delta)
         elif self.state == "header" and self.fmt.call_end in held:
             self._whole_call(held, delta)
