@@ -106,10 +106,11 @@ def pg_url():
             pytest.skip(f"no PostgreSQL ({done.stderr.strip()[-300:]}); set R1SERVE_TEST_PG_URL to use one")
     import sqlalchemy as sa
 
+    from r1serve.server.db import metadata
+
     engine = sa.create_engine(url)
-    with engine.begin() as conn:  # a clean schema for this run
-        conn.execute(sa.text("DROP TABLE IF EXISTS admissions, server_leases, usage_ledger, api_keys, r1serve_schema "
-                             "CASCADE"))
+    with engine.begin() as conn:  # a clean schema for this run: every table r1serve has
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {', '.join(metadata.tables)} CASCADE"))
     engine.dispose()
     return url
 

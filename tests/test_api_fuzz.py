@@ -46,7 +46,7 @@ EXAMPLES_PER_ROUTE = 20  # the fuzzing phase's; the coverage phase adds its boun
 # 400s a schema-valid request may still get: rules about the model or the prompt's tokens.
 SCHEMA_CANNOT_SAY = ("maximum context length", "outside the vocabulary", "the prompt is empty",
                      "assistant message last", "best_of is not supported", "the chat template rejected",
-                     "the chat template failed",
+                     "the chat template failed", "input holds no message",
                      # Tools and schemas: whether the grammar library compiles a schema, or the
                      # named function is among the tools.
                      "does not compile", "not among the tools")

@@ -23,6 +23,7 @@ from r1serve.server.db_health import DatabaseHealth, describe
 from r1serve.server.errors import APIError
 from r1serve.server.keys import KeyInfo, KeyStore
 from r1serve.server.ledger import Ledger, UsageRecord
+from r1serve.server.response_store import ResponseStore
 from r1serve.server.prices import PriceTable
 from r1serve.server.request_log import KEY
 from r1serve.server.settle_journal import SettleJournal
@@ -65,6 +66,7 @@ class Access:
         self.engine: sa.Engine = open_database(db_url)
         self.keys = KeyStore(self.engine)
         self.ledger = Ledger(self.engine, prices, cached_weight)
+        self.responses = ResponseStore(self.engine)
         self.health = DatabaseHealth(self.engine)
         self.admission: AdmissionControl | None = None
         self.journal: SettleJournal | None = None  # a server's: settlements the database could not take

@@ -16,14 +16,14 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from r1serve.outputs import RequestOutput
+from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.server.errors import anthropic_error_body, bad_request, status_of
 from r1serve.server.anthropic_protocol import (AnyChoice, AssistantTurn, AutoChoice, CountTokensRequest,
                                                MessagesRequest, NamedChoice, NoChoice, TextBlock, ThinkingBlock,
                                                ToolResultBlock, ToolUseBlock, UserTurn, PromptedRequest)
 from r1serve.server.protocol import ChatCompletionRequest
 from r1serve.server.served_model import ServedModel
-from r1serve.server.serving_chat import ChatJob, ChoiceDelta, chat_prompt
+from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob, chat_prompt
 from r1serve.server.thinking_signer import ThinkingSigner
 
 # ---- Anthropic -> chat -------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def stop_reason(finish_reason: str | None, matched: int | str | None) -> tuple[s
     return "end_turn", None
 
 
-class MessageJob(ChatJob):
+class MessageJob(PartStreamJob):
     """A chat job whose outputs are written as Anthropic's message (one choice)."""
 
     call_id_prefix = "toolu_"
@@ -201,18 +201,11 @@ class MessageJob(ChatJob):
         return [event("message_start", {"type": "message_start", "message": start}),
                 event("ping", {"type": "ping"})]
 
-    def on_output(self, index: int, out: RequestOutput) -> list[bytes]:
-        self.cached = out.num_cached_tokens
-        events: list[bytes] = []
-        for c in out.outputs:
-            d = self._delta(c)
-            events += self._block_events(d)
-            if c.finished:
-                self.matched = c.stop_reason
-                events += self._close_block()
-        return events
+    def on_finish(self, c: CompletionOutput, d: ChoiceDelta) -> list[bytes]:
+        self.matched = c.stop_reason
+        return self._close_block()
 
-    def _block_events(self, d: ChoiceDelta) -> list[bytes]:
+    def part_events(self, d: ChoiceDelta) -> list[bytes]:
         events = []
         if d.reasoning:
             events += self._open("thinking", {"type": "thinking", "thinking": ""})

@@ -34,10 +34,14 @@ from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.request_log import RequestLog
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.openapi import (API_KEY, AnthropicError, AnthropicEvent, AnthropicReply, ChatCompletion,
-                                    ChatCompletionChunk, Completion, CompletionChunk, Health, InputTokens, ModelCard,
-                                    ModelList, Text, Tokens, publish_stream_models, responses)
+                                    ChatCompletionChunk, Completion, CompletionChunk, DeletedResponse, Health,
+                                    InputTokens, ModelCard, ModelList, ResponsesEvent, ResponsesReply, Text, Tokens,
+                                    publish_stream_models, responses)
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
+from r1serve.server.responses_api import ResponsesJob, earlier_conversation
+from r1serve.server.responses_api import chat_request as responses_chat_request
+from r1serve.server.responses_protocol import ResponsesRequest
 from r1serve.server.served_model import ModelSpec, ServedModel, tool_format, uses_reasoning
 from r1serve.server.serving_chat import conversation, create_chat_completion
 from r1serve.server.serving_completion import create_completion
@@ -168,6 +172,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
     _add_database_handler(app, access)
     _add_routes(app, state)
     _add_anthropic_routes(app, state, ThinkingSigner(config.signing_key or os.urandom(32)))
+    _add_responses_routes(app, state)
     add_platform_routes(app, state.access)
     publish_stream_models(app)
     add_api_docs(app)
@@ -272,6 +277,41 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_responses_routes(app: FastAPI, state: ServerState) -> None:
+    """OpenAI's Responses API, and the responses it keeps (per key)."""
+    caller, store = Depends(state.access.principal), state.access.responses
+
+    @app.post("/v1/responses", dependencies=[API_KEY],
+              responses=responses(ResponsesReply, 400, 401, 402, 404, 429, 503, stream=ResponsesEvent))
+    async def create_response(req: ResponsesRequest, raw: Request, principal: Principal = caller):
+        served = state.model(req.model)
+        state.admit(served)
+        earlier = await asyncio.to_thread(earlier_conversation, store, req, principal.key_id)
+        chat = responses_chat_request(req, earlier)
+        return await _engine_call(create_chat_completion(served, chat, raw, state.access, principal, ResponsesJob,
+                                                         responses=req, earlier=earlier, store=store,
+                                                         key_id=principal.key_id))
+
+    @app.get("/v1/responses/{response_id}", dependencies=[API_KEY], responses=responses(ResponsesReply, 401, 404))
+    async def get_response(response_id: str, principal: Principal = caller):
+        found = await asyncio.to_thread(store.load, response_id, principal.key_id)
+        if found is None:
+            raise _no_response(response_id)
+        return found[0]
+
+    @app.delete("/v1/responses/{response_id}", dependencies=[API_KEY],
+                responses=responses(DeletedResponse, 401, 404))
+    async def delete_response(response_id: str, principal: Principal = caller):
+        if not await asyncio.to_thread(store.delete, response_id, principal.key_id):
+            raise _no_response(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _no_response(response_id: str) -> APIError:
+    return APIError(404, f"no stored response {response_id!r} for this key", param="response_id",
+                    code="response_not_found")
 
 
 def _add_anthropic_routes(app: FastAPI, state: ServerState, signer: ThinkingSigner) -> None:

@@ -78,6 +78,15 @@ admissions = sa.Table(
     sa.Index("ix_admissions_key_time", "key_id", "admitted_at"),
 )
 
+stored_responses = sa.Table(
+    "stored_responses", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # resp_…
+    sa.Column("key_id", sa.String(32), nullable=True, index=True),  # whose it is (None: an open server's)
+    sa.Column("response", sa.Text, nullable=False),  # the Responses API object, as JSON
+    sa.Column("conversation", sa.Text, nullable=False),  # the chat messages it ends, as JSON (previous_response_id)
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 schema_version = sa.Table("r1serve_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
 
 
@@ -132,8 +141,13 @@ def _v4(ops: Operations) -> None:
         batch.add_column(sa.Column("cost", sa.Float, nullable=False, server_default="0"))
 
 
+def _v5(ops: Operations) -> None:
+    # Responses kept for previous_response_id and GET /v1/responses/{id} (store: true).
+    stored_responses.create(ops.get_bind())
+
+
 # (version, upgrade) in order; a new schema change is a new entry, never an edit of an old one.
-MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+MIGRATIONS: list[tuple[int, Callable[[Operations], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5)]
 
 # What a database that went away raises (refused or dropped connections, a pool that cannot
 # connect, SQLite's lock or disk errors): the server answers 503 and retries, it is no bug.

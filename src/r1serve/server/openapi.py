@@ -374,11 +374,50 @@ class AnthropicEvent(Doc):
     root: MessageStart | BlockStart | BlockDelta | BlockStop | ReplyDelta | Marker | AnthropicError
 
 
+# ---- OpenAI's Responses API (responses_api.py) ----------------------------------------------------
+
+
+class ResponsesUsage(Doc):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(description="cached_tokens: those the prefix cache served")
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(description="reasoning_tokens")
+    total_tokens: int
+
+
+class ResponsesReply(Doc):
+    """A response: its output items are `reasoning` (R1's thinking), `message` and
+    `function_call` items, as OpenAI writes them."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    model: str
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    output: list[dict[str, Any]]
+    usage: ResponsesUsage | None
+    previous_response_id: str | None = None
+
+
+class ResponsesEvent(Doc):
+    """One streamed event: response.created, response.output_item.added, response.output_text.delta, …,
+    response.completed (or response.failed); its `event:` line names the same type."""
+
+    type: str
+    sequence_number: int
+
+
+class DeletedResponse(Doc):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
 def _events(chunk: type[BaseModel], error: type[BaseModel]) -> dict:
     data: dict[str, Any] = {"contentMediaType": "application/json",
                             "contentSchema": {"anyOf": [{"$ref": REF.format(model=m.__name__)}
                                                         for m in dict.fromkeys(_members(chunk) + [error])]}}
-    if error is ErrorBody:  # OpenAI's streams end with [DONE]; Anthropic's with message_stop
+    if error is ErrorBody and chunk is not ResponsesEvent:  # chat and completions streams end with [DONE]
         data = {"type": "string", "if": {"const": "[DONE]"}, "else": data}
     else:
         data = {"type": "string"} | data
@@ -406,7 +445,7 @@ def responses(ok: type[BaseModel] | None, *errors: int | str, stream: type[BaseM
     return declared
 
 
-STREAMED = (ChatCompletionChunk, CompletionChunk, ErrorBody, *_members(AnthropicEvent))
+STREAMED = (ChatCompletionChunk, CompletionChunk, ErrorBody, ResponsesEvent, *_members(AnthropicEvent))
 
 
 def publish_stream_models(app: FastAPI) -> None:

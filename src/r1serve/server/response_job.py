@@ -128,7 +128,13 @@ class ResponseJob(ABC):
             raise
         choices = self.choices(ordered)
         await self.report("ok")
-        return self.response_body(choices)
+        body = self.response_body(choices)
+        await self.finished(body)
+        return body
+
+    async def finished(self, body: dict | None) -> None:
+        """Called once the request ended well, before the client has the end of its answer:
+        with the whole body (None for a stream, whose job keeps its own account)."""
 
     def response_body(self, choices: list[dict]) -> dict:
         """The whole (non-streamed) response, once the job has reported."""
@@ -162,6 +168,7 @@ class ResponseJob(ABC):
                 async for i, out in merged(streams):
                     await self._write(i, out, send)
             await self.report("ok")
+            await self.finished(None)
             tail = self.closing_events()
         except APIError as exc:
             await self.report("error")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from abc import abstractmethod
 from dataclasses import dataclass, replace
 
 from fastapi import Request as HTTPRequest
@@ -288,6 +289,29 @@ class ChatJob(ResponseJob):
 
     def counts(self) -> tuple[int, int, int, int]:
         return len(self.prompt.token_ids), self.cached, sum(self.completion_tokens), sum(self.reasoning_tokens)
+
+
+class PartStreamJob(ChatJob):
+    """A chat job streamed in another API's events, part by part: thinking, text, each call
+    (Anthropic's content blocks, the Responses API's output items). One choice."""
+
+    def on_output(self, index: int, out: RequestOutput) -> list[bytes]:
+        self.cached = out.num_cached_tokens
+        events: list[bytes] = []
+        for c in out.outputs:
+            d = self._delta(c)
+            events += self.part_events(d)
+            if c.finished:
+                events += self.on_finish(c, d)
+        return events
+
+    @abstractmethod
+    def part_events(self, d: ChoiceDelta) -> list[bytes]:
+        """The events for what one output added."""
+
+    @abstractmethod
+    def on_finish(self, c: CompletionOutput, d: ChoiceDelta) -> list[bytes]:
+        """The events that close the last part, once the output ended."""
 
 
 def _whole_calls(entries: list[dict]) -> list[dict]:
