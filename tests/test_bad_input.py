@@ -346,7 +346,7 @@ CHAT_BODIES = {  # body -> valid?
 COMPLETION_BODIES = {
     "token ids as 5.0": ({"model": "m", "prompt": [5.0, 17]}, True),
     "echo with logprobs": ({"model": "m", "prompt": "a", "echo": True, "logprobs": 1}, False),
-    "suffix": ({"model": "m", "prompt": "a", "suffix": "b"}, False),
+    "suffix (fill in the middle)": ({"model": "m", "prompt": "a", "suffix": "b"}, True),
     "best_of out of range": ({"model": "m", "prompt": "a", "best_of": 0}, False),
 }
 
@@ -432,7 +432,7 @@ def test_continue_final_message_cuts_after_the_final_content(final):
 
     tok = _TemplateTokenizer(TURNS)
     tok.encode = lambda text, add_special_tokens=False: [ord(c) for c in text]
-    model = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok))
+    model = SimpleNamespace(engine=SimpleNamespace(tokenizer=tok), tool_format=None)
     req = ChatCompletionRequest(model="m", messages=HI + [{"role": "assistant", "content": final}],
                                 continue_final_message=True, add_generation_prompt=False)
     prompt = chat_prompt(model, req)

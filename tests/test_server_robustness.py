@@ -50,7 +50,7 @@ MALFORMED = {
     "empty stop": dict(json=chat_body(stop=[""])),
     "top_logprobs too many": dict(json=chat_body(logprobs=True, top_logprobs=50)),
     "stream_options without stream": dict(json=chat_body(stream_options={"include_usage": True})),
-    "tools": dict(json=chat_body(tools=[{"type": "function", "function": {"name": "f"}}])),
+    "a tool without a valid name": dict(json=chat_body(tools=[{"type": "function", "function": {"name": "f g"}}])),
     "non-utf8 bytes": dict(content=b'{"model": "smollm2", "messages": [{"role": "user", "content": "\xff\xfe"}]}'),
 }
 

@@ -102,6 +102,29 @@ def test_auto_and_none(client, hermes):
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_auto_calls_that_open_are_held_to_the_grammar(client, hermes, seed):
+    # Pushed to open a call (the marker is one token of this vocabulary), a random model writes
+    # garbage after it unless the lazy grammar takes over from the marker on.
+    marker = httpx.post(f"{hermes.base}/tokenize", json={"model": "tiny", "prompt": "<tool_call>",
+                                                         "add_special_tokens": False}).json()["tokens"]
+    assert len(marker) == 1
+    r = chat(client, tools=TOOLS, temperature=1.0, seed=seed, max_tokens=120, parallel_tool_calls=False,
+             logit_bias={str(marker[0]): 100})
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    _valid_call(calls[0])
+
+
+def test_lazy_grammars_only_where_the_opening_marker_is_one_token():
+    from r1serve.tool_calls import FORMATS, ToolSpec
+
+    spec = [ToolSpec("get_time", SCHEMAS["get_time"])]
+    assert FORMATS["hermes"].lazy_grammar(spec, True, lambda marker: None) is None  # a generic, spelled-out marker
+    grammar = FORMATS["deepseek_v3"].lazy_grammar(spec, True, {"<｜tool▁calls▁begin｜>": 7}.get)
+    assert grammar.startswith('start: TEXT | TEXT? (<[7]> call ("\\n" call)* "<｜tool▁calls▁end｜>")')
+
+
 def test_round_trip_with_a_tool_result(client, hermes):
     first = chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
     msg = first.choices[0].message

@@ -82,6 +82,16 @@ class ToolCallFormat(ABC):
     def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
         """A Lark grammar (llguidance's dialect) for one or more calls of these tools."""
 
+    def lazy_grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str | None:
+        """Free text, or free text then calls held to the grammar (tool_choice "auto", strict):
+        the text cannot spell the marker that opens calls, so writing it is the model's choice
+        of a call, and from there the call parses. Only where that marker is one token (text
+        could otherwise end in half of it); None elsewhere (the call is read as written)."""
+        if marker_id(self.block_begin or self.call_begin) is None:
+            return None
+        head, _, rules = self.grammar(tools, parallel, marker_id).partition("\n")
+        return f"start: TEXT | TEXT? ({head.removeprefix('start: ')})\n{rules}\nTEXT: /(?s:.+)/"
+
 
 class DeepSeekV3Format(ToolCallFormat):
     name = "deepseek_v3"

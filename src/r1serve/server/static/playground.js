@@ -157,6 +157,9 @@ class AssistantTurn {
     this.meta.textContent = parts.join(" · ");
     if (!this.content && this.reasoning && this.finishReason === "length") {
       this.answer.append(el("p", "note", "No answer yet: the model spent every token thinking. Raise Max tokens or set a Reasoning budget."));
+    } else if (u?.completion_tokens_details?.reasoning_truncated) {
+      // The server ended the thinking (a budget, or the room kept for the answer).
+      this.answer.append(el("p", "note", "Thinking was cut short to leave room for the answer. Raise Max tokens to let it think longer."));
     }
   }
 
