@@ -9,6 +9,7 @@ from pathlib import Path
 from r1serve.config import EngineConfig
 from r1serve.engine.async_engine import AsyncEngine
 from r1serve.errors import InvalidRequestError
+from r1serve.server.generic_tools import GENERIC_FORMAT
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.reasoning import END, PARSERS
 from r1serve.tool_calls import FORMATS, PARSERS as TOOL_PARSERS, ToolCallFormat, detect_format
@@ -45,8 +46,6 @@ class ServedModel:
     def call_format(self) -> ToolCallFormat:
         """The format its calls are read and enforced in: the template's, else the generic one
         that generic_tools.py teaches it in the prompt."""
-        from r1serve.server.generic_tools import GENERIC_FORMAT
-
         return self.tool_format or GENERIC_FORMAT
 
     @cached_property  # read for every streamed chunk
