@@ -262,6 +262,12 @@ def compare_chart(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("% of an H100 deployment, per chip")
     ax.set_title(title, fontsize=10)
     ax.legend()
+    return _saved(fig, path)
+
+
+def _saved(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,12 +308,7 @@ def plan_chart(j: dict, path: Path) -> Path:
     counts.legend(fontsize=8)
     fig.suptitle(f"{j['model']} on {j['chips']} x {j['chip_name']}: {j['input_len']} in / {j['output_len']} out, "
                  f"TPOT <= {j['tpot_slo_ms']:g} ms", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def _step_bar(ax, title: str, breakdown: dict) -> None:
