@@ -82,6 +82,7 @@ class AssistantTurn {
     this.content = "";
     this.reasoning = "";
     this.usage = null;
+    this.notes = [];  // said under the answer; kept through every re-render of it
     this.finishReason = null;
     this.started = performance.now();
     this.firstTokenAt = null;
@@ -138,12 +139,11 @@ class AssistantTurn {
 
   render() {
     this.rendering = false;
-    this.answer.replaceChildren(renderMarkdown(this.content));
+    this.answer.replaceChildren(renderMarkdown(this.content), ...this.notes.map((text) => el("p", "note", text)));
   }
 
   finish(outcome) {
     if (this.reasoning) this.foldReasoning();
-    this.render();
     const seconds = (performance.now() - this.started) / 1000;
     const parts = [`${seconds.toFixed(1)} s`];
     if (this.firstTokenAt !== null) parts.push(`first token ${((this.firstTokenAt - this.started) / 1000).toFixed(2)} s`);
@@ -156,11 +156,12 @@ class AssistantTurn {
     parts.push(outcome ?? `finish: ${this.finishReason ?? "?"}`);
     this.meta.textContent = parts.join(" · ");
     if (!this.content && this.reasoning && this.finishReason === "length") {
-      this.answer.append(el("p", "note", "No answer yet: the model spent every token thinking. Raise Max tokens or set a Reasoning budget."));
+      this.notes.push("No answer yet: the model spent every token thinking. Raise Max tokens or set a Reasoning budget.");
     } else if (u?.completion_tokens_details?.reasoning_truncated) {
       // The server ended the thinking (a budget, or the room kept for the answer).
-      this.answer.append(el("p", "note", "Thinking was cut short to leave room for the answer. Raise Max tokens to let it think longer."));
+      this.notes.push("Thinking was cut short to leave room for the answer. Raise Max tokens to let it think longer.");
     }
+    this.render();  // now, and again if a frame's render is still pending: the notes stay
   }
 
   fail(message) {
