@@ -14,8 +14,6 @@ import uuid
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
-
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.server.errors import anthropic_error_body, bad_request, status_of
 from r1serve.server.anthropic_protocol import (AnyChoice, AssistantTurn, AutoChoice, CountTokensRequest,
@@ -23,7 +21,7 @@ from r1serve.server.anthropic_protocol import (AnyChoice, AssistantTurn, AutoCho
                                                ToolResultBlock, ToolUseBlock, UserTurn, PromptedRequest)
 from r1serve.server.protocol import ChatCompletionRequest
 from r1serve.server.served_model import ServedModel
-from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob, chat_prompt
+from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob, chat_prompt, translated_request
 from r1serve.server.thinking_signer import ThinkingSigner
 
 # ---- Anthropic -> chat -------------------------------------------------------------------------------
@@ -44,11 +42,7 @@ def chat_request(req: MessagesRequest | CountTokensRequest, model: ServedModel, 
                                                             "parameters": t.input_schema}} for t in req.tools]
     body |= _tool_choice(req.tool_choice, bool(req.tools))
     body |= _thinking(req, model)
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise bad_request(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return translated_request(body)
 
 
 def _thinking(req: PromptedRequest, model: ServedModel) -> dict:

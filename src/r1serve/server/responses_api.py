@@ -14,15 +14,13 @@ import uuid
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
-
 from r1serve.outputs import CompletionOutput
 from r1serve.server.errors import APIError, bad_request
 from r1serve.server.protocol import ChatCompletionRequest
 from r1serve.server.response_store import ResponseStore
 from r1serve.server.responses_protocol import (FunctionCallItem, FunctionCallOutputItem, MessageItem, NamedFunction,
                                                ReasoningItem, ResponsesRequest)
-from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob
+from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob, translated_request
 
 
 def _id(prefix: str) -> str:
@@ -82,11 +80,7 @@ def chat_request(req: ResponsesRequest, earlier: list[dict]) -> ChatCompletionRe
         body["response_format"] = {"type": fmt.type}
     if req.reasoning and req.reasoning.effort:
         body["reasoning_effort"] = req.reasoning.effort
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise bad_request(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return translated_request(body)
 
 
 def earlier_conversation(store: ResponseStore, req: ResponsesRequest, key_id: str | None) -> list[dict]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
@@ -24,6 +25,16 @@ from r1serve.server.generic_tools import with_generic_tools
 from r1serve.server.thinking import reserve_answer, switch_kwargs, template_switches, without_thinking
 from r1serve.tokenizer.chat_template import ToolArguments
 from r1serve.tool_calls import ToolCallParser
+
+
+def translated_request(body: dict) -> ChatCompletionRequest:
+    """The chat request another API format's request was turned into (Anthropic's, the
+    Responses API's); what it cannot be is a 400 naming the field."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise APIError(400, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
