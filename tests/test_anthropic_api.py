@@ -129,6 +129,7 @@ def test_r1_thinks_in_a_signed_thinking_block(r1_client, stream):
         usage = m.usage
     assert m.content[0].type == "thinking" and m.content[0].thinking and m.content[0].signature
     assert getattr(usage, "reasoning_truncated") is True  # the budget of 8 ended it (r1serve's usage field)
+    assert m.stop_reason in ("thinking_truncated", "max_tokens")  # never a plain end_turn once thinking was cut
     # sent back as it came, the block is taken; changed, it is refused
     block = m.content[0].model_dump()
     again = ASK + [{"role": "assistant", "content": [block, {"type": "text", "text": "Sunny."}]},
@@ -138,6 +139,19 @@ def test_r1_thinks_in_a_signed_thinking_block(r1_client, stream):
     with pytest.raises(anthropic.BadRequestError) as e:
         r1_client.messages.create(model="r1-tiny", max_tokens=2, messages=again)
     assert e.value.body["error"]["type"] == "invalid_request_error" and "signature" in e.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize("finish, matched, cut, expected", [
+    ("stop", None, False, ("end_turn", None)),
+    ("stop", None, True, ("thinking_truncated", None)),  # the answer whole, its thinking cut
+    ("stop", "END", True, ("stop_sequence", "END")),
+    ("length", None, True, ("max_tokens", None)),
+    ("tool_calls", None, True, ("tool_use", None)),  # clients run the tools whatever the thinking
+])
+def test_stop_reasons(finish, matched, cut, expected):
+    from r1serve.server.anthropic_messages import stop_reason
+
+    assert stop_reason(finish, matched, cut) == expected
 
 
 def test_keys_usage_and_errors_in_anthropics_shape(r1, r1_client):

@@ -1,5 +1,6 @@
 """Tool calls on a model whose chat template has none: the real SmolLM2 through the openai
-SDK, told of the tools in the prompt and held to the call's grammar when a call is forced."""
+SDK, told of the tools in the prompt and held to the call's grammar when a call is forced
+or, under "auto", once it opens one."""
 from __future__ import annotations
 
 import json
@@ -73,6 +74,27 @@ def test_forced_calls_on_a_model_without_a_tool_template(client, choice):
         assert [name for name, _ in found] == ["get_time"]
     if choice == "required-one":
         assert len(found) == 1
+
+
+@pytest.mark.slow
+def test_auto_calls_that_open_are_held_to_the_grammar(client, smollm2_server):
+    # SmolLM2 never calls on its own; pushed onto the pieces of the spelled-out marker
+    # "<tool_call>" it sometimes opens a call and, unheld, writes garbage after it. Under
+    # "auto" the lazy grammar takes over at the marker: every call it opens validates.
+    marker = httpx.post(f"{smollm2_server.base}/tokenize", json={
+        "model": "smollm2", "prompt": "<tool_call>", "add_special_tokens": False}).json()["tokens"]
+    assert len(marker) > 1
+    calls = []
+    for seed in range(6):
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+                                           tools=[WEATHER, TIME], max_tokens=60, temperature=1.0, seed=seed,
+                                           parallel_tool_calls=False, logit_bias={str(t): 100 for t in marker})
+        choice = r.choices[0]
+        assert "<tool_call>" not in (choice.message.content or "")
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+            calls += [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert calls and all(valid(name, args) for name, args in calls)
 
 
 @pytest.mark.slow

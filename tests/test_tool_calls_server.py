@@ -116,13 +116,41 @@ def test_auto_calls_that_open_are_held_to_the_grammar(client, hermes, seed):
     _valid_call(calls[0])
 
 
-def test_lazy_grammars_only_where_the_opening_marker_is_one_token():
+HERMES_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
+R1_CALL = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n{"utc": true}\n```'
+           '<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+@pytest.mark.parametrize("fmt, call", [("hermes", HERMES_CALL), ("deepseek_v3", R1_CALL)])
+@pytest.mark.parametrize("marker_is_a_token", [True, False])
+def test_lazy_grammars_let_text_be_and_hold_calls(tmp_path, fmt, call, marker_is_a_token):
+    # The opening marker as one token, or spelled out in text (a model whose vocabulary lacks
+    # it, as SmolLM2 under the generic format): either way text is free and a call, once
+    # opened, is held to its schema.
+    import llguidance
+
+    from r1serve.bench.random_checkpoint import write_tokenizer
+    from r1serve.tokenizer import Tokenizer
     from r1serve.tool_calls import FORMATS, ToolSpec
 
-    spec = [ToolSpec("get_time", SCHEMAS["get_time"])]
-    assert FORMATS["hermes"].lazy_grammar(spec, True, lambda marker: None) is None  # a generic, spelled-out marker
-    grammar = FORMATS["deepseek_v3"].lazy_grammar(spec, True, {"<｜tool▁calls▁begin｜>": 7}.get)
-    assert grammar.startswith('start: TEXT | TEXT? (<[7]> call ("\\n" call)* "<｜tool▁calls▁end｜>")')
+    write_tokenizer(tmp_path, r1_format=fmt == "deepseek_v3", tools=marker_is_a_token)
+    tok = Tokenizer.from_dir(tmp_path)
+    marker_id = tok.token_to_id if marker_is_a_token else (lambda marker: None)
+    grammar = FORMATS[fmt].lazy_grammar([ToolSpec("get_time", SCHEMAS["get_time"])], False, marker_id)
+    eos = tok.token_to_id(tok.eos_token)
+    lltok = llguidance.LLTokenizer(tok.to_json(), n_vocab=tok.vocab_size, eos_token=eos)
+
+    def takes(text: str) -> bool:
+        matcher = llguidance.LLMatcher(lltok, llguidance.grammar_from("grammar", grammar), log_level=0)
+        ids = tok.encode(text, add_special_tokens=False) + [eos]
+        return all(matcher.consume_token(i) for i in ids)
+
+    assert takes("") and takes("The quick brown fox.") and takes("Half a marker: " + call[:6])
+    assert takes(call) and takes("Let me look it up. " + call)
+    assert not takes(call.replace("get_time", "get_tim"))  # no such tool
+    assert not takes(call.replace("true", '"yes"'))  # arguments off the schema
+    assert not takes(call + " and more text")  # text after the calls
+    assert not takes(call + "\n" + call)  # parallel_tool_calls false: one call
 
 
 def test_round_trip_with_a_tool_result(client, hermes):

@@ -130,15 +130,19 @@ def event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def stop_reason(finish_reason: str | None, matched: int | str | None) -> tuple[str, str | None]:
-    """Anthropic's stop_reason (and stop_sequence) for a chat finish_reason."""
+def stop_reason(finish_reason: str | None, matched: int | str | None,
+                thinking_cut: bool = False) -> tuple[str, str | None]:
+    """Anthropic's stop_reason (and stop_sequence) for a chat finish_reason. An answer that
+    ended on its own after thinking was cut (by its budget or the answer reserve) ends with
+    r1serve's own "thinking_truncated": the turn is whole, its reasoning is not. tool_use,
+    max_tokens and stop_sequence keep their meaning, since clients act on them."""
     if finish_reason == "tool_calls":
         return "tool_use", None
     if finish_reason == "length":
         return "max_tokens", None
     if isinstance(matched, str):
         return "stop_sequence", matched
-    return "end_turn", None
+    return ("thinking_truncated" if thinking_cut else "end_turn"), None
 
 
 class MessageJob(PartStreamJob):
@@ -171,7 +175,7 @@ class MessageJob(PartStreamJob):
         for call in message.get("tool_calls") or ():
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                             "input": _arguments(call["function"]["arguments"])})
-        reason, sequence = stop_reason(choice["finish_reason"], self.matched)
+        reason, sequence = stop_reason(choice["finish_reason"], self.matched, any(self.reasoning_cut))
         return self._message(content, reason, sequence) | {"usage": self.anthropic_usage()}
 
     def choices(self, finals: list[RequestOutput]) -> list[dict]:
@@ -239,7 +243,7 @@ class MessageJob(PartStreamJob):
         return event("content_block_delta", {"type": "content_block_delta", "index": self.blocks, "delta": delta})
 
     def closing_events(self) -> bytes:
-        reason, sequence = stop_reason(self.finish_reasons[0], self.matched)
+        reason, sequence = stop_reason(self.finish_reasons[0], self.matched, any(self.reasoning_cut))
         return (event("message_delta", {"type": "message_delta",
                                         "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                         "usage": self.anthropic_usage()})

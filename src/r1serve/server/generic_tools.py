@@ -5,7 +5,8 @@ system message and has it write calls in a format it names there: Hermes's, the 
 open models were tuned on (`<tool_call>{"name": …, "arguments": …}</tool_call>`). Earlier
 calls and their results are written into the conversation in the same format, since the
 template would drop them. tool_choice "required" or a named function then holds the output
-to the call's grammar like any format; "auto" reads whatever calls the model writes.
+to the call's grammar like any format, and "auto" holds a call the model opens to it (a lazy
+grammar that takes over at the spelled-out marker).
 """
 from __future__ import annotations
 

@@ -293,7 +293,7 @@ class AnthropicUsage(Doc):
     reasoning_truncated: bool = Field(description="r1serve's: thinking was ended by its budget or the answer reserve")
 
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "thinking_truncated"]
 
 
 class AnthropicReply(Doc):

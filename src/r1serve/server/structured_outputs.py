@@ -4,8 +4,8 @@ the generic one of generic_tools.py for a model whose template has none).
 
 Every schema is compiled here, before any work starts, so one that the grammar library
 cannot take is a 400 naming its field. Under tool_choice "auto" the model may answer in
-text or call tools; where the format's opening marker is one token, a call it opens is
-held to the grammar from there (a lazy grammar), so every call parses and validates.
+text or call tools; a call it opens is held to the grammar from its opening marker on (a
+lazy grammar), so every call parses and validates.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def structured_outputs(model: ServedModel, req: ChatCompletionRequest) -> Struct
     if mode == "auto" and tools and (fmt is None or fmt.type == "text"):
         lazy = model.call_format.lazy_grammar(tools, req.parallel_tool_calls is not False,
                                               model.engine.tokenizer.token_to_id)
-        return _compiled(StructuredOutputsParams(grammar=lazy), "tools") if lazy is not None else None
+        return _compiled(StructuredOutputsParams(grammar=lazy), "tools")
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":

@@ -79,18 +79,27 @@ class ToolCallFormat(ABC):
         return None
 
     @abstractmethod
-    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
-        """A Lark grammar (llguidance's dialect) for one or more calls of these tools."""
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId, opened: bool = False) -> str:
+        """A Lark grammar (llguidance's dialect) for one or more calls of these tools; opened:
+        from just after the marker that opens them (its first rule is `start`)."""
 
-    def lazy_grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str | None:
+    def lazy_grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
         """Free text, or free text then calls held to the grammar (tool_choice "auto", strict):
         the text cannot spell the marker that opens calls, so writing it is the model's choice
-        of a call, and from there the call parses. Only where that marker is one token (text
-        could otherwise end in half of it); None elsewhere (the call is read as written)."""
-        if marker_id(self.block_begin or self.call_begin) is None:
-            return None
-        head, _, rules = self.grammar(tools, parallel, marker_id).partition("\n")
-        return f"start: TEXT | TEXT? ({head.removeprefix('start: ')})\n{rules}\nTEXT: /(?s:.+)/"
+        of a call, and from there the call parses.
+
+        Where the marker is one token no text spells it, and the calls' grammar follows the
+        text as it is. Where it is text, a greedy text lexeme would swallow it, so the text
+        that ends in the marker is a lazy lexeme (it ends at the marker's first appearance)
+        followed by the grammar from just after the marker."""
+        marker = self.block_begin or self.call_begin
+        if marker_id(marker) is not None:
+            head, _, rules = self.grammar(tools, parallel, marker_id).partition("\n")
+            return f"start: TEXT? | TEXT? ({head.removeprefix('start: ')})\n{rules}\nTEXT: /(?s:.+)/"
+        head, _, rules = self.grammar(tools, parallel, marker_id, opened=True).partition("\n")
+        m = _regex_literal(marker)
+        return (f"start: TEXT? | opening ({head.removeprefix('start: ')})\n{rules}\n"
+                f"TEXT: /(?s:.+)/ & ~/(?s:.*{m}.*)/\nopening[lazy]: /(?s:.*){m}/")
 
 
 class DeepSeekV3Format(ToolCallFormat):
@@ -129,12 +138,12 @@ class DeepSeekV3Format(ToolCallFormat):
     def strip_args_end(self, args: str) -> str:
         return args.rstrip().removesuffix("```").rstrip()
 
-    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId, opened: bool = False) -> str:
         m = {k: _lark_text(v, marker_id) for k, v in (("bb", self.block_begin), ("be", self.block_end),
                                                           ("cb", self.call_begin), ("ce", self.call_end),
                                                           ("sep", self.sep))}
         calls = "call" + (' ("\\n" call)*' if parallel else "")
-        rules = [f"start: {m['bb']} {calls} {m['be']}", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        rules = [f"start: {'' if opened else m['bb']} {calls} {m['be']}", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
             header = _lark_string(f"{tool.name}\n```json\n")
             rules.append(f'call_{i}: {m["cb"]} "function" {m["sep"]} {header} {_json(tool.parameters)} '
@@ -171,10 +180,11 @@ class HermesFormat(ToolCallFormat):
             return None
         return call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)
 
-    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId) -> str:
+    def grammar(self, tools: list[ToolSpec], parallel: bool, marker_id: MarkerId, opened: bool = False) -> str:
         cb, ce = _lark_text(self.call_begin, marker_id), _lark_text(self.call_end, marker_id)
-        calls = "call" + (' ("\\n" call)*' if parallel else "")
-        rules = [f"start: {calls}", f'call: {cb} "\\n" ({" | ".join(f"call_{i}" for i in range(len(tools)))}) "\\n" {ce}']
+        first = "called" if opened else "call"
+        rules = [f"start: {first}" + (' ("\\n" call)*' if parallel else ""), f"call: {cb} called",
+                 f'called: "\\n" ({" | ".join(f"call_{i}" for i in range(len(tools)))}) "\\n" {ce}']
         for i, tool in enumerate(tools):
             head = _lark_string('{"name": ' + json.dumps(tool.name, ensure_ascii=False) + ', "arguments": ')
             rules.append(f'call_{i}: {head} {_json(tool.parameters)} "}}"')
@@ -211,6 +221,14 @@ def _lark_string(text: str) -> str:
 def _lark_text(marker: str, marker_id: MarkerId) -> str:
     token = marker_id(marker)
     return f"<[{token}]>" if token is not None else _lark_string(marker)
+
+
+def _regex_literal(text: str) -> str:
+    """text as a literal inside a /regex/ of the grammar (Rust's regex syntax)."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
+
+
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~/")
 
 
 def _json(schema: dict) -> str:
