@@ -76,9 +76,13 @@ def test_chat_prefix_completion_continues_the_last_message(hermes):
         model="tiny", messages=[dict(prefixed[0]), {"role": "assistant", "content": start}], max_tokens=5,
         temperature=0, extra_body={"continue_final_message": True, "add_generation_prompt": False})
     assert r.usage.prompt_tokens == same.usage.prompt_tokens
-    tokens = httpx.post(f"{hermes.base}/tokenize", timeout=30, json={
-        "model": "tiny", "messages": prefixed, "add_generation_prompt": False}).json()
-    assert r.usage.prompt_tokens < tokens["count"]  # the template's end-of-turn after the message is cut
+    def counted(messages: list[dict]) -> int:
+        return httpx.post(f"{hermes.base}/tokenize", timeout=30, json={
+            "model": "tiny", "messages": messages, "add_generation_prompt": False}).json()["count"]
+
+    assert counted(prefixed) == r.usage.prompt_tokens  # /tokenize continues the message as the chat does
+    whole = counted([dict(prefixed[0]), {"role": "assistant", "content": start}])
+    assert r.usage.prompt_tokens < whole  # the template's end-of-turn after the message is cut
     with pytest.raises(openai.BadRequestError) as e:
         beta.chat.completions.create(model="tiny", max_tokens=2,
                                      messages=[{"role": "assistant", "content": "x", "prefix": True},

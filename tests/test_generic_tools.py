@@ -110,6 +110,9 @@ def test_a_round_trip_reaches_the_prompt(client, smollm2_server):
     # the call and its result are in the prompt as text: more tokens than the question and the tools alone
     alone = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER], max_tokens=1)
     assert second.usage.prompt_tokens > alone.usage.prompt_tokens + 10
+    counted = httpx.post(f"{smollm2_server.base}/tokenize", timeout=60,
+                         json={"model": "smollm2", "messages": ASK, "tools": [WEATHER]}).json()
+    assert counted["count"] == alone.usage.prompt_tokens  # /tokenize renders the tools as the chat does
     r = httpx.post(f"{smollm2_server.base}/v1/chat/completions", timeout=60, json={
         "model": "smollm2", "messages": ASK, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 1})
     assert r.status_code == 200  # tools offered but not to be called: not written into the prompt

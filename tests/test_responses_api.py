@@ -122,3 +122,22 @@ def test_bad_input_is_a_400_naming_it(r1):
                    json={"model": "r1-tiny", "input": [{"role": "user", "content": [
                        {"type": "input_image", "image_url": "http://x/y.png"}]}]})
     assert r.status_code == 400 and "read text only" in r.json()["error"]["message"]
+
+
+def test_stored_responses_expire(db):
+    import datetime as dt
+
+    from r1serve.server.db import migrate, open_database, stored_responses
+    from r1serve.server.response_store import ResponseStore
+
+    engine = open_database(db)
+    migrate(engine)
+    store = ResponseStore(engine)
+    store.save({"id": "resp_old"}, [{"role": "user", "content": "hi"}], None)
+    assert store.load("resp_old", None) == ({"id": "resp_old"}, [{"role": "user", "content": "hi"}])
+    assert store.load("resp_old", "key_other") is None  # another key's
+    aged = ResponseStore(engine, kept=dt.timedelta(0))  # as if 30 days had passed
+    assert aged.load("resp_old", None) is None
+    aged.save({"id": "resp_new"}, [], None)  # a save sweeps what has expired
+    with engine.connect() as conn:
+        assert [r.id for r in conn.execute(stored_responses.select())] == ["resp_new"]

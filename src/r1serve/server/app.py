@@ -43,7 +43,7 @@ from r1serve.server.responses_api import ResponsesJob, earlier_conversation
 from r1serve.server.responses_api import chat_request as responses_chat_request
 from r1serve.server.responses_protocol import ResponsesRequest
 from r1serve.server.served_model import ModelSpec, ServedModel, tool_format, uses_reasoning
-from r1serve.server.serving_chat import conversation, create_chat_completion
+from r1serve.server.serving_chat import chat_prompt, create_chat_completion, translated_request
 from r1serve.server.serving_completion import create_completion
 
 log = logging.getLogger("r1serve.server")
@@ -257,9 +257,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def tokenize(req: TokenizeRequest):
         served = state.model(req.model)
         tok = served.engine.tokenizer
-        if req.messages is not None:
-            text = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=req.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=False)
+        if req.messages is not None:  # the prompt a chat request with these fields would have
+            chat = translated_request(req.model_dump(
+                exclude_none=True, include={"messages", "add_generation_prompt", "tools", "chat_template_kwargs",
+                                            "thinking"}))
+            ids = chat_prompt(served, chat).token_ids
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": served.engine.max_model_len, "tokens": ids}

@@ -369,11 +369,17 @@ class TokenizeRequest(Request, ValidText):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    # With messages, what else shapes a chat request's prompt: the count is the chat's own.
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: ThinkingSwitch | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and (self.tools or self.chat_template_kwargs or self.thinking):
+            raise ValueError("tools, chat_template_kwargs and thinking go with messages, not prompt")
         return self
 
 
