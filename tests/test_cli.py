@@ -415,3 +415,24 @@ def test_max_reasoning_tokens_needs_a_reasoning_model(capsys, monkeypatch, tiny)
     calls = feed_input(monkeypatch, ["Hi", "/bye"])
     rc, _, err = run(capsys, *chat_args(tiny, "--max-reasoning-tokens", "8"))
     assert rc == 2 and "needs a reasoning model" in err and calls == []  # said before anything is asked
+
+
+def test_engine_flags_are_the_engine_configs_fields():
+    # The flags are built from EngineConfig's fields (config.option), so they and the config
+    # cannot drift; generate's --seed is the sampling seed, never the engine's.
+    from dataclasses import fields
+
+    from r1serve.cli import build_parser, engine_options
+    from r1serve.config import EngineConfig, flag_fields
+
+    args = build_parser().parse_args(["generate", "m", "--prompt", "hi", "--seed", "7", "-tp", "2", "--threads", "3",
+                                      "--no-prefix-caching", "-q", "int8", "--kv-cache-memory", "0.5", "--speculative",
+                                      "ngram", "--max-model-len", "512"])
+    options = engine_options(args)
+    assert options == {f.name: f.default for f in flag_fields() if f.name != "dtype"} | {
+        "tensor_parallel_size": 2, "num_threads": 3, "enable_prefix_caching": False, "quantization": "int8",
+        "kv_cache_memory_gib": 0.5, "speculative": "ngram", "max_model_len": 512}
+    EngineConfig(model="m", cache_dir=".", dtype=args.dtype, **options)  # every option is a field it takes
+    assert {f.name for f in flag_fields()} < {f.name for f in fields(EngineConfig)}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "m", "--prompt", "hi", "--cpu-isa", "sse2"])  # choices come from the config

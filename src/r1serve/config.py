@@ -1,14 +1,23 @@
 """Engine configuration: frozen data, validated once, passed explicitly."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from r1serve.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZATIONS = ("auto", "int4", "int8", "none")
+CPU_ISAS = ("auto", "avx512", "avx2", "neon", "scalar")
+
+
+def option(default: Any, help: str, *names: str, choices: tuple | None = None) -> Any:
+    """A field that is also an engine flag of the CLI (cli/engine_flags.py builds them): its
+    help, and its names where they are not --the-field-name. A bool field is a switch that
+    turns its default around."""
+    return field(default=default, metadata={"help": help, "names": names, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -17,61 +26,66 @@ class EngineConfig:
 
     model: str
     cache_dir: Path
-    dtype: str = "auto"
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | a platform plugin's name (platforms/__init__.py)
-    max_model_len: int | None = None  # None: the checkpoint's own limit, capped by the KV cache
+    dtype: str = option("auto", "activations and float weights (auto: the checkpoint's; a 16-bit one in the "
+                                "device's preferred half precision)", choices=DTYPES)
+    device: str = option("auto", "auto, cpu, cuda or an installed platform plugin's name")  # platforms/__init__.py
+    max_model_len: int | None = option(None, "longest prompt + output per request (default: the model's context, "
+                                             "within the KV cache)")
     block_size: int = 16
-    kv_cache_memory_gib: float = 1.0  # KV cache size when num_kv_blocks is not given
+    kv_cache_memory_gib: float = option(1.0, "GiB for the KV cache (when num_kv_blocks is not given)",
+                                        "--kv-cache-memory")
     num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    enable_prefix_caching: bool = True
+    max_num_seqs: int = option(64, "requests running at once (one batch)")
+    max_num_batched_tokens: int = option(1024, "tokens one step computes: long prompts are prefilled in chunks "
+                                               "of this")
+    enable_prefix_caching: bool = option(True, "do not reuse the KV of prompt prefixes seen before",
+                                         "--no-prefix-caching")
     enable_chunked_prefill: bool = True
-    kernel: str = "auto"  # "auto": the platform's kernels; "reference": the plain-torch twins
-    # How weights are held (platforms/cpu/weight_plan.py on the CPU). "auto": a GGUF's
-    # quantized matrices in their own block form (Q4_K, Q6_K, Q8_0, ...: packed as read,
-    # exact, one copy) and float matrices in the model's dtype, except where dtype auto made a
-    # 16-bit checkpoint float32 on a CPU without native bf16 (int8 groups then, not float32
-    # copies at twice the bytes). "int4" / "int8": float matrices quantized once at load into
-    # groups of 32 (a GGUF's quantized ones stay as stored). "none": every weight dense in the
-    # model's dtype, dequantized where the file is quantized (the exact path, at float's size).
-    quantization: str = "auto"  # "auto" | "int4" | "int8" | "none"
-    # The vector ISA of the CPU kernels (kernels/cpu_isa.py): "auto" is the CPU's best;
-    # "avx2" or "scalar" on an AVX512 CPU measures what those CPUs would run.
-    cpu_isa: str = "auto"  # "auto" | "avx512" | "avx2" | "neon" | "scalar"
-    # The paged KV cache's dtype. "auto": the activations', except under float32 activations
-    # whose linears already round them to int8 (a quantized checkpoint on a CPU without native
-    # bf16), where it is bf16: half the bytes an attention step streams and the cache holds,
-    # as llama.cpp keeps a 16-bit cache by default. A narrower cache than the activations is
-    # a CPU feature (its kernels widen rows as they read them); elsewhere it must match.
-    kv_cache_dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    num_threads: int | None = None
-    # CUDA: replay captured graphs for decode batches (engine/cuda_graph_runner.py) unless set.
-    enforce_eager: bool = False
+    kernel: str = option("auto", "'reference' runs the plain-torch twins of every kernel",
+                         choices=("auto", "reference"))
+    # On the CPU, platforms/cpu/weight_plan.py. auto keeps a GGUF's quantized matrices packed
+    # as read (exact, one copy), except where dtype auto made a 16-bit checkpoint float32 on a
+    # CPU without native bf16 (int8 groups then, not float32 copies at twice the bytes).
+    quantization: str = option(
+        "auto", "how weights are held on the CPU. auto: a GGUF's quantized matrices in their own block form "
+                "(Q4_K, Q6_K, Q8_0, ...), float ones in the model's dtype; int4/int8: float matrices quantized "
+                "once at load into groups of 32; none: every weight dense (dequantized), the exact path",
+        "--quantization", "-q", choices=QUANTIZATIONS)
+    cpu_isa: str = option("auto", "vector ISA of the CPU kernels (auto: the CPU's best; a lower one measures what "
+                                  "such CPUs run)", choices=CPU_ISAS)
+    # A narrower cache than the activations is a CPU feature (its kernels widen rows as they
+    # read them), as llama.cpp keeps a 16-bit cache by default; elsewhere it must match.
+    kv_cache_dtype: str = option("auto", "the KV cache's dtype (auto: the activations', bf16 under float32 ones "
+                                         "that the quantized linears already round, on a CPU without native bf16)",
+                                 choices=KV_CACHE_DTYPES)
+    num_threads: int | None = option(None, "CPU threads (default: all cores, shared among the ranks)", "--threads")
+    enforce_eager: bool = option(False, "CUDA: run decode steps eagerly, no CUDA graphs")  # engine/cuda_graph_runner.py
     seed: int = 0  # seeds the per-request generators of requests that bring no seed of their own
-    # One model over several ranks (distributed/): heads, MLP columns and the vocabulary split
-    # across tensor_parallel_size ranks; with expert_parallel, DeepSeekMoE's routed experts
-    # split whole across them instead of by columns. "mp": ranks are processes of this node;
-    # "ray": actors of a Ray cluster the user runs (distributed/ray_executor.py).
-    tensor_parallel_size: int = 1
-    expert_parallel: bool = False
-    # Engine replicas of tensor_parallel_size ranks each, requests balanced across them
-    # (engine/data_parallel.py).
-    data_parallel_size: int = 1
-    distributed_executor_backend: str = "mp"  # "mp" | "ray"
+    # One model over several ranks (executor/, parallel/): "mp" ranks are processes of this
+    # node (executor/multiproc_executor.py), "ray" actors of a Ray cluster the user runs.
+    tensor_parallel_size: int = option(1, "ranks one model is split across (heads, MLP columns, vocabulary)",
+                                       "--tensor-parallel-size", "-tp")
+    expert_parallel: bool = option(False, "DeepSeekMoE: split the routed experts whole across the tensor-parallel "
+                                          "ranks (or, with tensor parallelism 1, the data-parallel replicas)")
+    data_parallel_size: int = option(1, "engine replicas, each of --tensor-parallel-size ranks, with requests "
+                                        "balanced across them",
+                                     "--data-parallel-size", "-dp")
+    distributed_executor_backend: str = option(
+        "mp", "mp: ranks are processes of this node; ray: actors of the Ray cluster that `ray start` made "
+              "(RAY_ADDRESS), across its nodes", choices=("mp", "ray"))
     # How long a collective waits for the other ranks before the engine takes one for dead.
     distributed_timeout_s: float = 300.0
-    # Speculative decoding (engine/drafter.py): "ngram" drafts from the request's own tokens
-    # (prompt lookup), "mtp" from the checkpoint's multi-token-prediction layer (DeepSeek-V3/R1);
-    # the target model verifies every draft in the next step, losslessly.
-    speculative: str | None = None  # None | "ngram" | "mtp"
-    num_speculative_tokens: int = 4
-    prompt_lookup_max: int = 4  # n-gram lengths tried, longest first
-    prompt_lookup_min: int = 2
-    # The most rows a decode step holds, drafts included. Within it, drafts are chosen by the
-    # step costs the engine measures (engine/speculation.py): past a few sequences they cost
-    # more than they save, and none are made (docs/speculative.md).
-    speculative_max_rows: int = 16
+    # The target model verifies every draft in the next step, losslessly (engine/drafter.py).
+    speculative: str | None = option(
+        None, "speculative decoding: ngram drafts from the prompt and output so far; mtp from the checkpoint's "
+              "multi-token-prediction layer (DeepSeek-V3/R1). Lossless either way", choices=("ngram", "mtp"))
+    num_speculative_tokens: int = option(4, "draft tokens per step (mtp: 1 or 2 suit R1)")
+    prompt_lookup_max: int = option(4, "ngram: longest n-gram matched")
+    prompt_lookup_min: int = option(2, "ngram: shortest n-gram matched")
+    # Past a few sequences drafts cost more than they save, and the measured step costs
+    # (engine/speculation.py) make none (docs/speculative.md).
+    speculative_max_rows: int = option(16, "most rows a decode step holds, drafts included (within it drafts "
+                                           "follow measured step costs)")
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; use one of {DTYPES}")
@@ -99,8 +113,7 @@ class EngineConfig:
         _require(self.distributed_executor_backend in ("mp", "ray"),
                  f"distributed_executor_backend={self.distributed_executor_backend!r} must be 'mp' or 'ray'")
         _require(self.distributed_timeout_s > 0, f"distributed_timeout_s={self.distributed_timeout_s} must be > 0")
-        _require(self.cpu_isa in ("auto", "avx512", "avx2", "neon", "scalar"),
-                 f"cpu_isa={self.cpu_isa!r} must be auto, avx512, avx2, neon or scalar")
+        _require(self.cpu_isa in CPU_ISAS, f"cpu_isa={self.cpu_isa!r} must be one of {', '.join(CPU_ISAS)}")
         _require(self.speculative in (None, "ngram", "mtp"),
                  f"speculative={self.speculative!r} must be None, 'ngram' or 'mtp'")
         _require(self.num_speculative_tokens >= 1,
@@ -112,6 +125,11 @@ class EngineConfig:
                  "speculative='mtp' runs on one rank for now (tensor_parallel_size and data_parallel_size 1): the MTP "
                  "layer's MoE would need its own collectives; speculative='ngram' works with any layout")
         _require(self.speculative_max_rows >= 2, f"speculative_max_rows={self.speculative_max_rows} must be >= 2")
+
+
+def flag_fields() -> list[Field]:
+    """The EngineConfig fields the CLI offers as engine flags (those made with option)."""
+    return [f for f in fields(EngineConfig) if "help" in f.metadata]
 
 
 def _require(ok: bool, message: str) -> None:

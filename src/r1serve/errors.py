@@ -16,3 +16,7 @@ class InvalidRequestError(R1ServeError, ValueError):
 class RankFailedError(RuntimeError):
     """A rank of the group died or a collective failed: the ranks are out of step and the
     engine cannot serve on; its requests fail and it reports itself unhealthy."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (its thread or its process) has stopped; no request can run."""

@@ -21,6 +21,7 @@ from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Engin
                                           Stopped, unknown_message)
 from r1serve.engine.core_messages import Prompt
 from r1serve.engine.engine_core import ProcessCore, ThreadCore
+from r1serve.errors import EngineDeadError
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.checkpoint import open_checkpoint
 from r1serve.outputs import RequestOutput
@@ -33,10 +34,6 @@ if TYPE_CHECKING:  # torch's: imported where an engine runs in this process, not
 log = logging.getLogger("r1serve.engine")
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "EngineStepError", "RequestStream", "load_engine"]
-
-
-class EngineDeadError(RuntimeError):
-    """The engine (its thread or its process) has stopped; no request can run."""
 
 
 class EngineStepError(RuntimeError):

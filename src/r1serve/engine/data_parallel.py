@@ -23,13 +23,13 @@ from dataclasses import replace
 import torch
 
 from r1serve.config import EngineConfig
-from r1serve.distributed.executor import free_port
-from r1serve.distributed.replica_group import ReplicaSpec
+from r1serve.executor.executor import free_port
+from r1serve.executor.replica_group import ReplicaSpec
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot, Failed,
                                           Reply, Shutdown, Stepped, Stopped, check_command)
 from r1serve.engine.engine_core import EngineSink, ProcessCore
 from r1serve.engine.spec_decode_stats import sum_positions
-from r1serve.errors import InvalidRequestError
+from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import RequestOutput
 
 log = logging.getLogger("r1serve.engine")
@@ -305,8 +305,6 @@ class DataParallelEngine:
 
     def _check_alive(self) -> None:
         if self._error is not None:
-            from r1serve.engine.async_engine import EngineDeadError
-
             raise EngineDeadError(f"the engine has stopped ({self._error})")
 
     def shutdown(self) -> None:

@@ -34,7 +34,7 @@ from r1serve.errors import RankFailedError
 from r1serve.outputs import RequestOutput
 
 if TYPE_CHECKING:  # the engine (torch) is imported where it runs, not where a process is started
-    from r1serve.distributed.replica_group import ReplicaSpec
+    from r1serve.executor.replica_group import ReplicaSpec
     from r1serve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("r1serve.engine")

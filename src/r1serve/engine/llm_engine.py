@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from r1serve.config import EngineConfig
-from r1serve.distributed.executor import RankFailedError, start_executor
-from r1serve.distributed.replica_group import ReplicaGroup, ReplicaSpec
+from r1serve.executor.launch import start_executor
+from r1serve.executor.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.drafter import NgramDrafter
@@ -24,7 +24,7 @@ from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.engine.spec_decode_stats import SpecDecodeStats, spec_counters
 from r1serve.engine.core_messages import Prompt
 from r1serve.engine.speculation import Speculation
-from r1serve.errors import InvalidRequestError, ModelLoadError
+from r1serve.errors import InvalidRequestError, ModelLoadError, RankFailedError
 from r1serve.layers.moe import DeepseekMoE
 from r1serve.models.loader import LoadedModel, load_model
 from r1serve.models.planning import ModelNumbers, numbers_for
@@ -59,12 +59,12 @@ class LLMEngine:
         self._grammars: GrammarCompiler | None = None
         self._masks: MaskFiller | None = None
         self.platform = get_platform(config)
-        # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (distributed/).
+        # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (executor/).
         self.executor = start_executor(config, model_path, self.platform)
         # Under DP attention: this replica's place among the replicas its MoE layers span.
         self.replicas = (ReplicaGroup(replica, self.platform.dist_backend, config.distributed_timeout_s)
                          if replica else None)
-        if self.platform.name == "cpu" and (config.num_threads or self.executor):
+        if self.platform.host_threads and (config.num_threads or self.executor):
             torch.set_num_threads(self.executor.threads if self.executor else config.num_threads)
         try:
             self.loaded: LoadedModel = self._load(model_path)
@@ -90,7 +90,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device,
                                   self.executor.steps if self.executor else None)
         self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
-        if self.platform.name == "cuda" and not config.enforce_eager and not self.executor:
+        if self.platform.graph_capture is not None and not config.enforce_eager and not self.executor:
             self._capture_decode_graphs(kv_caches)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         self.speculation = self._speculation()
@@ -136,11 +136,9 @@ class LLMEngine:
             self._masks.close()
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
-        # The CUDA platform's module is loaded only once it is chosen (as get_platform does).
-        from r1serve.platforms.cuda import uses_triton
-
-        if not uses_triton(self.config.kernel):  # the twins sync with the host: not capturable
-            log.info("decode steps run eagerly: CUDA graphs need the Triton kernels (kernel=%s)", self.config.kernel)
+        why_not = self.platform.graph_capture(self.config.kernel)
+        if why_not is not None:
+            log.info("decode steps run eagerly: %s", why_not)
             return
         graphs = CudaGraphRunner(self.loaded.model, kv_caches, self.config.block_size, self.config.max_num_seqs,
                                  self.max_model_len, self.platform.device)

@@ -7,8 +7,8 @@ import torch
 
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler_output import SchedulerOutput
-from r1serve.distributed.step_broadcast import StepBroadcast
-from r1serve.models.step_inputs import StepInputs
+from r1serve.executor.step_broadcast import StepBroadcast
+from r1serve.executor.step_inputs import StepInputs
 
 
 class ModelRunner:
@@ -22,7 +22,7 @@ class ModelRunner:
         # On cuda: replays captured graphs for decode steps (engine/cuda_graph_runner.py).
         self.decode_graphs = None
         # Under tensor parallelism: sends each step's inputs to the other ranks, which run
-        # the same forward (distributed/worker.py); this rank then samples alone.
+        # the same forward (executor/worker.py); this rank then samples alone.
         self.ranks = ranks
         # Speculative decoding's MTP drafter reads the step's last hidden states (N, hidden).
         self.keep_hidden = False
@@ -47,7 +47,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def idle_step(self) -> None:
-        """DP attention: this replica has nothing to run, the others do (distributed/replica_group.py)."""
+        """DP attention: this replica has nothing to run, the others do (executor/replica_group.py)."""
         self.model.idle_step()
 
     def compute_logits(self, output: SchedulerOutput) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.kernels.quantized_weight import QuantizedWeight
 
 

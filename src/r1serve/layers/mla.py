@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.kernels.mla_attention import mla_absorbed_reference, mla_expanded_reference, write_latent
 from r1serve.kernels.attention_metadata import AttentionMetadata
 from r1serve.layers.norm import RMSNorm

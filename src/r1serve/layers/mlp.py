@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.layers.activation import SiluAndMul
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.kernels.fused_moe import fused_moe_reference
 from r1serve.layers.mlp import GatedMLP

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.layers.kv_cache_spec import KVCacheSpec
 from r1serve.layers.embedding import VocabEmbedding

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.layers.attention import PagedAttention, RotaryKVWrite
 from r1serve.kernels.attention_metadata import AttentionMetadata

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from r1serve.config import EngineConfig
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.errors import ModelLoadError
 from r1serve.kernels.quantized_weight import BlockTensor, QuantizedWeight
 from r1serve.models.arch_config import ArchConfig

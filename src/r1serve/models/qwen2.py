@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.tensor_parallel import TensorParallel
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.llama import LlamaForCausalLM
 

@@ -121,6 +121,12 @@ class Platform:
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     # What `r1serve info` shows about the device beyond its name (the CPU: model, ISA, flags).
     describe: dict = field(default_factory=dict)
+    # The model runs on the host's threads: num_threads (or the cores shared among the
+    # ranks) sets torch's thread pool.
+    host_threads: bool = False
+    # Whether decode steps can be captured as graphs and replayed, under a `kernel` choice:
+    # None where they can, else why not (for the log); left out: the device has no graphs.
+    graph_capture: Callable[[str], str | None] | None = None
 
     def resolve_dtype(self, requested: str, checkpoint_dtype: str | None) -> torch.dtype:
         if requested != "auto":

@@ -33,10 +33,11 @@ from r1serve.server.errors import APIError, BodyLimit, error_response, install_e
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.request_log import RequestLog
 from r1serve.server.metrics import ServerMetrics
-from r1serve.server.openapi import (API_KEY, AnthropicError, AnthropicEvent, AnthropicReply, ChatCompletion,
-                                    ChatCompletionChunk, Completion, CompletionChunk, DeletedResponse, Health,
-                                    InputTokens, ModelCard, ModelList, ResponsesEvent, ResponsesReply, Text, Tokens,
-                                    publish_stream_models, responses)
+from r1serve.server.openapi import API_KEY, publish_stream_models, responses
+from r1serve.server.openapi_formats import (AnthropicError, AnthropicEvent, AnthropicReply, DeletedResponse,
+                                            InputTokens, ResponsesEvent, ResponsesReply)
+from r1serve.server.openapi_replies import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Health,
+                                            ModelCard, ModelList, Text, Tokens)
 from r1serve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest, now)
 from r1serve.server.responses_api import ResponsesJob, earlier_conversation

@@ -19,7 +19,8 @@ from pydantic import ConfigDict, Field
 from r1serve.errors import InvalidRequestError
 from r1serve.server.access import Access, Principal
 from r1serve.server.errors import APIError
-from r1serve.server.openapi import API_KEY, AllUsage, KeyInfo, KeyList, NewKeyInfo, OwnUsage, responses
+from r1serve.server.openapi import API_KEY, responses
+from r1serve.server.openapi_replies import AllUsage, KeyInfo, KeyList, NewKeyInfo, OwnUsage
 from r1serve.server.valid_text import ValidText
 
 # The key database stores 64-bit integers; past 2**53 JSON readers that use doubles (JavaScript,

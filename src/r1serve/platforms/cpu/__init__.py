@@ -90,6 +90,7 @@ def cpu_platform(isa: str = "auto") -> Platform:
         alloc_zeros=_lazy_zeros,
         auto_kv_cache_dtype=_auto_kv_cache_dtype,
         other_kv_cache_dtypes={torch.float32: (torch.bfloat16,), torch.bfloat16: (torch.float32,)},
+        host_threads=True,
         describe={"cpu": cpu_model(), "isa": isa, "isa_extensions": kernels.isa_extensions() if kernels else None,
                   "runnable_isas": list(runnable_isas()), "torch_capability": torch.backends.cpu.get_cpu_capability()},
     )

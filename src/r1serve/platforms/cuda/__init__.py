@@ -65,4 +65,10 @@ def cuda_platform() -> Platform:
         kernel_table=_kernel_table,
         prepare_weights=functools.partial(_plan_weights, fp8_gemm),
         describe={"gpu": torch.cuda.get_device_name(), "triton": triton_available()},
+        graph_capture=_graph_capture,
     )
+
+
+def _graph_capture(kernel: str) -> str | None:
+    # The twins sync with the host (.item(), data-dependent shapes): not capturable.
+    return None if uses_triton(kernel) else f"CUDA graphs need the Triton kernels (kernel={kernel})"

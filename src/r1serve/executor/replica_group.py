@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from r1serve.distributed.tensor_parallel import TensorParallel
-from r1serve.distributed.worker import gather_sum_bytes, init_group
+from r1serve.parallel.process_group import gather_sum_bytes, init_group
+from r1serve.parallel.tensor_parallel import TensorParallel
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,16 @@ import pickle
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from r1serve.config import EngineConfig
-from r1serve.distributed.tensor_parallel import TensorParallel
+from r1serve.parallel.process_group import gather_sum_bytes, init_group
+from r1serve.parallel.tensor_parallel import TensorParallel
 
-log = logging.getLogger("r1serve.distributed")
+log = logging.getLogger("r1serve.executor")
 
 
 @dataclass(frozen=True)
@@ -48,24 +48,11 @@ class WorkerSpec:
     log_level: int = logging.WARNING
 
 
-def init_group(init_method: str, rank: int, world_size: int, backend: str, timeout_s: float):
-    """Join the ranks' default group (the platform's backend) and return a gloo group over
-    the same ranks for host data (the default group itself when it is gloo)."""
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
-
-
 def join_group(spec: WorkerSpec, backend: str) -> tuple[object, TensorParallel]:
     """A rank of a tensor-parallel group joins it: (the gloo group for host data, its place)."""
     host = init_group(spec.init_method, spec.rank, spec.world_size, backend, spec.config.distributed_timeout_s)
     return host, TensorParallel(spec.rank, spec.world_size, dist.group.WORLD, spec.config.expert_parallel,
                                 gather_sum_bytes(backend))
-
-
-def gather_sum_bytes(backend: str) -> int:
-    """TensorParallel.gather_sum_bytes for a backend: gloo's small all-reduces are slow."""
-    return 1 << 20 if backend == "gloo" else 0
 
 
 def agree_loaded(error: BaseException | None, world_size: int) -> list[str | None]:
@@ -77,7 +64,7 @@ def agree_loaded(error: BaseException | None, world_size: int) -> list[str | Non
 
 def run_worker(spec: WorkerSpec) -> None:
     # Imported here: the module is also the entry point, and these pull in the whole model stack.
-    from r1serve.distributed.step_broadcast import StepBroadcast
+    from r1serve.executor.step_broadcast import StepBroadcast
     from r1serve.models.loader import load_model
     from r1serve.platforms import get_platform
 

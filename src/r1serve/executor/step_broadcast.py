@@ -15,7 +15,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from r1serve.models.step_inputs import StepInputs
+from r1serve.executor.step_inputs import StepInputs
 
 # One broadcast of this many bytes carries a step's inputs (their length first): a decode
 # step of 32 sequences pickles to ~3 KB. Larger ones (long prompts' block tables) follow in a

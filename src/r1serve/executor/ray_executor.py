@@ -19,12 +19,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from r1serve.config import EngineConfig
-from r1serve.distributed.executor import Executor, free_port, threads_per_rank
-from r1serve.distributed.step_broadcast import StepBroadcast
-from r1serve.distributed.worker import WorkerSpec, join_group, run_worker
+from r1serve.executor.executor import Executor, free_port, threads_per_rank
+from r1serve.executor.step_broadcast import StepBroadcast
+from r1serve.executor.worker import WorkerSpec, join_group, run_worker
 from r1serve.errors import ModelLoadError
 
-log = logging.getLogger("r1serve.distributed")
+log = logging.getLogger("r1serve.executor")
 
 
 class RankActor:
