@@ -122,9 +122,9 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(llm):
         stream.abort()
         for _ in range(100):  # the abort is applied before the next step
             await asyncio.sleep(0.01)
-            if engine.snapshot.num_requests_running == 0:
+            if engine.stats.num_requests_running == 0:
                 break
-        return seen, engine.snapshot
+        return seen, engine.stats
 
     seen, snap = run_async(llm, body)
     assert seen == 3 and snap.num_requests_running == 0 and snap.kv_cache_usage == 0
@@ -156,9 +156,9 @@ def test_abort_with_a_reason_wakes_the_reader_with_it(llm):
             await stream.__anext__()
         for _ in range(100):
             await asyncio.sleep(0.01)
-            if engine.snapshot.num_requests_running == 0:
+            if engine.stats.num_requests_running == 0:
                 break
-        return first, engine.snapshot
+        return first, engine.stats
 
     first, snap = run_async(llm, body)
     assert first.outputs[0].token_ids and snap.num_requests_running == 0 and snap.kv_cache_usage == 0
@@ -238,9 +238,9 @@ def test_engine_process_serves_like_the_offline_api_and_survives_bad_requests(ll
             stream.abort()
             for _ in range(200):
                 await asyncio.sleep(0.01)
-                if engine.snapshot.num_requests_running == 0:
+                if engine.stats.num_requests_running == 0:
                     break
-            return got, engine.snapshot
+            return got, engine.stats
         finally:
             await engine.shutdown()
 

@@ -33,7 +33,7 @@ def test_mtp_greedy_is_identical(dsv3, opts):
     llm = make(dsv3, "mtp", num_speculative_tokens=2, **opts)
     assert token_ids(llm, prompts) == want
     assert token_ids(llm, prompts) == want  # over prefix-cache hits: the hit's last block recomputed
-    assert llm.engine.stats()["spec_num_drafts"] > 0
+    assert llm.engine.stats().spec_num_drafts > 0
     assert_idle(llm)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from r1serve import SamplingParams
 from r1serve.engine.async_engine import AsyncEngine
-from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineInfo, EngineSnapshot, Failed,
+from r1serve.engine.engine_stats import EngineStats
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineInfo, Failed,
                                           LoadFailed, Shutdown, Stepped, Stopped)
 from r1serve.engine.engine_core import EngineLoop, ProcessCore, ThreadCore, _PipeSink
 from r1serve.errors import InvalidRequestError
@@ -55,11 +56,8 @@ class FakeEngine:
         outs, self.running = [output(rid) for rid in self.running], []
         return outs
 
-    def stats(self) -> dict:
-        return dict.fromkeys(["num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_kv_blocks",
-                              "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits",
-                              "grammar_wait_seconds", "spec_num_drafts", "spec_num_draft_tokens",
-                              "spec_num_accepted_tokens"], 0) | {"spec_accepted_per_position": []}
+    def stats(self) -> EngineStats:
+        return EngineStats()
 
 
 class Recorder:
@@ -90,7 +88,7 @@ def test_the_loop_answers_each_add_and_reports_each_step():
     assert added_b.request_id == "b" and added_b.prompt_token_ids is None
     assert isinstance(added_b.error, InvalidRequestError) and "refused" in str(added_b.error)
     assert isinstance(stepped, Stepped) and [o.request_id for o in stepped.outputs] == ["a"]
-    assert stepped.snapshot.num_steps == 1
+    assert stepped.stats.num_steps == 1
 
 
 def test_an_abort_is_applied_before_the_next_step():
@@ -140,7 +138,7 @@ def test_the_async_engine_refuses_a_reply_of_an_unknown_type():
     engine = AsyncEngine(ThreadCore(FakeEngine()), tokenizer=None, max_model_len=16, vocab_size=16)
     with pytest.raises(TypeError, match="not an engine core reply: got tuple, expected one of "
                                         "Added, Stepped, Failed, Stopped"):
-        engine.report(("stepped", [], EngineSnapshot()))
+        engine.report(("stepped", [], EngineStats()))
     with pytest.raises(TypeError, match="got AddRequest, expected"):
         engine.report(AddRequest("r", "hi", PARAMS))
 
@@ -150,8 +148,8 @@ def test_the_async_engine_refuses_a_reply_of_an_unknown_type():
 
 MESSAGES = [AddRequest("r", {"prompt_token_ids": [1, 2]}, PARAMS), AddRequest("r", "hello", SamplingParams()),
             AbortRequest("r"), Shutdown(), EngineInfo(2048), Added("r", None, [1, 2]),
-            Stepped([output("a", False), output("b")], EngineSnapshot(2, 1, 0.25, 64, 48, 10, 4, 7)),
-            Stepped([], EngineSnapshot()), Failed(["a", "b"], "engine step failed: boom"), Stopped(None),
+            Stepped([output("a", False), output("b")], EngineStats(2, 1, 0.25, 64, 48, 10, 4, 3, 7)),
+            Stepped([], EngineStats()), Failed(["a", "b"], "engine step failed: boom"), Stopped(None),
             Stopped("the engine process exited (exit code -9)")]
 
 
@@ -201,7 +199,7 @@ def test_the_pipe_carries_each_prompt_once_and_only_errors_that_unpickle():
     conn = PipeEnd()
     sink = _PipeSink(conn)
     sink.report(Added("a", Unpicklable("tokenizer broke"), None))
-    sink.report(Stepped([output("a")], EngineSnapshot()))
+    sink.report(Stepped([output("a")], EngineStats()))
     added, stepped = conn.received
     assert type(added.error) is RuntimeError and str(added.error) == "Unpicklable: tokenizer broke"
     (out,) = stepped.outputs
@@ -213,4 +211,4 @@ def test_the_pipe_sink_tells_of_a_stop_only_while_someone_listens():
     sink = _PipeSink(PipeEnd(BrokenPipeError("the parent is gone")))
     sink.report(Stopped(None))  # nobody to tell: no error
     with pytest.raises(BrokenPipeError):  # anything else: the loop must learn the parent is gone
-        sink.report(Stepped([], EngineSnapshot()))
+        sink.report(Stepped([], EngineStats()))

@@ -44,11 +44,11 @@ def test_ngram_greedy_is_identical_batched_and_over_prefix_hits(plain, ngram):
     want = token_ids(plain, PROMPTS)
     before = ngram.engine.stats()
     assert token_ids(ngram, PROMPTS) == want
-    hits = ngram.engine.stats()["prefix_cache_hits"]
+    hits = ngram.engine.stats().prefix_cache_hits
     assert token_ids(ngram, PROMPTS) == want  # again: the prompts now hit the prefix cache
     after = ngram.engine.stats()
-    assert after["prefix_cache_hits"] > hits
-    assert after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"] > 20
+    assert after.prefix_cache_hits > hits
+    assert after.spec_num_accepted_tokens - before.spec_num_accepted_tokens > 20
     assert_idle(ngram)
 
 
@@ -63,7 +63,7 @@ def test_ngram_greedy_is_identical_under_pressure(tiny, plain, opts):
     assert [r.outputs[0].token_ids for r in results] == token_ids(plain, prompts)
     if "num_kv_blocks" in opts:
         assert sum(r.metrics["num_preemptions"] for r in results) > 0
-    assert llm.engine.stats()["spec_num_accepted_tokens"] > 0
+    assert llm.engine.stats().spec_num_accepted_tokens > 0
     assert_idle(llm)
     llm.close()
 
@@ -78,7 +78,7 @@ def test_smollm2_quoting_is_identical_and_mostly_accepted(smollm2_gguf):
     got = llm.chat([messages], params)[0].outputs[0]
     assert got.token_ids == want.token_ids and got.text == want.text
     stats = llm.engine.stats()
-    assert stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] > 0.5
+    assert stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens > 0.5
     assert_idle(llm)
 
 
@@ -114,7 +114,7 @@ def test_stops_and_processing_inside_accepted_runs(plain, ngram, case):
     prompt = _loop_prompt(plain)
     params = _stop_cases(plain, prompt)[case]
     want = outputs(plain, [prompt], params)[0][0]
-    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    before = ngram.engine.stats().spec_num_accepted_tokens
     got = outputs(ngram, [prompt], params)[0][0]
     assert (got.token_ids, got.text, got.finish_reason, got.stop_reason, got.num_reasoning_tokens) == \
         (want.token_ids, want.text, want.finish_reason, want.stop_reason, want.num_reasoning_tokens)
@@ -122,7 +122,7 @@ def test_stops_and_processing_inside_accepted_runs(plain, ngram, case):
         for a, b in zip(got.logprobs, want.logprobs):
             assert a.keys() == b.keys()
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
-    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before  # the run did go through drafts
+    assert ngram.engine.stats().spec_num_accepted_tokens > before  # the run did go through drafts
     assert_idle(ngram)
 
 
@@ -147,11 +147,11 @@ def test_structured_output_drafts_pass_through_the_grammar(plain, ngram):
               "required": ["tags"], "additionalProperties": False}
     params = SamplingParams(temperature=0, max_tokens=120, structured_outputs=StructuredOutputsParams(json=schema))
     want = outputs(plain, [REPEAT], params)[0][0]
-    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    before = ngram.engine.stats().spec_num_accepted_tokens
     got = outputs(ngram, [REPEAT], params)[0][0]
     assert got.token_ids == want.token_ids and got.finish_reason == "stop"
     assert len(json.loads(got.text)["tags"]) == 6
-    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before
+    assert ngram.engine.stats().spec_num_accepted_tokens > before
     assert_idle(ngram)
 
 
@@ -207,21 +207,21 @@ def test_rejection_sampling_keeps_the_distribution(tiny, plain):
     results = llm.generate([{"prompt_token_ids": REPEAT}] * n, params)
     pairs = Counter(tuple(r.outputs[0].token_ids[:2]) for r in results)
     stats = llm.engine.stats()
-    assert stats["spec_num_drafts"] >= n  # the second token of every sample went through verification
-    assert 0.1 < stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] < 0.9  # both outcomes, often
+    assert stats.spec_num_drafts >= n  # the second token of every sample went through verification
+    assert 0.1 < stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens < 0.9  # both outcomes, often
     assert _chi_square_p(pairs, exact, n) > 1e-3
     assert_idle(llm)
 
 
 def test_a_seeded_request_gives_the_same_tokens_with_or_without_drafts(plain, ngram):
     prompt = _loop_prompt(plain)
-    before = ngram.engine.stats()["spec_num_accepted_tokens"]
+    before = ngram.engine.stats().spec_num_accepted_tokens
     for params in [SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05, max_tokens=30, seed=11, ignore_eos=True),
                    SamplingParams(temperature=0.5, top_k=5, repetition_penalty=1.1, max_tokens=30, seed=3,
                                   ignore_eos=True, n=2)]:
         want = [c.token_ids for c in outputs(plain, [prompt], params)[0]]
         assert [c.token_ids for c in outputs(ngram, [prompt], params)[0]] == want
-    assert ngram.engine.stats()["spec_num_accepted_tokens"] > before
+    assert ngram.engine.stats().spec_num_accepted_tokens > before
 
 
 # ---- counters ----------------------------------------------------------------------------------
@@ -256,10 +256,10 @@ def test_counters_count_what_was_drafted_and_accepted(tiny, plain):
     got = token_ids(llm, [REPEAT], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0]
     assert got == answer
     s = llm.engine.stats()
-    assert (s["spec_num_drafts"], s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"]) == \
+    assert (s.spec_num_drafts, s.spec_num_draft_tokens, s.spec_num_accepted_tokens) == \
         (drafter.verifications, drafter.drafted, drafter.expected_accepted)
-    assert s["spec_accepted_per_position"][2:] in ([], [0])  # the third draft is always wrong
-    assert s["spec_accepted_per_position"][0] == s["spec_num_drafts"]
+    assert s.spec_accepted_per_position[2:] in ((), (0,))  # the third draft is always wrong
+    assert s.spec_accepted_per_position[0] == s.spec_num_drafts
 
 
 # ---- the policy -----------------------------------------------------------------------------------

@@ -258,10 +258,8 @@ class R1ServeRunner:
     def spec_stats(self):
         """The engine's speculative-decoding counters (None for data-parallel replicas, whose
         counters live in their processes)."""
-        from r1serve.engine.spec_decode_stats import SpecDecodeStats
-
         stats = getattr(self.llm.engine, "stats", None)
-        return SpecDecodeStats.from_counters(stats()) if stats else None
+        return stats().spec if stats else None
 
     def close(self) -> float:
         """Stop the other ranks, if any; this process's peak RSS in MiB (rank 0's)."""

@@ -54,7 +54,6 @@ def conversations(workload: str, n: int) -> list[list[dict]]:
 
 def main(args, cache_dir: Path) -> dict:
     from r1serve.bench.offline import this_machine
-    from r1serve.engine.spec_decode_stats import SpecDecodeStats
     from r1serve.llm import LLM
 
     common = dict(dtype=args.dtype, cache_dir=cache_dir, cpu_isa=args.cpu_isa)
@@ -71,9 +70,9 @@ def main(args, cache_dir: Path) -> dict:
             convs = conversations(workload, conc)
             order = ["plain", "speculative"] if i % 2 == 0 else ["speculative", "plain"]
             for name in order:
-                spec0 = SpecDecodeStats.from_counters(engines[name].engine.stats())
+                spec0 = engines[name].engine.stats().spec
                 runs[(workload, conc, name)] = _run(engines[name], convs, args.output_len) | {
-                    "spec": spec0.since(SpecDecodeStats.from_counters(engines[name].engine.stats()))}
+                    "spec": spec0.since(engines[name].engine.stats().spec)}
             plain, spec = runs[(workload, conc, "plain")], runs[(workload, conc, "speculative")]
             print(f"  round {i + 1}: {workload} c={conc}: plain {plain['tok_s']:.1f} tok/s, speculative "
                   f"{spec['tok_s']:.1f} tok/s", file=sys.stderr)

@@ -32,12 +32,12 @@ def _prompts(llm: LLM, streams: int) -> list[dict]:
 
 def _run(llm: LLM, prompts: list[dict], params: SamplingParams) -> tuple[float, float]:
     """(generated tokens per second, seconds the steps spent on grammar masks)."""
-    waited = llm.engine.stats()["grammar_wait_seconds"]
+    waited = llm.engine.stats().grammar_wait_seconds
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens / elapsed, llm.engine.stats()["grammar_wait_seconds"] - waited
+    return tokens / elapsed, llm.engine.stats().grammar_wait_seconds - waited
 
 
 def measure(model: str, streams: int, max_tokens: int, rounds: int, threads: int | None) -> dict:

@@ -17,10 +17,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, AsyncIterator
 
-from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, EngineSnapshot, Failed, Reply, Stepped,
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Failed, Reply, Stepped,
                                           Stopped, unknown_message)
 from r1serve.engine.core_messages import Prompt
 from r1serve.engine.engine_core import ProcessCore, ThreadCore
+from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import EngineDeadError
 from r1serve.models.arch_config import ArchConfig
 from r1serve.models.checkpoint import open_checkpoint
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # torch's: imported where an engine runs in this process, not
 
 log = logging.getLogger("r1serve.engine")
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineSnapshot", "EngineStepError", "RequestStream", "load_engine"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats", "EngineStepError", "RequestStream", "load_engine"]
 
 
 class EngineStepError(RuntimeError):
@@ -98,7 +99,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.snapshot = EngineSnapshot()
+        self.stats = EngineStats()  # the engine's latest (core_messages.Stepped)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # touched by the event loop only
         self._accepting: dict[str, asyncio.Future] = {}  # adds the core has not answered yet
@@ -118,7 +119,7 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Requests not yet running: waiting in the scheduler plus adds not yet applied."""
-        return self.snapshot.num_requests_waiting + len(self._accepting)
+        return self.stats.num_requests_waiting + len(self._accepting)
 
     @property
     def error(self) -> str | None:
@@ -177,8 +178,8 @@ class AsyncEngine:
 
     def report(self, reply: Reply) -> None:
         match reply:
-            case Stepped(outputs=outputs, snapshot=snapshot):  # first: one per step, the rest are rare
-                self.snapshot = snapshot
+            case Stepped(outputs=outputs, stats=stats):  # first: one per step, the rest are rare
+                self.stats = stats
                 if outputs:
                     self._to_loop(self._dispatch, outputs)
             case Added():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import UnionType
 from typing import get_args
 
+from r1serve.engine.engine_stats import EngineStats
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 
@@ -51,28 +52,6 @@ Command = AddRequest | AbortRequest | Shutdown
 # ---- replies: core -> front end -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's counters after its latest step (read by the server without locking)."""
-
-    # Not slots: a frozen slotted dataclass unpickles field by field through Python
-    # (__setstate__), twice as slow as this one's __dict__, and one crosses the pipe per step.
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_steps: int = 0  # loop iterations (steps and command batches)
-    grammar_wait_seconds: float = 0.0  # engine/grammar.py MaskFiller.seconds
-    # Speculative decoding (engine/speculation.py SpecDecodeStats).
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_accepted_per_position: tuple[int, ...] = ()
-
-
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
     """The engine process has loaded its model: what the server needs to know of it."""
@@ -97,7 +76,7 @@ class Added:
 @dataclass(frozen=True, slots=True)
 class Stepped:
     outputs: list[RequestOutput]  # this step's, one per request that produced something
-    snapshot: EngineSnapshot
+    stats: EngineStats  # the engine's counters after the step
 
 
 @dataclass(frozen=True, slots=True)

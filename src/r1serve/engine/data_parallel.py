@@ -4,7 +4,7 @@ tensor_parallel_size ranks) behind one front end, every request run whole by one
     AsyncEngine / LLM                DataParallelCore                    replicas
     -----------------                ----------------                    --------
     send(AddRequest)  ---------->    ReplicaRouter.pick  ------------>   ProcessCore i
-    report(Stepped, merged)  <----   _ReplicaSink i (snapshot i) <----   its engine loop
+    report(Stepped, merged)  <----   _ReplicaSink i (stats i)    <----   its engine loop
 
 A request goes to the replica with the fewest open requests, unless its prompt opens as one
 sent before did: then to that replica while it is not much busier than the least loaded one,
@@ -25,10 +25,10 @@ import torch
 from r1serve.config import EngineConfig
 from r1serve.executor.executor import free_port
 from r1serve.executor.replica_group import ReplicaSpec
-from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot, Failed,
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, Failed,
                                           Reply, Shutdown, Stepped, Stopped, check_command)
 from r1serve.engine.engine_core import EngineSink, ProcessCore
-from r1serve.engine.spec_decode_stats import sum_positions
+from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import EngineDeadError, InvalidRequestError
 from r1serve.outputs import RequestOutput
 
@@ -87,18 +87,6 @@ class ReplicaRouter:
                 self.load[replica] -= 1
 
 
-def merge_snapshots(snaps: list[EngineSnapshot]) -> EngineSnapshot:
-    blocks = sum(s.num_kv_blocks for s in snaps)
-    free = sum(s.num_free_blocks for s in snaps)
-    return EngineSnapshot(sum(s.num_requests_running for s in snaps), sum(s.num_requests_waiting for s in snaps),
-                          (blocks - free) / blocks if blocks else 0.0, blocks, free,
-                          sum(s.prefix_cache_queries for s in snaps), sum(s.prefix_cache_hits for s in snaps),
-                          sum(s.num_steps for s in snaps), sum(s.grammar_wait_seconds for s in snaps),
-                          sum(s.spec_num_drafts for s in snaps), sum(s.spec_num_draft_tokens for s in snaps),
-                          sum(s.spec_num_accepted_tokens for s in snaps),
-                          tuple(sum_positions([s.spec_accepted_per_position for s in snaps])))
-
-
 class DataParallelCore:
     """N ProcessCores behind the interface of one (load, start, send, is_alive, stop)."""
 
@@ -112,7 +100,7 @@ class DataParallelCore:
             specs = [None] * n
         self.replicas = [ProcessCore(_replica_config(config), model_path, spec) for spec in specs]
         self.router = ReplicaRouter(n)
-        self._snapshots = [EngineSnapshot()] * n
+        self._stats = [EngineStats()] * n
         self._stopped = [False] * n
         self._lock = threading.Lock()
         self._sink: EngineSink | None = None
@@ -170,13 +158,13 @@ class DataParallelCore:
     def _report(self, i: int, reply: Reply) -> None:
         """Replica i's reply, as the front end should see it (called on i's reader thread)."""
         match reply:
-            case Stepped(outputs=outputs, snapshot=snap):
+            case Stepped(outputs=outputs, stats=stats):
                 for out in outputs:
                     if out.finished:
                         self.router.done(out.request_id)
                 with self._lock:
-                    self._snapshots[i] = snap
-                    merged = merge_snapshots(self._snapshots)
+                    self._stats[i] = stats
+                    merged = EngineStats.merged(self._stats)
                 reply = Stepped(outputs, merged)
             case Added(request_id=rid, error=error) if error is not None:
                 self.router.done(rid)

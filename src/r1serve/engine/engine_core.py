@@ -27,9 +27,9 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, EngineSnapshot,
-                                          Failed, LoadFailed, Reply, Shutdown, Stepped, Stopped, check_command,
-                                          unknown_message)
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, Failed, LoadFailed,
+                                          Reply, Shutdown, Stepped, Stopped, check_command, unknown_message)
+from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import RankFailedError
 from r1serve.outputs import RequestOutput
 
@@ -68,7 +68,7 @@ class EngineLoop:
                 self._apply(command)
             outputs = self._step() if self.engine.has_unfinished_requests() else []
             self.num_steps += 1
-            self.sink.report(Stepped(outputs, snapshot(self.engine, self.num_steps)))
+            self.sink.report(Stepped(outputs, stats_after(self.engine, self.num_steps)))
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -124,7 +124,7 @@ class LockstepLoop(EngineLoop):
                 return
             if not any_work:
                 if commands:  # the adds' and aborts' counters
-                    self.sink.report(Stepped([], snapshot(self.engine, self.num_steps)))
+                    self.sink.report(Stepped([], stats_after(self.engine, self.num_steps)))
                 time.sleep(idle_s)
                 idle_s = min(2 * idle_s, self.IDLE_POLL_MAX_S)
                 continue
@@ -132,16 +132,11 @@ class LockstepLoop(EngineLoop):
             # A failed step cannot be survived here: the other replicas are in its collectives.
             outputs = self.engine.step()
             self.num_steps += 1
-            self.sink.report(Stepped(outputs, snapshot(self.engine, self.num_steps)))
+            self.sink.report(Stepped(outputs, stats_after(self.engine, self.num_steps)))
 
 
-def snapshot(engine: LLMEngine, num_steps: int) -> EngineSnapshot:
-    s = engine.stats()
-    return EngineSnapshot(s["num_requests_running"], s["num_requests_waiting"], s["kv_cache_usage"],
-                          s["num_kv_blocks"], s["num_free_blocks"], s["prefix_cache_queries"],
-                          s["prefix_cache_hits"], num_steps, s["grammar_wait_seconds"], s["spec_num_drafts"],
-                          s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"],
-                          tuple(s["spec_accepted_per_position"]))
+def stats_after(engine: LLMEngine, num_steps: int) -> EngineStats:
+    return replace(engine.stats(), num_steps=num_steps)
 
 
 # ---- on a thread ------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
-from r1serve.engine.spec_decode_stats import SpecDecodeStats, spec_counters
+from r1serve.engine.engine_stats import EngineStats
+from r1serve.engine.spec_decode_stats import SpecDecodeStats
 from r1serve.engine.core_messages import Prompt
 from r1serve.engine.speculation import Speculation
 from r1serve.errors import InvalidRequestError, ModelLoadError, RankFailedError
@@ -397,19 +398,17 @@ class LLMEngine:
 
     # ---- introspection ------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": self.kv.usage(),
-            "num_kv_blocks": self.num_kv_blocks,
-            "num_free_blocks": self.kv.pool.num_free,
-            "prefix_cache_queries": self.kv.stats.queries,
-            "prefix_cache_hits": self.kv.stats.hits,
-            "prefix_cache_evictions": self.kv.pool.num_evictions,
-            "grammar_wait_seconds": self._masks.seconds if self._masks else 0.0,
-            **spec_counters(self.speculation.stats if self.speculation else SpecDecodeStats()),
-        }
+    def stats(self) -> EngineStats:
+        spec = self.speculation.stats if self.speculation else SpecDecodeStats()
+        return EngineStats(
+            num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(), num_kv_blocks=self.num_kv_blocks, num_free_blocks=self.kv.pool.num_free,
+            prefix_cache_queries=self.kv.stats.queries, prefix_cache_hits=self.kv.stats.hits,
+            prefix_cache_evictions=self.kv.pool.num_evictions,
+            grammar_wait_seconds=self._masks.seconds if self._masks else 0.0,
+            spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_accepted_per_position=tuple(spec.accepted_per_position))
 
 
 def _token_list(ids) -> list[int]:

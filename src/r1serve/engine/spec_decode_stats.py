@@ -23,12 +23,6 @@ class SpecDecodeStats:
         """Tokens a verification emits on average: accepted drafts plus the target's own one."""
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
-    @classmethod
-    def from_counters(cls, stats: dict) -> SpecDecodeStats:
-        """From an engine's stats() (or anything with its spec_* keys)."""
-        return cls(stats.get("spec_num_drafts", 0), stats.get("spec_num_draft_tokens", 0),
-                   stats.get("spec_num_accepted_tokens", 0), list(stats.get("spec_accepted_per_position", [])))
-
     def since(self, later: SpecDecodeStats) -> SpecDecodeStats:
         """What was counted between this reading and a later one."""
         per_pos = [n - (self.accepted_per_position[j] if j < len(self.accepted_per_position) else 0)
@@ -55,10 +49,3 @@ def sum_positions(rows) -> list[int]:
     """Per-position counts of several sources added up (their lengths may differ)."""
     width = max((len(r) for r in rows), default=0)
     return [sum(r[j] for r in rows if j < len(r)) for j in range(width)]
-
-
-def spec_counters(stats: SpecDecodeStats) -> dict:
-    """The engine's stats() entries (summed across replicas, exported as /metrics counters)."""
-    return {"spec_num_drafts": stats.num_drafts, "spec_num_draft_tokens": stats.num_draft_tokens,
-            "spec_num_accepted_tokens": stats.num_accepted_tokens,
-            "spec_accepted_per_position": list(stats.accepted_per_position)}

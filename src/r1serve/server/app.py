@@ -139,8 +139,8 @@ class ServerState:
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.config.retry_after_s)}
 
-    def snapshots(self) -> dict:
-        return {name: m.engine.snapshot for name, m in self.models.items()}
+    def engine_stats(self) -> dict:
+        return {name: m.engine.stats for name, m in self.models.items()}
 
 
 def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None, cores: dict | None = None,
@@ -154,7 +154,7 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
         log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. Create one with "
                     "`r1serve keys create --name NAME --db '%s'` to require keys.", db)
     state = ServerState(config, None, access, on_fatal, on_ready, dict(cores or {}))  # type: ignore[arg-type]
-    state.metrics = ServerMetrics(state.snapshots)
+    state.metrics = ServerMetrics(state.engine_stats)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -1,7 +1,7 @@
 """Prometheus metrics, named as vLLM names its own (prefix `r1serve:`), plus reasoning ones.
 
-Engine state (running, waiting, KV usage, prefix-cache counters) is read from the engine's
-snapshot at scrape time; per-request figures are observed as requests finish. Each app has
+Engine state (every field of EngineStats: running, waiting, KV blocks, prefix-cache and
+speculation counters) is read from the engine's latest stats at scrape time; per-request figures are observed as requests finish. Each app has
 its own registry: two servers in one process (tests) never share counters.
 """
 from __future__ import annotations
@@ -13,53 +13,55 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from r1serve.engine.async_engine import EngineSnapshot
-from r1serve.engine.spec_decode_stats import SpecDecodeStats
+from r1serve.engine.engine_stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0, 640.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
+# Every EngineStats field but spec_accepted_per_position (its own family below), as the metric
+# it is exported as, vLLM's name where vLLM has one: field -> (metric, help).
+ENGINE_GAUGES = {
+    "num_requests_running": ("num_requests_running", "Requests in model steps now."),
+    "num_requests_waiting": ("num_requests_waiting", "Requests waiting to be scheduled."),
+    "kv_cache_usage": ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)."),
+    "num_kv_blocks": ("num_kv_blocks", "KV cache blocks the engine holds (of block_size tokens each)."),
+    "num_free_blocks": ("num_free_kv_blocks", "KV cache blocks free now (cached prefixes count as free)."),
+}
+ENGINE_COUNTERS = {
+    "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens served from the prefix cache."),
+    "prefix_cache_evictions": ("prefix_cache_evictions", "Cached prefix blocks given to other tokens (the "
+                                                         "cache was full)."),
+    "num_steps": ("engine_steps", "Engine loop iterations (model steps and command batches)."),
+    "grammar_wait_seconds": ("grammar_wait_seconds", "Time steps waited for grammar masks and applied them "
+                                                     "(constrained decoding's cost beyond what the forward "
+                                                     "pass hid)."),
+    # Speculative decoding, as vLLM names it (spec_decode_*).
+    "spec_num_drafts": ("spec_decode_num_drafts", "Verifications of drafted tokens (one per request per step "
+                                                  "that scored drafts)."),
+    "spec_num_draft_tokens": ("spec_decode_num_draft_tokens", "Drafted tokens scored by the target model."),
+    "spec_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Drafted tokens the target model accepted."),
+}
+
+
 class _EngineCollector(Collector):
-    def __init__(self, snapshots: Callable[[], dict[str, EngineSnapshot]]) -> None:
-        self.snapshots = snapshots
+    def __init__(self, stats: Callable[[], dict[str, EngineStats]]) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterable:
-        gauges = {
-            "num_requests_running": ("Requests in model steps now.", lambda s: s.num_requests_running),
-            "num_requests_waiting": ("Requests waiting to be scheduled.", lambda s: s.num_requests_waiting),
-            "kv_cache_usage_perc": ("Fraction of KV cache blocks in use (1 = full).", lambda s: s.kv_cache_usage),
-        }
-        counters = {
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
-            "prefix_cache_hits": ("Prompt tokens served from the prefix cache.", lambda s: s.prefix_cache_hits),
-            "grammar_wait_seconds": ("Time steps waited for grammar masks and applied them (constrained "
-                                     "decoding's cost beyond what the forward pass hid).",
-                                     lambda s: s.grammar_wait_seconds),
-            # Speculative decoding, as vLLM names it (spec_decode_*).
-            "spec_decode_num_drafts": ("Verifications of drafted tokens (one per request per step that "
-                                       "scored drafts).", lambda s: s.spec_num_drafts),
-            "spec_decode_num_draft_tokens": ("Drafted tokens scored by the target model.",
-                                             lambda s: s.spec_num_draft_tokens),
-            "spec_decode_num_accepted_tokens": ("Drafted tokens the target model accepted.",
-                                                lambda s: s.spec_num_accepted_tokens),
-        }
-        snaps = self.snapshots()
-        for name, (doc, get) in gauges.items():
-            family = GaugeMetricFamily(f"r1serve:{name}", doc, labels=["model_name"])
-            for model, snap in snaps.items():
-                family.add_metric([model], get(snap))
-            yield family
-        for name, (doc, get) in counters.items():
-            family = CounterMetricFamily(f"r1serve:{name}", doc, labels=["model_name"])
-            for model, snap in snaps.items():
-                family.add_metric([model], get(snap))
-            yield family
-        yield from _spec_families(snaps)
+        per_model = self.stats()
+        for table, family_of in ((ENGINE_GAUGES, GaugeMetricFamily), (ENGINE_COUNTERS, CounterMetricFamily)):
+            for field, (name, doc) in table.items():
+                family = family_of(f"r1serve:{name}", doc, labels=["model_name"])
+                for model, stats in per_model.items():
+                    family.add_metric([model], getattr(stats, field))
+                yield family
+        yield from _spec_families(per_model)
 
 
-def _spec_families(snaps: dict[str, EngineSnapshot]) -> Iterable:
+def _spec_families(per_model: dict[str, EngineStats]) -> Iterable:
     per_position = CounterMetricFamily("r1serve:spec_decode_num_accepted_tokens_per_pos",
                                        "Drafted tokens accepted, by their position in the draft (0 = first).",
                                        labels=["model_name", "position"])
@@ -67,10 +69,10 @@ def _spec_families(snaps: dict[str, EngineSnapshot]) -> Iterable:
                              "Accepted over drafted tokens since start (0 without drafts).", labels=["model_name"])
     length = GaugeMetricFamily("r1serve:spec_decode_mean_accepted_length",
                                "Tokens a verification emits on average: accepted drafts + 1.", labels=["model_name"])
-    for model, snap in snaps.items():
-        for j, n in enumerate(snap.spec_accepted_per_position):
+    for model, engine in per_model.items():
+        for j, n in enumerate(engine.spec_accepted_per_position):
             per_position.add_metric([model, str(j)], n)
-        stats = SpecDecodeStats(snap.spec_num_drafts, snap.spec_num_draft_tokens, snap.spec_num_accepted_tokens)
+        stats = engine.spec
         rate.add_metric([model], stats.acceptance_rate)
         length.add_metric([model], stats.mean_accepted_length)
     yield per_position
@@ -79,9 +81,10 @@ def _spec_families(snaps: dict[str, EngineSnapshot]) -> Iterable:
 
 
 class ServerMetrics:
-    def __init__(self, snapshots: Callable[[], dict[str, EngineSnapshot]]) -> None:
+    def __init__(self, engine_stats: Callable[[], dict[str, EngineStats]]) -> None:
+        """engine_stats: each served model's latest EngineStats, read at scrape time."""
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(snapshots))
+        self.registry.register(_EngineCollector(engine_stats))
         r, m = self.registry, ["model_name"]
         self.prompt_tokens = Counter("r1serve:prompt_tokens", "Prompt tokens processed.", m, registry=r)
         self.generation_tokens = Counter("r1serve:generation_tokens", "Tokens generated.", m, registry=r)
