@@ -106,7 +106,7 @@ def pg_url():
             pytest.skip(f"no PostgreSQL ({done.stderr.strip()[-300:]}); set R1SERVE_TEST_PG_URL to use one")
     import sqlalchemy as sa
 
-    from r1serve.server.db import metadata
+    from r1serve.accounts.database import metadata
 
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # a clean schema for this run: every table r1serve has

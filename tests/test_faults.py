@@ -16,8 +16,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from r1serve.server.db import admissions, api_keys, open_database, usage_ledger
-from r1serve.server.ledger import Ledger, UsageRecord
+from r1serve.accounts.database import admissions, api_keys, open_database, usage_ledger
+from r1serve.accounts.usage_ledger import Ledger, UsageRecord
 
 from platform_processes import bearer, complete, new_key, serve_tiny
 from server_process import ServerProcess
@@ -134,11 +134,11 @@ def test_database_outage_under_keyed_traffic(tiny, tmp_path, pg_url):
 
 
 def test_a_journaled_settlement_is_charged_exactly_once(tmp_path):
-    from r1serve.server.settle_journal import SettleJournal
+    from r1serve.accounts.settle_journal import SettleJournal
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     ledger = Ledger(open_database(url))
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         conn.execute(api_keys.insert().values(id="key_a", name="a", key_hash="0" * 64, prefix="sk-a…", is_admin=False,
                                               used_tokens=0, created_at=dt_now()))
         held = conn.execute(admissions.insert().values(key_id="key_a", lease_id="srv_x", held_tokens=50,
@@ -159,14 +159,14 @@ def test_a_journaled_settlement_is_charged_exactly_once(tmp_path):
     assert journal.pending() == 2
     assert journal.replay(ledger.settle_once) == 2 and journal.pending() == 0
     assert journal.replay(ledger.settle_once) == 0
-    with ledger.engine.begin() as conn:
+    with ledger.db.begin() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(usage_ledger)).scalar_one() == 2
         assert conn.execute(sa.select(api_keys.c.used_tokens)).scalar_one() == 30 + 2
         assert conn.execute(sa.select(admissions.c.held_tokens)).scalar_one() == 0
 
 
 def dt_now():
-    from r1serve.server.db import utcnow
+    from r1serve.accounts.database import utcnow
 
     return utcnow()
 

@@ -70,7 +70,7 @@ def test_wheel_carries_what_the_package_reads(wheel):
     static = ROOT / "src" / "r1serve" / "server" / "static"
     needed |= {f"r1serve/server/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
     needed |= {"r1serve/planner/accelerators.toml", "r1serve/planner/model_configs/deepseek-r1.json",
-               "r1serve/server/prices.toml"}
+               "r1serve/accounts/prices.toml"}
     assert included_headers(), "the kernels include local headers; this test must see them"
     assert needed <= names, f"missing from the wheel: {sorted(needed - names)}"
 

@@ -86,8 +86,8 @@ def test_dp_attention_replicas_split_the_experts(checkpoints):
         with LLM(str(checkpoints["deepseek_v3"]), **ENGINE, **layout) as llm:
             runs.append([completion(o.outputs[0]) for o in llm.generate(PROMPTS, params)])
             if layout:
-                assert [info.layout["replica"] for info in llm.engine.core.infos] == [(0, 2), (1, 2)]
-                assert [info.layout["experts"] for info in llm.engine.core.infos] == [(0, 4), (4, 8)]
+                assert [info.layout.replica for info in llm.engine.core.infos] == [(0, 2), (1, 2)]
+                assert [info.layout.experts for info in llm.engine.core.infos] == [(0, 4), (4, 8)]
     assert_same(runs[1], runs[0])
 
 
@@ -199,7 +199,7 @@ def worker_pids(ancestor: int | None = None) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"r1serve.executor.worker" in cmdline and " Z " not in stat:
+        if b"r1serve.executor.worker_process" in cmdline and " Z " not in stat:
             pids.append(int(entry.name))
     if ancestor is None:
         return pids
@@ -274,7 +274,7 @@ def test_stopping_leaves_no_worker_behind(checkpoints, tmp_path):
 PEAK_RSS = """
 import json, sys
 from r1serve import LLM
-import r1serve.executor.worker, r1serve.models.loader  # what a worker imports, before the baseline
+import r1serve.executor.worker_process, r1serve.executor.worker  # what a worker imports, before the baseline
 
 def peak_kib(pid="self"):  # VmHWM: unlike ru_maxrss, not inherited from the parent across exec
     line = next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))

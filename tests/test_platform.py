@@ -12,8 +12,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from r1serve.server.access import KEYS_RECHECK_S, Access
-from r1serve.server.db import MIGRATIONS, admissions, migrate
+from r1serve.accounts.accounts import KEYS_RECHECK_S, Accounts
+from r1serve.accounts.database import MIGRATIONS, admissions, migrate
 
 from platform_processes import PROMPT, WORST, bearer, cli, complete, new_key, serve_tiny
 from server_process import ServerProcess
@@ -90,17 +90,17 @@ def test_open_server_needs_no_key_and_admin_routes_stay_closed(tiny, tmp_path, d
 def test_key_lookups_do_not_wait_for_a_ledger_write(tmp_path):
     """Key reads are deferred SQLite transactions: they read the last commit while a writer
     holds the lock, instead of queueing behind it (up to the busy timeout)."""
-    access = Access(f"sqlite:///{tmp_path / 'keys.db'}")
-    info, secret = access.keys.create("alice")
-    with access.engine.begin() as writing:  # BEGIN IMMEDIATE: the write lock, held
+    accounts = Accounts(f"sqlite:///{tmp_path / 'keys.db'}")
+    info, secret = accounts.keys.create("alice")
+    with accounts.db.begin() as writing:  # BEGIN IMMEDIATE: the write lock, held
         writing.execute(sa.text("UPDATE api_keys SET rpm = 5"))
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(1) as pool:
-            found = pool.submit(access.keys.authenticate, secret).result(timeout=5)
-            active = pool.submit(access.keys.has_keys).result(timeout=5)
+            found = pool.submit(accounts.keys.authenticate, secret).result(timeout=5)
+            active = pool.submit(accounts.keys.has_keys).result(timeout=5)
         assert time.monotonic() - t0 < 1.0
     assert found.id == info.id and found.rpm is None and active  # the state before the uncommitted write
-    assert access.keys.get(info.id).rpm == 5
+    assert accounts.keys.get(info.id).rpm == 5
 
 
 def test_quota_holds_under_concurrency(tiny, tmp_path, db):
@@ -279,17 +279,17 @@ def test_a_version_1_database_migrates_with_its_keys_and_ledger(tmp_path):
                              "completion_tokens, reasoning_tokens, charged_tokens, latency_ms, status, created_at) "
                              "VALUES ('r1', 'key_old', 'm', 10, 0, 30, 0, 40, 5, 'ok', '2026-11-01 00:00:01')"))
     old.dispose()
-    access = Access(url)  # migrates to the latest version
-    key = access.keys.get("key_old")
+    accounts = Accounts(url)  # migrates to the latest version
+    key = accounts.keys.get("key_old")
     assert (key.used_tokens, key.quota_tokens, key.remaining_tokens) == (40, 1000, 960)
-    old_row = access.ledger.summary("key_old", by=("model",))[0]
+    old_row = accounts.ledger.summary("key_old", by=("model",))[0]
     assert old_row["charged_tokens"] == 40 and old_row["cost"] == 0  # priced rows start with version 4
-    with access.engine.begin() as conn:
+    with accounts.db.begin() as conn:
         assert conn.execute(sa.text("SELECT version FROM r1serve_schema")).scalar_one() == MIGRATIONS[-1][0]
         assert conn.execute(sa.text("PRAGMA foreign_key_check")).all() == []
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1  # back on after the migration
-    assert "reserved_tokens" not in {c["name"] for c in sa.inspect(access.engine).get_columns("api_keys")}
-    access.keys.create("new")  # the migrated table takes new keys
+    assert "reserved_tokens" not in {c["name"] for c in sa.inspect(accounts.db).get_columns("api_keys")}
+    accounts.keys.create("new")  # the migrated table takes new keys
 
 
 def test_the_log_says_where_to_go_and_one_line_per_request(tiny, tmp_path, db):

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from r1serve.server.admission import held_tokens
-from r1serve.server.db import db_now
+from r1serve.accounts.admission import held_tokens
+from r1serve.accounts.database import db_now
 
 from platform_processes import PROMPT, WORST, bearer, cli, complete, new_key, serve_tiny
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from r1serve.errors import InvalidRequestError
-from r1serve.server.db import open_database
-from r1serve.server.ledger import Ledger, UsageRecord
-from r1serve.server.prices import load_prices
+from r1serve.accounts.database import open_database
+from r1serve.accounts.usage_ledger import Ledger, UsageRecord
+from r1serve.accounts.prices import load_prices
 
 
 def record(request_id: str, model: str, prompt: int, cached: int, completion: int) -> UsageRecord:
@@ -46,6 +46,6 @@ def test_the_ledger_charges_and_prices_each_model_by_its_own_row(tmp_path):
     assert rows["r1"]["cost"] == pytest.approx((600 * 0.14 + 400 * 0.55 + 200 * 2.19) / 1e6)
     assert rows["small"]["cost"] == pytest.approx(1200 / 1e6)
     # An operator's fixed weight overrides the table's for the quota, never the price.
-    fixed = Ledger(ledger.engine, load_prices(path), cached_weight=0.5)
+    fixed = Ledger(ledger.db, load_prices(path), cached_weight=0.5)
     assert fixed.charge(record("c", "r1", 1000, 600, 200)) == 400 + 300 + 200
     assert fixed.cost(record("c", "r1", 1000, 600, 200)) == pytest.approx(rows["r1"]["cost"])

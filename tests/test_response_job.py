@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from r1serve.engine.async_engine import RequestStream
 from r1serve.outputs import CompletionOutput, RequestOutput
-from r1serve.server.access import Access, Principal
-from r1serve.server.db import usage_ledger
+from r1serve.accounts.accounts import Accounts, Principal
+from r1serve.accounts.database import usage_ledger
 from r1serve.server.generation import PromptInput
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.protocol import CompletionRequest
@@ -49,8 +49,8 @@ def output(i: int, last: bool) -> RequestOutput:
     return RequestOutput("cmpl-1", None, None, [c], last, 0, {"first_token_time": 1.0})
 
 
-def ledger(access: Access) -> list[tuple[str, int]]:
-    with access.engine.begin() as conn:
+def ledger(accounts: Accounts) -> list[tuple[str, int]]:
+    with accounts.db.begin() as conn:
         rows = conn.execute(sa.select(usage_ledger.c.status, usage_ledger.c.completion_tokens))
         return [tuple(r) for r in rows]
 
@@ -61,7 +61,7 @@ def events(body: bytes) -> list[str]:
 
 @pytest.fixture()
 def job_parts(tmp_path):
-    access = Access(f"sqlite:///{tmp_path / 'ledger.db'}")
+    accounts = Accounts(f"sqlite:///{tmp_path / 'ledger.db'}")
     engine = _Engine()
     model = _Model(ServerMetrics(lambda: {}), engine)
     req = CompletionRequest(model="tiny", prompt="hi", max_tokens=3, stream=True,
@@ -69,13 +69,13 @@ def job_parts(tmp_path):
 
     def make():
         job = _Completion(model, req, "cmpl-1", [PromptInput("hi", [1, 2])],
-                          access.meter(Principal(None), "tiny", "cmpl-1"))
+                          accounts.meter(Principal(None), "tiny", "cmpl-1"))
         return job, RequestStream("cmpl-1", engine)
 
-    return make, access, engine
+    return make, accounts, engine
 
 
-def run_writer(job, stream, feed, access: Access) -> list[dict]:
+def run_writer(job, stream, feed, accounts: Accounts) -> list[dict]:
     sent: list[dict] = []
 
     async def send(message: dict) -> None:
@@ -85,14 +85,14 @@ def run_writer(job, stream, feed, access: Access) -> list[dict]:
         writer = asyncio.ensure_future(job.write_events([stream], send))
         await feed(stream)
         await writer
-        await access.drain()  # a report settled in the background (the client left)
+        await accounts.drain()  # a report settled in the background (the client left)
 
     asyncio.run(main())
     return sent
 
 
 def test_a_stream_is_one_message_per_output_then_usage_and_done(job_parts):
-    make, access, engine = job_parts
+    make, accounts, engine = job_parts
     job, stream = make()
 
     async def feed(s):
@@ -100,7 +100,7 @@ def test_a_stream_is_one_message_per_output_then_usage_and_done(job_parts):
             s.put(output(i, last=i == 2))
             await asyncio.sleep(0)
 
-    sent = run_writer(job, stream, feed, access)
+    sent = run_writer(job, stream, feed, accounts)
     assert [m["more_body"] for m in sent] == [True] * 3 + [False]
     chunks = [json.loads(e) for m in sent[:3] for e in events(m["body"])]
     assert [c["choices"][0]["text"] for c in chunks] == [" t0", " t1", " t2"]
@@ -109,11 +109,11 @@ def test_a_stream_is_one_message_per_output_then_usage_and_done(job_parts):
     usage, done = events(sent[3]["body"])
     assert json.loads(usage)["usage"]["completion_tokens"] == 3 and done == "[DONE]"
     assert engine.aborted == [] and engine.forgotten == ["cmpl-1"]
-    assert ledger(access) == [("ok", 3)]
+    assert ledger(accounts) == [("ok", 3)]
 
 
 def test_a_failure_mid_stream_ends_that_stream_with_an_error_event(job_parts, monkeypatch):
-    make, access, engine = job_parts
+    make, accounts, engine = job_parts
     job, stream = make()
     calls = []
 
@@ -130,16 +130,16 @@ def test_a_failure_mid_stream_ends_that_stream_with_an_error_event(job_parts, mo
             s.put(output(i, last=i == 2))
             await asyncio.sleep(0)
 
-    sent = run_writer(job, stream, feed, access)
+    sent = run_writer(job, stream, feed, accounts)
     error, done = events(sent[-1]["body"])
     assert json.loads(error)["error"]["type"] == "server_error" and done == "[DONE]"
     assert sent[-1]["more_body"] is False
     assert engine.aborted == ["cmpl-1"]  # the engine request stops with the response
-    assert ledger(access) == [("error", 1)]
+    assert ledger(accounts) == [("error", 1)]
 
 
 def test_a_client_that_leaves_aborts_the_request_and_is_counted(job_parts):
-    make, access, engine = job_parts
+    make, accounts, engine = job_parts
     job, stream = make()
 
     async def feed(s):
@@ -147,7 +147,7 @@ def test_a_client_that_leaves_aborts_the_request_and_is_counted(job_parts):
         await asyncio.sleep(0.01)
         s.abort(ClientGone())  # what the connection watcher does on http.disconnect
 
-    sent = run_writer(job, stream, feed, access)
+    sent = run_writer(job, stream, feed, accounts)
     assert len(sent) == 1 and sent[0]["more_body"] is True  # nothing is written after the client left
     assert engine.aborted == ["cmpl-1"] and job.finish_reasons == ["abort"]
-    assert ledger(access) == [("aborted", 1)]
+    assert ledger(accounts) == [("aborted", 1)]

@@ -127,8 +127,8 @@ def test_bad_input_is_a_400_naming_it(r1):
 def test_stored_responses_expire(db):
     import datetime as dt
 
-    from r1serve.server.db import migrate, open_database, stored_responses
-    from r1serve.server.response_store import ResponseStore
+    from r1serve.accounts.database import migrate, open_database, stored_responses
+    from r1serve.accounts.response_store import ResponseStore
 
     engine = open_database(db)
     migrate(engine)

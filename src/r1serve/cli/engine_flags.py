@@ -55,7 +55,7 @@ def add_db_arg(p: argparse.ArgumentParser) -> None:
                                              "data directory) or postgresql+psycopg://USER:PASS@HOST/DB")
     p.add_argument("--prices", default=None, metavar="FILE.toml",
                    help="price table per million tokens (default: r1serve's, DeepSeek's published prices; "
-                        "see server/prices.toml)")
+                        "see accounts/prices.toml)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

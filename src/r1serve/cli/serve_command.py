@@ -21,7 +21,7 @@ def cmd_serve(args) -> None:
                       EngineConfig(model=model, cache_dir=cache_dir, dtype=args.dtype, **engine_options(args)))
                for name, model in zip(names, args.model)}
     _check_port_free(args.host, args.port)
-    from r1serve.server.prices import load_prices
+    from r1serve.accounts.prices import load_prices
 
     prices = load_prices(args.prices)  # a bad table fails now, before any model loads
     # The engine processes start first (each loads its model at once, importing torch itself),
@@ -35,7 +35,7 @@ def cmd_serve(args) -> None:
     from r1serve.server.connection_limits import ConnectionLimits
     from r1serve.server.launch import serve
     from r1serve.server.served_model import ModelSpec
-    from r1serve.server.settle_journal import journal_path
+    from r1serve.accounts.settle_journal import journal_path
 
     specs = tuple(ModelSpec(name, path, engine, args.reasoning_parser, args.tool_call_parser)
                   for name, (path, engine) in engines.items())
@@ -86,21 +86,21 @@ def db_url_from(args) -> str:
     return f"sqlite:///{path}"
 
 
-def _access(args):
-    from r1serve.server.access import Access
+def _accounts(args):
+    from r1serve.accounts.accounts import Accounts
 
-    from r1serve.server.prices import load_prices
+    from r1serve.accounts.prices import load_prices
 
-    return Access(db_url_from(args), load_prices(getattr(args, "prices", None)))
+    return Accounts(db_url_from(args), load_prices(getattr(args, "prices", None)))
 
 
 def cmd_keys(args) -> None:
-    from r1serve.server.keys_cli import run_keys
+    from r1serve.cli.account_commands import run_keys
 
-    run_keys(args, _access(args))
+    run_keys(args, _accounts(args))
 
 
 def cmd_usage(args) -> None:
-    from r1serve.server.keys_cli import run_usage
+    from r1serve.cli.account_commands import run_usage
 
-    run_usage(args, _access(args))
+    run_usage(args, _accounts(args))

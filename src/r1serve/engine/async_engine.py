@@ -20,16 +20,14 @@ from typing import TYPE_CHECKING, AsyncIterator
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Failed, Reply, Stepped,
                                           Stopped, unknown_message)
 from r1serve.engine.core_messages import Prompt
-from r1serve.engine.engine_core import ProcessCore, ThreadCore
+from r1serve.engine.engine_core import EngineCore, ProcessCore, ThreadCore
 from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import EngineDeadError
-from r1serve.models.arch_config import ArchConfig
 from r1serve.models.checkpoint import open_checkpoint
 from r1serve.outputs import RequestOutput
 from r1serve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # torch's: imported where an engine runs in this process, not by the server alone
-    from r1serve.engine.data_parallel import DataParallelCore
     from r1serve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger("r1serve.engine")
@@ -94,7 +92,7 @@ class RequestStream:
 class AsyncEngine:
     """The event-loop side of an engine core; also the core's EngineSink."""
 
-    def __init__(self, core: ThreadCore | ProcessCore | DataParallelCore, tokenizer, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, core: EngineCore, tokenizer, max_model_len: int, vocab_size: int) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -242,10 +240,10 @@ class AsyncEngine:
         self._fail_streams(None, dead)
 
 
-def _front_end(model_path):
-    """What the API process needs of the checkpoint: its tokenizer and vocabulary size."""
-    ckpt = open_checkpoint(model_path)
-    return ckpt.tokenizer(), ArchConfig.from_hf(ckpt.hf_config).vocab_size
+def _tokenizer(model_path):
+    """The API process's own tokenizer, built while the engine loads (the rest it needs of the
+    model comes in EngineInfo)."""
+    return open_checkpoint(model_path).tokenizer()
 
 
 async def load_engine(config, model_path, own_process: bool = True, core=None) -> AsyncEngine:
@@ -259,9 +257,8 @@ async def load_engine(config, model_path, own_process: bool = True, core=None) -
 
             core = DataParallelCore(config, model_path)
         core = core or ProcessCore(config, model_path)
-        info, (tokenizer, vocab_size) = await asyncio.gather(asyncio.to_thread(core.load),
-                                                             asyncio.to_thread(_front_end, model_path))
-        engine = AsyncEngine(core, tokenizer, info.max_model_len, vocab_size)
+        info, tokenizer = await asyncio.gather(asyncio.to_thread(core.load), asyncio.to_thread(_tokenizer, model_path))
+        engine = AsyncEngine(core, tokenizer, info.max_model_len, info.vocab_size)
     else:
         from r1serve.engine.llm_engine import LLMEngine
 

@@ -53,12 +53,22 @@ Command = AddRequest | AbortRequest | Shutdown
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """How an engine's model is spread (LLMEngine.layout)."""
+
+    tensor_parallel_size: int = 1
+    replica: tuple[int, int] | None = None  # (this replica, replicas) under DP attention
+    experts: tuple[int, int] | None = None  # the routed experts [first, end) rank 0 holds; None: no MoE
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     """The engine process has loaded its model: what the server needs to know of it."""
 
     max_model_len: int
     dtype: str = "float32"  # the activations' torch dtype, by name
-    layout: dict | None = None  # LLMEngine.layout(): ranks, replica, experts held
+    vocab_size: int = 0  # the model's (logit_bias and token ids are checked against it)
+    layout: ModelLayout = ModelLayout()
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,21 @@ class EngineSink(Protocol):
     def report(self, reply: Reply) -> None: ...
 
 
+class EngineCore(Protocol):
+    """What runs an engine's loop for an AsyncEngine, wherever it runs: ThreadCore (a thread of
+    this process), ProcessCore (a process of its own), data_parallel.DataParallelCore (N
+    processes behind one). A loaded core is started once, takes commands, and reports to its
+    sink until stopped."""
+
+    def start(self, sink: EngineSink) -> None: ...
+
+    def send(self, command: Command) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
 class EngineLoop:
     """Steps an LLMEngine while it has work; applies the commands that arrived between steps."""
 
@@ -298,7 +313,8 @@ def run_engine_process(config, model_path, conn, log_level: int, replica: Replic
     except BaseException as exc:
         conn.send(LoadFailed(_portable(exc)))
         return
-    conn.send(EngineInfo(engine.max_model_len, str(engine.loaded.dtype).removeprefix("torch."), engine.layout()))
+    conn.send(EngineInfo(engine.max_model_len, str(engine.loaded.dtype).removeprefix("torch."),
+                         engine.loaded.arch.vocab_size, engine.layout()))
     sink = _PipeSink(conn)
 
     def next_commands(block: bool) -> list[Command]:

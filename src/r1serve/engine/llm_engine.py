@@ -11,6 +11,7 @@ import torch
 
 from r1serve.config import EngineConfig
 from r1serve.executor.launch import start_executor
+from r1serve.executor.worker import Worker
 from r1serve.executor.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
 from r1serve.engine.detokenizer import IncrementalDetokenizer
@@ -23,11 +24,10 @@ from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.engine.engine_stats import EngineStats
 from r1serve.engine.spec_decode_stats import SpecDecodeStats
-from r1serve.engine.core_messages import Prompt
+from r1serve.engine.core_messages import ModelLayout, Prompt
 from r1serve.engine.speculation import Speculation
 from r1serve.errors import InvalidRequestError, ModelLoadError, RankFailedError
-from r1serve.layers.moe import DeepseekMoE
-from r1serve.models.loader import LoadedModel, load_model
+from r1serve.models.loader import LoadedModel
 from r1serve.models.planning import ModelNumbers, numbers_for
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.platforms import get_platform
@@ -68,20 +68,18 @@ class LLMEngine:
         if self.platform.host_threads and (config.num_threads or self.executor):
             torch.set_num_threads(self.executor.threads if self.executor else config.num_threads)
         try:
-            self.loaded: LoadedModel = self._load(model_path)
+            self.worker = self._start_worker(model_path)  # this rank's model and KV cache (executor/worker.py)
         except BaseException:
             self.shutdown()
             raise
+        self.loaded: LoadedModel = self.worker.loaded
         self.tokenizer = self.loaded.tokenizer
         self.dtype = self.loaded.dtype  # the activations'
         arch = self.loaded.arch
-        self.kv_spec = self.loaded.model.kv_cache_spec()  # per-head K/V, or MLA's one latent per token
-        self.kv_dtype = self.platform.resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.model,
-                                                             self.loaded.dtype)
-        self.num_kv_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
+        self.kv_spec, self.kv_dtype = self.worker.kv_spec, self.worker.kv_dtype
+        self.num_kv_blocks = self.worker.kv_blocks_wanted()
         self.max_model_len = self._max_model_len()
-        shape = self.kv_spec.layer_shape(self.num_kv_blocks, config.block_size)
-        kv_caches = [self.platform.zeros(shape, self.kv_dtype) for _ in range(self.kv_spec.num_layers)]
+        kv_caches = self.worker.allocate_kv(self.num_kv_blocks)
         self.kv = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                                  lookahead_layers=config.speculative == "mtp")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -105,27 +103,25 @@ class LLMEngine:
         self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
 
-    def _load(self, model_path) -> LoadedModel:
+    def _start_worker(self, model_path) -> Worker:
         if self.replicas is not None:
-            return load_model(model_path, self.platform, self.config, self.replicas.tp)
+            return Worker(self.config, model_path, self.platform, self.replicas.tp)
         if self.executor is None:
-            return load_model(model_path, self.platform, self.config)
-        tp = self.executor.tp
-        loaded, error = None, None
+            return Worker(self.config, model_path, self.platform)
+        worker, error = None, None
         try:
-            loaded = load_model(model_path, self.platform, self.config, tp)
+            worker = Worker(self.config, model_path, self.platform, self.executor.tp)
         except Exception as exc:
             error = exc
         self.executor.agree_loaded(error)  # raises rank 0's error, or another rank's
-        return loaded
+        return worker
 
-    def layout(self) -> dict:
+    def layout(self) -> ModelLayout:
         """How the model is spread: this engine's ranks, its place among DP-attention
-        replicas, and the routed experts its rank 0 holds (None: no MoE layers)."""
-        moe = next((m for m in self.loaded.model.modules() if isinstance(m, DeepseekMoE)), None)
-        return {"tensor_parallel_size": self.config.tensor_parallel_size,
-                "replica": (self.replicas.tp.rank, self.replicas.tp.size) if self.replicas else None,
-                "experts": tuple(moe.experts) if moe is not None else None}
+        replicas, and the routed experts its rank 0 holds."""
+        return ModelLayout(self.config.tensor_parallel_size,
+                           (self.replicas.tp.rank, self.replicas.tp.size) if self.replicas else None,
+                           self.worker.experts_held())
 
     def shutdown(self) -> None:
         """Stop the other ranks of a tensor-parallel group, leave the replicas' (nothing to do on one rank)."""
@@ -169,7 +165,7 @@ class LLMEngine:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        return self.kv_bytes_per_token * self.config.block_size
+        return self.worker.kv_bytes_per_block
 
     def _max_model_len(self) -> int:
         limit = self.loaded.arch.max_position_embeddings

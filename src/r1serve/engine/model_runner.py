@@ -22,7 +22,7 @@ class ModelRunner:
         # On cuda: replays captured graphs for decode steps (engine/cuda_graph_runner.py).
         self.decode_graphs = None
         # Under tensor parallelism: sends each step's inputs to the other ranks, which run
-        # the same forward (executor/worker.py); this rank then samples alone.
+        # the same forward (executor/worker_process.py, Worker.serve_steps); this rank then samples alone.
         self.ranks = ranks
         # Speculative decoding's MTP drafter reads the step's last hidden states (N, hidden).
         self.keep_hidden = False

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError, RankFailedError
 from r1serve.executor.step_broadcast import StepBroadcast
-from r1serve.executor.worker import agree_loaded
+from r1serve.executor.worker_process import agree_loaded
 from r1serve.parallel.tensor_parallel import TensorParallel
 
 def threads_per_rank(config: EngineConfig) -> int:

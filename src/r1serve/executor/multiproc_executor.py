@@ -1,7 +1,7 @@
 """Ranks 1..N-1 of a tensor-parallel group as processes of this node.
 
 The engine's own process is rank 0: it schedules, runs its shard's forward and samples.
-Ranks 1..N-1 are `python -m r1serve.executor.worker` processes (not multiprocessing
+Ranks 1..N-1 are `python -m r1serve.executor.worker_process` processes (not multiprocessing
 children: the engine may itself run in a daemonic process, which may have none), each
 reading its WorkerSpec from its stdin.
 """
@@ -19,7 +19,7 @@ from r1serve.config import EngineConfig
 from r1serve.errors import ModelLoadError
 from r1serve.executor.executor import Executor, free_port, threads_per_rank
 from r1serve.executor.step_broadcast import StepBroadcast
-from r1serve.executor.worker import WorkerSpec, join_group
+from r1serve.executor.worker_process import WorkerSpec, join_group
 
 log = logging.getLogger("r1serve.executor")
 
@@ -72,7 +72,7 @@ class MultiprocExecutor(Executor):
 
 
 def _launch(spec: WorkerSpec) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "r1serve.executor.worker"], stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "r1serve.executor.worker_process"], stdin=subprocess.PIPE)
     proc.stdin.write(pickle.dumps(spec))
     proc.stdin.flush()  # left open: its closing tells the worker we are gone
     return proc

@@ -1,5 +1,5 @@
 """Rank 0's side of a tensor-parallel group whose other ranks are actors of a Ray cluster:
-the same workers as MultiprocExecutor's (worker.run_worker), placed by Ray across nodes.
+the same workers as MultiprocExecutor's (worker_process.run_worker), placed by Ray across nodes.
 
     ray start --head                          # on the first node (the one that runs r1serve)
     ray start --address=HEAD_IP:6379          # on every other node
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from r1serve.config import EngineConfig
 from r1serve.executor.executor import Executor, free_port, threads_per_rank
 from r1serve.executor.step_broadcast import StepBroadcast
-from r1serve.executor.worker import WorkerSpec, join_group, run_worker
+from r1serve.executor.worker_process import WorkerSpec, join_group, run_worker
 from r1serve.errors import ModelLoadError
 
 log = logging.getLogger("r1serve.executor")

@@ -1,125 +1,56 @@
-"""A tensor-parallel rank other than 0: load this rank's shard, then run every step rank 0
-broadcasts, until it broadcasts None.
-
-    rank 0 (the engine's process)            rank r (this module, one process each)
-    ------------------------------           -------------------------------------
-    start the workers, join the group  <-->  join the group
-    load shard 0                             load shard r
-    all_gather_object(load error)      <-->  all_gather_object(load error)
-    broadcast num_kv_blocks            --->  allocate the same KV cache
-    per step: broadcast StepInputs     --->  the same forward; its collectives pair up
-              forward, sample                (the logits gather to rank 0)
-    broadcast None                     --->  exit
-
-A worker leaves when told to, when rank 0's process dies (the group's connections close
-and the next collective raises), or when its stdin closes (the parent that launched it
-is gone), so no rank outlives the engine.
-"""
+"""What every rank runs, rank 0 included: its shard of the model on its platform, and its
+paged KV cache. Rank 0's engine drives its Worker through the model runner; the other ranks'
+(worker_process.py) run the steps rank 0 broadcasts."""
 from __future__ import annotations
 
-import logging
-import os
-import pickle
-import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from r1serve.config import EngineConfig
-from r1serve.parallel.process_group import gather_sum_bytes, init_group
+from r1serve.layers.moe import DeepseekMoE
+from r1serve.models.loader import LoadedModel, load_model
 from r1serve.parallel.tensor_parallel import TensorParallel
-
-log = logging.getLogger("r1serve.executor")
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a rank needs to join its group and load its shard (pickled to its stdin)."""
-
-    config: EngineConfig
-    model_path: Path
-    rank: int
-    world_size: int
-    init_method: str  # tcp://host:port of rank 0's store
-    num_threads: int
-    log_level: int = logging.WARNING
+from r1serve.platforms.base import Platform
 
 
-def join_group(spec: WorkerSpec, backend: str) -> tuple[object, TensorParallel]:
-    """A rank of a tensor-parallel group joins it: (the gloo group for host data, its place)."""
-    host = init_group(spec.init_method, spec.rank, spec.world_size, backend, spec.config.distributed_timeout_s)
-    return host, TensorParallel(spec.rank, spec.world_size, dist.group.WORLD, spec.config.expert_parallel,
-                                gather_sum_bytes(backend))
+class Worker:
+    def __init__(self, config: EngineConfig, model_path: Path, platform: Platform,
+                 tp: TensorParallel = TensorParallel()) -> None:
+        self.config, self.platform = config, platform
+        self.loaded: LoadedModel = load_model(model_path, platform, config, tp)
+        self.kv_spec = self.loaded.model.kv_cache_spec()  # per-head K/V, or MLA's one latent per token
+        self.kv_dtype = platform.resolve_kv_cache_dtype(config.kv_cache_dtype, self.loaded.model, self.loaded.dtype)
+        self.kv_caches: list[torch.Tensor] = []
 
+    def experts_held(self) -> tuple[int, int] | None:
+        """The routed experts [first, end) this rank holds (None: the model has no MoE layers)."""
+        moe = next((m for m in self.loaded.model.modules() if isinstance(m, DeepseekMoE)), None)
+        return tuple(moe.experts) if moe is not None else None
 
-def agree_loaded(error: BaseException | None, world_size: int) -> list[str | None]:
-    """Every rank's load error (None: loaded), gathered on every rank."""
-    errors: list[str | None] = [None] * world_size
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
-    return errors
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.kv_spec.bytes_per_token(self.kv_dtype) * self.config.block_size
 
+    def kv_blocks_wanted(self) -> int:
+        """The cache's blocks: num_kv_blocks, else as many as kv_cache_memory_gib holds (the
+        same on every rank: each holds the same share of every block)."""
+        c = self.config
+        return c.num_kv_blocks or max(2, int(c.kv_cache_memory_gib * 2**30 // self.kv_bytes_per_block))
 
-def run_worker(spec: WorkerSpec) -> None:
-    # Imported here: the module is also the entry point, and these pull in the whole model stack.
-    from r1serve.executor.step_broadcast import StepBroadcast
-    from r1serve.models.loader import load_model
-    from r1serve.platforms import get_platform
+    def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
+        """One cache per layer the model caches for (its MTP layer's included)."""
+        shape = self.kv_spec.layer_shape(num_blocks, self.config.block_size)
+        self.kv_caches = [self.platform.zeros(shape, self.kv_dtype) for _ in range(self.kv_spec.num_layers)]
+        return self.kv_caches
 
-    config = spec.config
-    platform = get_platform(config)
-    torch.set_num_threads(spec.num_threads)
-    if platform.device.type == "cuda":
-        torch.cuda.set_device(spec.rank % torch.cuda.device_count())
-    host_group, tp = join_group(spec, platform.dist_backend)
-    loaded, error = None, None
-    try:
-        loaded = load_model(spec.model_path, platform, config, tp)
-    except Exception as exc:
-        error = exc
-    if any(agree_loaded(error, spec.world_size)):
-        return  # rank 0 reports which rank failed, and why
-    steps = StepBroadcast(host_group)
-    num_kv_blocks = steps.recv_object()
-    model = loaded.model
-    kv_dtype = platform.resolve_kv_cache_dtype(config.kv_cache_dtype, model, loaded.dtype)
-    shape = model.kv_cache_spec().layer_shape(num_kv_blocks, config.block_size)
-    kv_caches = [platform.zeros(shape, kv_dtype) for _ in range(loaded.arch.num_layers)]
-    serve_steps(model, kv_caches, steps, platform.device)
-
-
-@torch.inference_mode()
-def serve_steps(model: torch.nn.Module, kv_caches: list[torch.Tensor], steps, device: torch.device) -> None:
-    while (inputs := steps.recv()) is not None:
-        input_ids, positions, meta, rows = inputs.tensors(device)
-        hidden = model(input_ids, positions, kv_caches, meta)
-        if rows is not None:
-            model.compute_logits(hidden[rows])  # this rank's vocabulary slice, gathered to rank 0
-
-
-def _exit_when_stdin_closes() -> None:
-    # The launching process holds our stdin's other end; EOF means it is gone. os.read, not
-    # sys.stdin: a daemon thread blocked inside a buffered reader aborts interpreter exit.
-    while os.read(0, 1 << 16):
-        pass
-    os._exit(0)
-
-
-def main() -> None:
-    spec: WorkerSpec = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
-    threading.Thread(target=_exit_when_stdin_closes, name="r1serve-stdin-watch", daemon=True).start()
-    try:
-        run_worker(spec)
-    except Exception as exc:  # rank 0 sees the group's connection close and names this rank
-        log.error("rank %d stopped: %s: %s", spec.rank, type(exc).__name__, exc)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    @torch.inference_mode()
+    def serve_steps(self, steps) -> None:
+        """A rank other than 0: run each step rank 0 broadcasts (its collectives pair with rank
+        0's), until None."""
+        model, device = self.loaded.model, self.platform.device
+        while (inputs := steps.recv()) is not None:
+            input_ids, positions, meta, rows = inputs.tensors(device)
+            hidden = model(input_ids, positions, self.kv_caches, meta)
+            if rows is not None:
+                model.compute_logits(hidden[rows])  # this rank's vocabulary slice, gathered to rank 0

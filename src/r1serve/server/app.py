@@ -22,13 +22,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from r1serve.engine.async_engine import EngineDeadError, load_engine
 from r1serve.errors import InvalidRequestError
-from r1serve.server.access import RETRY_DATABASE_S, Access, Principal, database_unavailable
+from r1serve.accounts.accounts import Accounts, Principal
 from r1serve.server.anthropic_messages import MessageJob, chat_request, count_tokens
 from r1serve.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from r1serve.server.thinking_signer import ThinkingSigner
 from r1serve.server.api_docs import add_api_docs
-from r1serve.server.db import UNREACHABLE
-from r1serve.server.prices import PriceTable
+from r1serve.accounts.database import UNREACHABLE
+from r1serve.accounts.prices import PriceTable
+from r1serve.server.caller import (RETRY_DATABASE_S, database_unavailable, install_refusal_handlers,
+                                   principal_dependency)
 from r1serve.server.errors import APIError, BodyLimit, error_response, install_error_handlers
 from r1serve.server.platform_routes import add_platform_routes
 from r1serve.server.request_log import RequestLog
@@ -54,7 +56,7 @@ log = logging.getLogger("r1serve.server")
 class ServerConfig:
     models: tuple[ModelSpec, ...]
     db_url: str  # the key and usage database (sqlite:///FILE or postgresql+psycopg://…)
-    prices: PriceTable | None = None  # None: r1serve's own table (server/prices.toml)
+    prices: PriceTable | None = None  # None: r1serve's own table (accounts/prices.toml)
     cached_token_weight: float | None = None  # what a prefix-cache hit counts against a quota (None: as priced)
     max_waiting: int = 256  # requests queued beyond the running batch before 429
     max_body_bytes: int = 16 * 2**20
@@ -82,7 +84,8 @@ class ServerConfig:
 class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
-    access: Access
+    accounts: Accounts
+    principal: Callable  # the FastAPI dependency that resolves a request's caller (caller.py)
     on_fatal: Callable[[], None]
     on_ready: Callable[[ServerState], None]
     cores: dict = field(default_factory=dict)  # model name -> its engine process, already spawned
@@ -113,7 +116,7 @@ class ServerState:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(m.engine.shutdown() for m in self.models.values()))
-        await self.access.drain()
+        await self.accounts.drain()
 
     def model(self, name: str | None) -> ServedModel:
         """The model a request names, ready to take it (or the APIError saying why not)."""
@@ -147,34 +150,36 @@ def build_app(config: ServerConfig, on_fatal: Callable[[], None] = lambda: None,
               on_ready: Callable[[ServerState], None] = lambda _: None) -> FastAPI:
     """`cores`: engine processes already spawned, by model name (the rest start here);
     `on_ready`: called once every model is loaded."""
-    access = Access(config.db_url, config.prices, config.cached_token_weight)
-    if access.is_open:
+    accounts = Accounts(config.db_url, config.prices, config.cached_token_weight)
+    if accounts.is_open:
         # The command names this server's database: a key made in another one protects nothing.
         db = sa.engine.make_url(config.db_url).render_as_string(hide_password=True)
         log.warning("NO API KEYS: the server is OPEN to anyone who can reach it. Create one with "
                     "`r1serve keys create --name NAME --db '%s'` to require keys.", db)
-    state = ServerState(config, None, access, on_fatal, on_ready, dict(cores or {}))  # type: ignore[arg-type]
+    state = ServerState(config, None, accounts, principal_dependency(accounts), on_fatal, on_ready,  # type: ignore[arg-type]
+                        dict(cores or {}))
     state.metrics = ServerMetrics(state.engine_stats)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        await asyncio.to_thread(access.start_lease, config.quota_lease_s, config.journal_path)
+        await asyncio.to_thread(accounts.start_lease, config.quota_lease_s, config.journal_path)
         loading = asyncio.create_task(state.load_all())
         yield
         loading.cancel()
         await state.shutdown()
-        await asyncio.to_thread(access.end_lease)
+        await asyncio.to_thread(accounts.end_lease)
 
     app = FastAPI(title="r1serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.r1serve = state
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestLog)
     install_error_handlers(app)
-    _add_database_handler(app, access)
+    install_refusal_handlers(app)
+    _add_database_handler(app, accounts)
     _add_routes(app, state)
     _add_anthropic_routes(app, state, ThinkingSigner(config.signing_key or os.urandom(32)))
     _add_responses_routes(app, state)
-    add_platform_routes(app, state.access)
+    add_platform_routes(app, state.accounts, state.principal)
     publish_stream_models(app)
     add_api_docs(app)
     # The playground and usage dashboard: plain files, no build step.
@@ -201,20 +206,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if dead:  # an engine process or a rank died (OOM killer, a crash): a supervisor should restart us
             return JSONResponse({"status": "failed", "error": f"the engine stopped for: {'; '.join(dead)}"},
                                 status_code=503)
-        down, unsettled = await asyncio.to_thread(state.access.database_state)
+        down, unsettled = await asyncio.to_thread(state.accounts.database_state)
         if down:  # no keyed request can be admitted or charged: out of rotation until it returns
             return JSONResponse({"status": "unavailable", "database": "unreachable", "unsettled": unsettled,
                                  "error": f"the key and usage database is unreachable ({down})"},
                                 status_code=503, headers={"Retry-After": str(RETRY_DATABASE_S)})
         return {"status": "ok", "database": "ok", "unsettled": unsettled}
 
-    @app.get("/v1/models", dependencies=[Depends(state.access.principal), API_KEY], responses=responses(ModelList, 401))
+    @app.get("/v1/models", dependencies=[Depends(state.principal), API_KEY], responses=responses(ModelList, 401))
     async def list_models():
         data = [{"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
                  "max_model_len": m.engine.max_model_len} for m in state.models.values()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(state.access.principal), API_KEY],
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(state.principal), API_KEY],
              responses=responses(ModelCard, 401, 404, 503))
     async def get_model(name: str):
         known = [m.name for m in state.config.models]
@@ -226,7 +231,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "r1serve", "root": m.root,
                 "max_model_len": m.engine.max_model_len}
 
-    caller = Depends(state.access.principal)
+    caller = Depends(state.principal)
 
     generating = (400, 401, 402, 404, 429, 503)
 
@@ -235,25 +240,25 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(req: ChatCompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
-        return await _engine_call(create_chat_completion(served, req, raw, state.access, principal))
+        return await _engine_call(create_chat_completion(served, req, raw, state.accounts, principal))
 
     @app.post("/v1/completions", dependencies=[API_KEY],
               responses=responses(Completion, *generating, stream=CompletionChunk))
     async def completions(req: CompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
-        return await _engine_call(create_completion(served, req, raw, state.access, principal))
+        return await _engine_call(create_completion(served, req, raw, state.accounts, principal))
 
     # DeepSeek's base URL has no /v1, and its beta features (FIM, chat prefix completion) live
     # under /beta: the same routes there, unpublished (the schema names each once).
     for base in ("", "/beta"):
         app.post(f"{base}/chat/completions", dependencies=[API_KEY], include_in_schema=False)(chat_completions)
         app.post(f"{base}/completions", dependencies=[API_KEY], include_in_schema=False)(completions)
-    app.get("/models", dependencies=[Depends(state.access.principal), API_KEY], include_in_schema=False)(list_models)
-    app.get("/models/{name:path}", dependencies=[Depends(state.access.principal), API_KEY],
+    app.get("/models", dependencies=[Depends(state.principal), API_KEY], include_in_schema=False)(list_models)
+    app.get("/models/{name:path}", dependencies=[Depends(state.principal), API_KEY],
             include_in_schema=False)(get_model)
 
-    @app.post("/tokenize", dependencies=[Depends(state.access.principal), API_KEY],
+    @app.post("/tokenize", dependencies=[Depends(state.principal), API_KEY],
               responses=responses(Tokens, 400, 401, 404, 503))
     async def tokenize(req: TokenizeRequest):
         served = state.model(req.model)
@@ -267,7 +272,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": served.engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize", dependencies=[Depends(state.access.principal), API_KEY],
+    @app.post("/detokenize", dependencies=[Depends(state.principal), API_KEY],
               responses=responses(Text, 400, 401, 404, 503))
     async def detokenize(req: DetokenizeRequest):
         served = state.model(req.model)
@@ -284,7 +289,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 def _add_responses_routes(app: FastAPI, state: ServerState) -> None:
     """OpenAI's Responses API, and the responses it keeps (per key)."""
-    caller, store = Depends(state.access.principal), state.access.responses
+    caller, store = Depends(state.principal), state.accounts.responses
 
     @app.post("/v1/responses", dependencies=[API_KEY],
               responses=responses(ResponsesReply, 400, 401, 402, 404, 429, 503, stream=ResponsesEvent))
@@ -293,7 +298,7 @@ def _add_responses_routes(app: FastAPI, state: ServerState) -> None:
         state.admit(served)
         earlier = await asyncio.to_thread(earlier_conversation, store, req, principal.key_id)
         chat = responses_chat_request(req, earlier)
-        return await _engine_call(create_chat_completion(served, chat, raw, state.access, principal, ResponsesJob,
+        return await _engine_call(create_chat_completion(served, chat, raw, state.accounts, principal, ResponsesJob,
                                                          responses=req, earlier=earlier, store=store,
                                                          key_id=principal.key_id))
 
@@ -319,13 +324,13 @@ def _no_response(response_id: str) -> APIError:
 
 def _add_anthropic_routes(app: FastAPI, state: ServerState, signer: ThinkingSigner) -> None:
     """Anthropic's Messages API, at /v1/messages and under the /anthropic base URL DeepSeek uses."""
-    caller = Depends(state.access.principal)
+    caller = Depends(state.principal)
 
     async def messages(req: MessagesRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
         state.admit(served)
         chat = chat_request(req, served, signer, stream=bool(req.stream))
-        return await _engine_call(create_chat_completion(served, chat, raw, state.access, principal, MessageJob,
+        return await _engine_call(create_chat_completion(served, chat, raw, state.accounts, principal, MessageJob,
                                                          signer=signer))
 
     async def tokens(req: CountTokensRequest, principal: Principal = caller):
@@ -339,9 +344,9 @@ def _add_anthropic_routes(app: FastAPI, state: ServerState, signer: ThinkingSign
                  responses=responses(InputTokens, 400, 401, 404, 503, error=AnthropicError))(tokens)
 
 
-def _add_database_handler(app: FastAPI, access: Access) -> None:
+def _add_database_handler(app: FastAPI, accounts: Accounts) -> None:
     async def database_down(request: Request, exc: Exception):
-        access.health.failed(exc)
+        accounts.health.failed(exc)
         down = database_unavailable(exc)
         return error_response(request, down.status, down.body(), down.headers)
 

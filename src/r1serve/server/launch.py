@@ -68,6 +68,6 @@ def ready_banner(host: str, port: int, state: ServerState) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
     base = f"http://{shown}:{port}"
     body = json.dumps({"model": state.config.models[0].name, "messages": [{"role": "user", "content": "Hello!"}]})
-    key = "" if state.access.is_open else " -H \"Authorization: Bearer $OPENAI_API_KEY\""
+    key = "" if state.accounts.is_open else " -H \"Authorization: Bearer $OPENAI_API_KEY\""
     return (f"ready. Playground: {base}/ui/  API: {base}/v1  Try:\n"
             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'")

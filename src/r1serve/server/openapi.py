@@ -27,7 +27,7 @@ from r1serve.server.openapi_replies import ChatCompletionChunk, CompletionChunk
 
 REF = "#/components/schemas/{model}"
 
-# Documents the `Authorization: Bearer sk-…` header that access.py reads; it checks
+# Documents the `Authorization: Bearer sk-…` header that accounts.py reads; it checks
 # nothing itself (an open server takes requests without a key).
 API_KEY = Security(HTTPBearer(auto_error=False, description="an API key, once any exists (see platform.md)"))
 

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Query
 from pydantic import ConfigDict, Field
 
 from r1serve.errors import InvalidRequestError
-from r1serve.server.access import Access, Principal
+from r1serve.accounts.accounts import Accounts, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.openapi import API_KEY, responses
 from r1serve.server.openapi_replies import AllUsage, KeyInfo, KeyList, NewKeyInfo, OwnUsage
@@ -69,8 +69,9 @@ def _grouping(by: str) -> tuple[str, ...]:
     return groups
 
 
-def add_platform_routes(app: FastAPI, access: Access) -> None:
-    async def admin(principal: Principal = Depends(access.principal)) -> Principal:
+def add_platform_routes(app: FastAPI, accounts: Accounts, principal) -> None:
+    """principal: the dependency that resolves a request's caller (caller.principal_dependency)."""
+    async def admin(principal: Principal = Depends(principal)) -> Principal:
         if principal.key is None:
             raise APIError(403, "key management needs an admin key; this server has none yet: create one on the "
                                 "host with `r1serve keys create --name admin --admin`", code="admin_required")
@@ -80,39 +81,39 @@ def add_platform_routes(app: FastAPI, access: Access) -> None:
 
     @app.get("/v1/usage", dependencies=[API_KEY], responses=responses(OwnUsage, 400, 401))
     async def own_usage(since: str | None = _day(), until: str | None = _day(),
-                        principal: Principal = Depends(access.principal)):
+                        principal: Principal = Depends(principal)):
         start, end = _date(since, "since"), _date(until, "until")
-        key = await asyncio.to_thread(access.keys.get, principal.key_id) if principal.key else None
-        rows = await asyncio.to_thread(access.ledger.summary, principal.key_id, start, end, ("day", "model"))
+        key = await asyncio.to_thread(accounts.keys.get, principal.key_id) if principal.key else None
+        rows = await asyncio.to_thread(accounts.ledger.summary, principal.key_id, start, end, ("day", "model"))
         return {"object": "usage", "key": None if key is None else key.public(), "data": rows}
 
     @app.post("/v1/admin/keys", status_code=201, dependencies=[Depends(admin), API_KEY],
               responses=responses(NewKeyInfo, 400, 401, 403, ok_status=201))
     async def create_key(body: NewKey):
-        info, secret = await asyncio.to_thread(access.keys.create, body.name, body.quota_tokens, body.rpm,
+        info, secret = await asyncio.to_thread(accounts.keys.create, body.name, body.quota_tokens, body.rpm,
                                                body.tpm, body.admin)
         return info.public() | {"key": secret}
 
     @app.get("/v1/admin/keys", dependencies=[Depends(admin), API_KEY], responses=responses(KeyList, 400, 401, 403))
     async def list_keys(include_revoked: bool = False):
-        keys = await asyncio.to_thread(access.keys.list, include_revoked)
-        last = await asyncio.to_thread(access.ledger.last_used)
+        keys = await asyncio.to_thread(accounts.keys.list, include_revoked)
+        last = await asyncio.to_thread(accounts.ledger.last_used)
         return {"object": "list", "data": [k.public() | {"last_used_at": last.get(k.id)} for k in keys]}
 
     @app.patch("/v1/admin/keys/{key_id}", dependencies=[Depends(admin), API_KEY],
                responses=responses(KeyInfo, 400, 401, 403, 404))
     async def update_key(key_id: str, body: KeyLimits):
-        return (await _key_call(access.keys.update, key_id, **body.model_dump(exclude_unset=True))).public()
+        return (await _key_call(accounts.keys.update, key_id, **body.model_dump(exclude_unset=True))).public()
 
     @app.delete("/v1/admin/keys/{key_id}", dependencies=[Depends(admin), API_KEY],
                 responses=responses(KeyInfo, 401, 403, 404))
     async def revoke_key(key_id: str):
-        return (await _key_call(access.keys.revoke, key_id)).public()
+        return (await _key_call(accounts.keys.revoke, key_id)).public()
 
     @app.get("/v1/admin/usage", dependencies=[Depends(admin), API_KEY], responses=responses(AllUsage, 400, 401, 403))
     async def all_usage(key_id: str | None = None, since: str | None = _day(), until: str | None = _day(),
                         by: str = BY):
-        rows = await asyncio.to_thread(access.ledger.summary, key_id, _date(since, "since"), _date(until, "until"),
+        rows = await asyncio.to_thread(accounts.ledger.summary, key_id, _date(since, "since"), _date(until, "until"),
                                        _grouping(by))
         return {"object": "usage", "data": rows}
 

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from r1serve.engine.async_engine import EngineDeadError, EngineStepError, RequestStream
 from r1serve.outputs import RequestOutput
-from r1serve.server.access import Meter
+from r1serve.accounts.accounts import Meter
 from r1serve.server.errors import APIError, error_body
 from r1serve.server.generation import SSE_DONE, engine_error, engine_failed, merged, sse
 from r1serve.server.metrics import RequestTimer
@@ -111,7 +111,7 @@ class ResponseJob(ABC):
                 self.timer.on_tokens(out.metrics, streamed=False)
                 finals[i] = out
         except asyncio.CancelledError:  # the client left before the answer was ready
-            self.meter.access.in_background(self.report("aborted"))
+            self.meter.accounts.in_background(self.report("aborted"))
             raise
         except APIError:  # the engine failed (merged says how)
             await self.report("error")
@@ -187,7 +187,7 @@ class ResponseJob(ABC):
                 s.abort()  # a no-op for finished ones
             if not self.reported:  # the client left (or the server is stopping): counted, as aborted
                 self.finish_reasons = [r or "abort" for r in self.finish_reasons]
-                self.meter.access.in_background(self.report("aborted"))
+                self.meter.accounts.in_background(self.report("aborted"))
         await send(_body(tail, more=False))
 
     async def _write(self, index: int, out: RequestOutput, send: Send) -> None:

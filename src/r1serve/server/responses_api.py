@@ -17,7 +17,7 @@ import orjson
 from r1serve.outputs import CompletionOutput
 from r1serve.server.errors import APIError, bad_request
 from r1serve.server.protocol import ChatCompletionRequest
-from r1serve.server.response_store import ResponseStore
+from r1serve.accounts.response_store import ResponseStore
 from r1serve.server.responses_protocol import (FunctionCallItem, FunctionCallOutputItem, MessageItem, NamedFunction,
                                                ReasoningItem, ResponsesRequest)
 from r1serve.server.serving_chat import ChoiceDelta, PartStreamJob, translated_request

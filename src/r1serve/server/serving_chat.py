@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
-from r1serve.server.access import Access, Meter, Principal
+from r1serve.accounts.accounts import Accounts, Meter, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.generation import (PromptInput, capped, chat_logprobs, check_context, sampling_params, sse,
                                        start_requests, until_disconnect)
@@ -132,7 +132,7 @@ def reasoning_spec(model: ServedModel, req: ChatCompletionRequest, prompt: Promp
 
 
 async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest, raw: HTTPRequest,
-                                 access: Access, principal: Principal, job: type[ChatJob] | None = None,
+                                 accounts: Accounts, principal: Principal, job: type[ChatJob] | None = None,
                                  **job_args):
     """`job` (with `job_args`): the response's format (default: OpenAI's chat completion)."""
     job = job or ChatJob
@@ -146,7 +146,7 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
     params = replace(params, structured_outputs=structured_outputs(model, req),
                      logit_bias=(params.logit_bias or {}) | banned if banned else params.logit_bias)
     request_id = job.new_request_id()
-    meter = access.meter(principal, model.name, request_id)
+    meter = accounts.meter(principal, model.name, request_id)
     granted = await meter.admit(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
     params = reserve_answer(capped(params, granted), req.reasoning_reserve)
     chat = job(model, req, request_id, prompt, spec, meter, **job_args)

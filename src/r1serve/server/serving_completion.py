@@ -9,7 +9,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from r1serve.outputs import CompletionOutput, RequestOutput
-from r1serve.server.access import Access, Meter, Principal
+from r1serve.accounts.accounts import Accounts, Meter, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.fim import FimFormat, fim_format
 from r1serve.server.generation import (PromptInput, capped, check_context, completion_logprobs, sampling_params, sse,
@@ -37,14 +37,14 @@ def _fim(model: ServedModel) -> FimFormat:
     return found
 
 
-async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTTPRequest, access: Access,
+async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTTPRequest, accounts: Accounts,
                             principal: Principal):
     engine = model.engine
     prompts = completion_prompts(model, req)
     max_tokens = min(check_context(len(p.token_ids), req.max_tokens, engine.max_model_len, "prompt") for p in prompts)
     params = sampling_params(req, max_tokens, req.logprobs)
     request_id = new_id("cmpl")
-    meter = access.meter(principal, model.name, request_id)
+    meter = accounts.meter(principal, model.name, request_id)
     granted = await meter.admit(sum(len(p.token_ids) for p in prompts), req.n * len(prompts), max_tokens)
     params = capped(params, granted)
     job = _Completion(model, req, request_id, prompts, meter)

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import sqlalchemy as sa
 
-from r1serve.server.db import admissions, api_keys, as_utc, usage_ledger, utcnow
-from r1serve.server.prices import PriceTable, load_prices
+from r1serve.accounts.database import admissions, api_keys, as_utc, usage_ledger, utcnow
+from r1serve.accounts.prices import PriceTable, load_prices
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,9 @@ USAGE_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_token
 
 
 class Ledger:
-    def __init__(self, engine: sa.Engine, prices: PriceTable | None = None, cached_weight: float | None = None) -> None:
+    def __init__(self, db: sa.Engine, prices: PriceTable | None = None, cached_weight: float | None = None) -> None:
         """`cached_weight`: what a cache-hit token counts against a quota (None: as priced)."""
-        self.engine = engine
+        self.db = db
         self.prices = prices or load_prices()
         self.cached_weight = cached_weight
 
@@ -59,14 +59,14 @@ class Ledger:
     def release(self, admission_id: int) -> None:
         """A request admitted but never run: its hold goes, and its tokens leave the tpm
         window (it still counts as a request)."""
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(admissions.update().where(admissions.c.id == admission_id)
                          .values(held_tokens=0, rate_tokens=0))
 
     def settle(self, record: UsageRecord, admission_id: int | None) -> int:
         """Write the row, charge the key, end its hold (the tpm window keeps what was really
         charged): one transaction. Returns the charge."""
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             return self._settle(conn, record, admission_id)
 
     def settle_once(self, record: UsageRecord | None, admission_id: int | None) -> None:
@@ -74,7 +74,7 @@ class Ledger:
         ledger row is already there, so a replay never charges twice."""
         if record is None:
             return self.release(admission_id) if admission_id is not None else None
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             written = conn.execute(sa.select(usage_ledger.c.id).where(usage_ledger.c.request_id == record.request_id)
                                    .limit(1)).first()
             if written is None:
@@ -96,7 +96,7 @@ class Ledger:
         """When each key's latest request was recorded (ISO 8601, UTC), for keys with any."""
         u = usage_ledger.c
         query = sa.select(u.key_id, sa.func.max(u.created_at)).where(u.key_id.is_not(None)).group_by(u.key_id)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             return {key: as_utc(at).isoformat(timespec="seconds") for key, at in conn.execute(query)}
 
     def summary(self, key_id: str | None = None, since: dt.date | None = None, until: dt.date | None = None,
@@ -117,7 +117,7 @@ class Ledger:
         if until is not None and until < dt.date.max:  # the range ends the day after; the last day has none
             query = query.where(u.created_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time(),
                                                                    dt.timezone.utc))
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for r in rows:
             r["day"] = str(r["day"]) if "day" in r else None
@@ -129,6 +129,6 @@ class Ledger:
         return rows
 
     def _day(self, column):
-        if self.engine.dialect.name == "postgresql":
+        if self.db.dialect.name == "postgresql":
             return sa.func.date(sa.func.timezone("UTC", column))
         return sa.func.date(column)  # SQLite stores the UTC time as text: date() takes its day

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from r1serve.errors import InvalidRequestError
-from r1serve.server.db import api_keys, as_utc, reading, utcnow
+from r1serve.accounts.database import api_keys, as_utc, reading, utcnow
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def _check_limits(quota_tokens: int | None, rpm: int | None, tpm: int | None) ->
 
 
 class KeyStore:
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
         self._has_keys: tuple[bool, float] = (False, -math.inf)  # has_keys()'s last answer, and when
 
     def create(self, name: str, quota_tokens: int | None = None, rpm: int | None = None, tpm: int | None = None,
@@ -66,7 +66,7 @@ class KeyStore:
         _check_limits(quota_tokens, rpm, tpm)
         secret = "sk-" + secrets.token_hex(32)
         key_id = "key_" + secrets.token_hex(6)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(api_keys.insert().values(
                 id=key_id, name=name, key_hash=hash_secret(secret), prefix=secret[:7] + "…", is_admin=is_admin,
                 quota_tokens=quota_tokens, rpm=rpm, tpm=tpm, used_tokens=0, created_at=utcnow()))
@@ -74,7 +74,7 @@ class KeyStore:
         return self.get(key_id), secret
 
     def get(self, key_id: str) -> KeyInfo:
-        with reading(self.engine) as conn:
+        with reading(self.db) as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
         if row is None:
             raise InvalidRequestError(f"no API key with id {key_id!r}; `r1serve keys list` shows them")
@@ -84,14 +84,14 @@ class KeyStore:
         query = sa.select(api_keys).order_by(api_keys.c.created_at)
         if not include_revoked:
             query = query.where(api_keys.c.revoked_at.is_(None))
-        with reading(self.engine) as conn:
+        with reading(self.db) as conn:
             return [_info(r) for r in conn.execute(query)]
 
     def has_keys(self) -> bool:
         """Whether a key was ever created, revoked or not: that, not whether one is live,
         closes a server. (Asking for a live one let revoking the last key open the server to
         everyone, the revoked key included.)"""
-        with reading(self.engine) as conn:
+        with reading(self.db) as conn:
             found = conn.execute(sa.select(api_keys.c.id).limit(1)).first() is not None
         # Keys are never deleted, so a yes is final and needs no asking again.
         self._has_keys = (True, math.inf) if found else (False, time.monotonic())
@@ -105,7 +105,7 @@ class KeyStore:
         return found if found or time.monotonic() - at < max_age_s else None
 
     def revoke(self, key_id: str) -> KeyInfo:
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                          .values(revoked_at=utcnow()))
         return self.get(key_id)
@@ -118,14 +118,14 @@ class KeyStore:
         _check_limits(limits.get("quota_tokens"), limits.get("rpm"), limits.get("tpm"))
         self.get(key_id)  # a clear error for unknown ids
         if limits:
-            with self.engine.begin() as conn:
+            with self.db.begin() as conn:
                 conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**limits))
         return self.get(key_id)
 
     def authenticate(self, secret: str) -> KeyInfo | None:
         """The live key a secret belongs to, or None (unknown or revoked)."""
         digest = hash_secret(secret)
-        with reading(self.engine) as conn:
+        with reading(self.db) as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest)).first()
         if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
             return None

@@ -10,7 +10,7 @@ import time
 
 import sqlalchemy as sa
 
-from r1serve.server.db import reading, stored_responses, utcnow
+from r1serve.accounts.database import reading, stored_responses, utcnow
 
 
 KEPT = dt.timedelta(days=30)
@@ -18,12 +18,12 @@ PRUNE_EVERY_S = 3600.0
 
 
 class ResponseStore:
-    def __init__(self, engine: sa.Engine, kept: dt.timedelta = KEPT) -> None:
-        self.engine, self.kept = engine, kept
+    def __init__(self, db: sa.Engine, kept: dt.timedelta = KEPT) -> None:
+        self.db, self.kept = db, kept
         self.pruned_at = -PRUNE_EVERY_S  # monotonic seconds of the last sweep of expired rows
 
     def save(self, response: dict, conversation: list[dict], key_id: str | None) -> None:
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             if time.monotonic() - self.pruned_at >= PRUNE_EVERY_S:
                 conn.execute(stored_responses.delete().where(stored_responses.c.created_at < self._cutoff()))
                 self.pruned_at = time.monotonic()
@@ -34,14 +34,14 @@ class ResponseStore:
     def load(self, response_id: str, key_id: str | None) -> tuple[dict, list[dict]] | None:
         """(the response, the conversation it ends), if it is there and this key's."""
         r = stored_responses.c
-        with reading(self.engine) as conn:
+        with reading(self.db) as conn:
             row = conn.execute(sa.select(r.response, r.conversation).where(
                 r.id == response_id, self._owned(key_id), r.created_at >= self._cutoff())).first()
         return None if row is None else (json.loads(row.response), json.loads(row.conversation))
 
     def delete(self, response_id: str, key_id: str | None) -> bool:
         r = stored_responses.c
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             return conn.execute(stored_responses.delete().where(r.id == response_id, self._owned(key_id))).rowcount > 0
 
     def _cutoff(self) -> dt.datetime:

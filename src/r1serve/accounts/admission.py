@@ -32,8 +32,8 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from r1serve.server.db import admissions, api_keys, db_now, server_leases
-from r1serve.server.keys import KeyInfo
+from r1serve.accounts.database import admissions, api_keys, db_now, server_leases
+from r1serve.accounts.api_keys import KeyInfo
 
 WINDOW = dt.timedelta(seconds=60)
 log = logging.getLogger("r1serve.server")
@@ -73,10 +73,10 @@ class ServerLease:
     renewing, and `ttl_s` later its holds stop counting against anyone's quota. A server
     that stops cleanly ends its lease at once."""
 
-    def __init__(self, engine: sa.Engine, ttl_s: float, on_renewed: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, db: sa.Engine, ttl_s: float, on_renewed: Callable[[], None] = lambda: None) -> None:
         if not ttl_s > 0:
             raise ValueError(f"a lease needs ttl_s > 0 (got {ttl_s})")
-        self.engine, self.ttl = engine, dt.timedelta(seconds=ttl_s)
+        self.db, self.ttl = db, dt.timedelta(seconds=ttl_s)
         self.on_renewed = on_renewed  # the database answered: what waited for it may go (the journal)
         self.id = "srv_" + secrets.token_hex(6)
         self._stop = threading.Event()
@@ -90,7 +90,7 @@ class ServerLease:
     def renew(self) -> None:
         """Push the expiry forward (re-create the lease if a long pause let it be pruned),
         and prune what no window or hold needs any more."""
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             now = db_now(conn)
             done = conn.execute(server_leases.update().where(server_leases.c.id == self.id)
                                 .values(expires_at=now + self.ttl))
@@ -106,7 +106,7 @@ class ServerLease:
         if self._thread.is_alive():
             self._thread.join()
         self.on_renewed()  # what the journal holds is settled before the holds go
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(admissions.update().where(admissions.c.lease_id == self.id, admissions.c.held_tokens != 0)
                          .values(held_tokens=0))
             conn.execute(server_leases.delete().where(server_leases.c.id == self.id))
@@ -138,14 +138,14 @@ def counted(key: KeyInfo) -> bool:
 
 
 class AdmissionControl:
-    def __init__(self, engine: sa.Engine, lease: ServerLease) -> None:
-        self.engine, self.lease = engine, lease
+    def __init__(self, db: sa.Engine, lease: ServerLease) -> None:
+        self.db, self.lease = db, lease
 
     def admit(self, key: KeyInfo, ask: Ask) -> Admitted | Refused:
         """Let a request in, with the max_tokens the quota leaves it, or say why not."""
         if not counted(key):
             return Admitted(None, ask.max_tokens)
-        with self.engine.begin() as conn:
+        with self.db.begin() as conn:
             now = db_now(conn)
             # The key as it is now, locked: a limit lowered a moment ago applies to this request.
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key.id).with_for_update()).one()

@@ -22,7 +22,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Callable
 
-from r1serve.server.ledger import UsageRecord
+from r1serve.accounts.usage_ledger import UsageRecord
 
 log = logging.getLogger("r1serve.server")
 

@@ -10,7 +10,7 @@ import time
 
 import sqlalchemy as sa
 
-from r1serve.server.db import UNREACHABLE
+from r1serve.accounts.database import UNREACHABLE
 
 RECHECK_S = 1.0
 
@@ -24,8 +24,8 @@ def describe(exc: BaseException) -> str:
 
 
 class DatabaseHealth:
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
         self._state: tuple[str | None, float] = (None, -RECHECK_S)  # (why it is down or None, when seen)
 
     @property
@@ -43,7 +43,7 @@ class DatabaseHealth:
         if time.monotonic() - self._state[1] < RECHECK_S:
             return self._state[0]
         try:
-            with self.engine.connect() as conn:
+            with self.db.connect() as conn:
                 conn.execute(sa.select(1))
         except UNREACHABLE as exc:
             self.failed(exc)

@@ -6,8 +6,8 @@ import datetime as dt
 import json
 
 from r1serve.errors import InvalidRequestError
-from r1serve.server.access import Access
-from r1serve.server.keys import KeyInfo
+from r1serve.accounts.accounts import Accounts
+from r1serve.accounts.api_keys import KeyInfo
 
 
 def limit(value: str | None) -> int | None:
@@ -27,10 +27,10 @@ def _limits(k: KeyInfo) -> str:
     return f"quota {_shown(k.quota_tokens)} tokens ({k.used_tokens} used), rpm {_shown(k.rpm)}, tpm {_shown(k.tpm)}"
 
 
-def run_keys(args, access: Access) -> None:
+def run_keys(args, accounts: Accounts) -> None:
     command = args.keys_command
     if command == "create":
-        info, secret = access.keys.create(args.name, limit(args.quota_tokens), limit(args.rpm), limit(args.tpm),
+        info, secret = accounts.keys.create(args.name, limit(args.quota_tokens), limit(args.rpm), limit(args.tpm),
                                           args.admin)
         if args.json:
             print(json.dumps(info.public() | {"key": secret}))
@@ -39,15 +39,15 @@ def run_keys(args, access: Access) -> None:
                   f"{secret}")
         return
     if command == "list":
-        _print_keys(access.keys.list(args.all), args.json)
+        _print_keys(accounts.keys.list(args.all), args.json)
         return
     if command == "revoke":
-        info = access.keys.revoke(args.key_id)
+        info = accounts.keys.revoke(args.key_id)
         said = f"revoked {info.id} ({info.name}): every server sharing this database refuses it from its next request"
     else:
         limits = {name: limit(getattr(args, name)) for name in ("quota_tokens", "rpm", "tpm")
                   if getattr(args, name) is not None}
-        info = access.keys.update(args.key_id, **limits)
+        info = accounts.keys.update(args.key_id, **limits)
         said = f"updated {info.id} ({info.name}): {_limits(info)}"
     print(json.dumps(info.public()) if args.json else said)
 
@@ -62,9 +62,9 @@ def _print_keys(keys: list[KeyInfo], as_json: bool) -> None:
               f"{k.used_tokens:>12} {_shown(k.rpm):>9} {_shown(k.tpm):>9} {'yes' if k.revoked else ''}")
 
 
-def key_id(access: Access, given: str) -> str:
+def key_id(accounts: Accounts, given: str) -> str:
     """A key's id from its id or its name (names need not be unique: then the ids are asked for)."""
-    keys = access.keys.list(include_revoked=True)
+    keys = accounts.keys.list(include_revoked=True)
     if any(k.id == given for k in keys):
         return given
     named = [k.id for k in keys if k.name == given]
@@ -75,17 +75,17 @@ def key_id(access: Access, given: str) -> str:
     raise InvalidRequestError(f"no API key with id or name {given!r}; `r1serve keys list --all` shows them")
 
 
-def run_usage(args, access: Access) -> None:
+def run_usage(args, accounts: Accounts) -> None:
     try:
         since = dt.date.fromisoformat(args.since) if args.since else None
     except ValueError:
         raise InvalidRequestError(f"--since {args.since!r} is not a date; use YYYY-MM-DD") from None
-    key = key_id(access, args.key) if args.key else None
-    rows = access.ledger.summary(key, since, None, (args.by,))
+    key = key_id(accounts, args.key) if args.key else None
+    rows = accounts.ledger.summary(key, since, None, (args.by,))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    names = {k.id: f"{k.name} ({k.id})" for k in access.keys.list(include_revoked=True)}
+    names = {k.id: f"{k.name} ({k.id})" for k in accounts.keys.list(include_revoked=True)}
     print(f"{args.by:32} {'requests':>9} {'prompt':>10} {'cached':>9} {'completion':>11} {'reasoning':>10} "
           f"{'charged':>10} {'cost':>12}")
     for r in rows:

@@ -172,26 +172,26 @@ def as_utc(value: dt.datetime) -> dt.datetime:
 
 
 def open_database(url: str) -> sa.Engine:
-    """An engine for `url` with the schema migrated to the latest version."""
+    """A connection pool (SQLAlchemy engine) for `url` with the schema migrated to the latest version."""
     # A database host that stops answering fails a connection in seconds, not after TCP's minutes.
     connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     try:
-        engine = sa.create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
+        db = sa.create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
     except (sa.exc.ArgumentError, ImportError) as e:
         raise InvalidRequestError(f"--db {url!r} is not usable: {e}. Use sqlite:///PATH or "
                                   "postgresql+psycopg://USER:PASS@HOST/DB") from None
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-        sa.event.listen(engine, "begin", _sqlite_begin)
-    migrate(engine)
-    return engine
+    if db.dialect.name == "sqlite":
+        sa.event.listen(db, "connect", _sqlite_pragmas)
+        sa.event.listen(db, "begin", _sqlite_begin)
+    migrate(db)
+    return db
 
 
 @contextmanager
-def reading(engine: sa.Engine) -> Iterator[sa.Connection]:
+def reading(db: sa.Engine) -> Iterator[sa.Connection]:
     """A read-only transaction. On SQLite it is deferred: it takes no write lock, so key
     lookups never queue behind the ledger's writes (WAL readers see the last commit)."""
-    with engine.connect().execution_options(r1serve_read_only=True) as conn, conn.begin():
+    with db.connect().execution_options(r1serve_read_only=True) as conn, conn.begin():
         yield conn
 
 
@@ -211,9 +211,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def migrate(engine: sa.Engine, upto: int | None = None) -> int:
+def migrate(db: sa.Engine, upto: int | None = None) -> int:
     """Bring the schema to the latest version (or `upto`); returns the version it is at."""
-    with engine.connect() as conn:
+    with db.connect() as conn:
         # SQLite changes a table by copying it, which foreign keys would refuse half-way; the
         # pragma cannot change inside a transaction, so it is set around it.
         _sqlite_foreign_keys(conn, False)
