@@ -141,7 +141,7 @@ def fit_to_server(case, target_key: str) -> None:
         _unsigned(body)
     if case.path == "/v1/completions":
         body.pop("suffix", None)  # SmolLM2 has no fill-in-the-middle tokens (test_deepseek_beta.py has FIM)
-    if case.path == "/v1/chat/completions":
+    if case.path in ("/v1/chat/completions", "/tokenize"):
         _prefix_last_only(body)
     if case.path in GENERATION_ROUTES:
         _bound_cost(body)

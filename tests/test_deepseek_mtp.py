@@ -105,5 +105,5 @@ def test_mtp_is_refused_where_there_is_no_mtp_layer(tiny, tmp_path):
     (no_mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 0}))
     with pytest.raises(ModelLoadError, match="num_nextn_predict_layers >= 1"):
         make(no_mtp, "mtp")
-    with pytest.raises(ValueError, match="one rank"):
-        make(tiny, "mtp", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="DP attention"):
+        make(tiny, "mtp", data_parallel_size=2, expert_parallel=True)

@@ -91,6 +91,21 @@ def test_dp_attention_replicas_split_the_experts(checkpoints):
     assert_same(runs[1], runs[0])
 
 
+@pytest.mark.parametrize("layout", ["tp2", "ep2", "dp2"])
+def test_mtp_drafts_on_every_layout(checkpoints, one_rank, layout):
+    # The MTP layer is sharded like the others and every rank runs its passes (rank 0 sends
+    # them as it sends steps); independent replicas each draft for their own requests.
+    # Greedy speculation is lossless: the tokens are one rank's without drafts.
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    with LLM(str(checkpoints["deepseek_v3"]), **ENGINE, **LAYOUTS[layout], speculative="mtp",
+             num_speculative_tokens=2) as llm:
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+        stats = llm.engine.stats()
+    assert got == [tokens for tokens, _, _ in one_rank["deepseek_v3"]]
+    assert stats.spec_num_drafts > 0
+    assert stats.num_free_blocks == stats.num_kv_blocks  # no block left behind, on any replica
+
+
 def test_tensor_and_data_parallel_together(checkpoints, one_rank):
     assert_same(greedy(checkpoints["deepseek_v3"], data_parallel_size=2, tensor_parallel_size=2,
                        expert_parallel=True), one_rank["deepseek_v3"])

@@ -121,9 +121,11 @@ class EngineConfig:
         _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
                  f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max={self.prompt_lookup_max} "
                  "need 1 <= min <= max")
-        _require(self.speculative != "mtp" or (self.tensor_parallel_size == 1 and self.data_parallel_size == 1),
-                 "speculative='mtp' runs on one rank for now (tensor_parallel_size and data_parallel_size 1): the MTP "
-                 "layer's MoE would need its own collectives; speculative='ngram' works with any layout")
+        dp_attention = self.expert_parallel and self.tensor_parallel_size == 1 and self.data_parallel_size > 1
+        _require(self.speculative != "mtp" or not dp_attention,
+                 "speculative='mtp' does not run under DP attention yet (expert_parallel over data-parallel replicas "
+                 "of one rank): the MTP layer's MoE would need the replicas to draft in lockstep; use "
+                 "tensor_parallel_size > 1 with expert_parallel, or speculative='ngram'")
         _require(self.speculative_max_rows >= 2, f"speculative_max_rows={self.speculative_max_rows} must be >= 2")
 
 

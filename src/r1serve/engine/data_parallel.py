@@ -105,6 +105,11 @@ class DataParallelCore:
         self._lock = threading.Lock()
         self._sink: EngineSink | None = None
 
+    def stats(self) -> EngineStats:
+        """The replicas' latest counters, merged into one engine's."""
+        with self._lock:
+            return EngineStats.merged(self._stats)
+
     def load(self) -> EngineInfo:
         """Load every replica at once (blocking); the first failure stops them all and is raised."""
         infos: list[EngineInfo | BaseException] = [RuntimeError("not loaded")] * len(self.replicas)
@@ -230,6 +235,9 @@ class DataParallelEngine:
         self._prompts: dict[str, tuple] = {}  # request id -> (prompt text, ids): outputs come without them
         self._error: str | None = None
         self.core.start(self)
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
 
     def report(self, reply: Reply) -> None:  # EngineSink, on the replicas' reader threads
         self._replies.put(reply)

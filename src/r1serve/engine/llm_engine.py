@@ -149,7 +149,7 @@ class LLMEngine:
         if c.speculative == "ngram":
             drafter = NgramDrafter(c.prompt_lookup_min, c.prompt_lookup_max)
         else:
-            drafter = MTPDrafter.for_engine(self)
+            drafter = MTPDrafter.for_engine(self.runner, self.kv)
         self.runner.keep_hidden = drafter.needs_hidden_states
         return Speculation(c, drafter)
 

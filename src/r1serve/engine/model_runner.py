@@ -8,6 +8,7 @@ import torch
 from r1serve.engine.sampler import Sampler
 from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.executor.step_broadcast import StepBroadcast
+from r1serve.executor.mtp_pass import MTPLogits, MTPPass, run_mtp
 from r1serve.executor.step_inputs import StepInputs
 
 
@@ -44,6 +45,14 @@ class ModelRunner:
             return StepResult(ids, [[t] for t in result.token_ids], lps)
         verified = self.sampler.verify(logits, requests, [c.draft_token_ids for c in sampling], masks)
         return StepResult(ids, [v.token_ids for v in verified], [v.logprobs for v in verified])
+
+    @torch.inference_mode()
+    def mtp(self, message: MTPPass | MTPLogits) -> torch.Tensor:
+        """An MTP pass or head (executor/mtp_pass.py), run by every rank: the MTP layer's
+        output, or the whole logits."""
+        if self.ranks is not None:
+            self.ranks.send(message)
+        return run_mtp(self.model, message, self.last_hidden, self.kv_caches[-1], self.device)
 
     @torch.inference_mode()
     def idle_step(self) -> None:

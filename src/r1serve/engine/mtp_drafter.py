@@ -25,7 +25,8 @@ from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler_output import SchedulerOutput
 from r1serve.errors import ModelLoadError
-from r1serve.kernels.attention_metadata import AttentionMetadata
+from r1serve.executor.mtp_pass import MTPLogits, MTPPass, TargetRows
+from r1serve.executor.step_inputs import StepInputs
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,18 @@ class _Rows:
 class MTPDrafter(Drafter):
     needs_hidden_states = True
 
-    def __init__(self, model, kv_cache: torch.Tensor, kv: KVCacheManager, device: torch.device) -> None:
-        self.model = model  # DeepseekV3ForCausalLM with_mtp
-        self.kv_cache = kv_cache  # the MTP layer's own (the last layer of the engine's cache)
+    def __init__(self, runner, kv: KVCacheManager) -> None:
+        # The model runner runs each MTP pass on every rank (its mtp()): the MTP layer's own
+        # cache is the last of the runner's.
+        self.runner = runner
         self.kv = kv
-        self.device = device
         self._heads: dict[str, MTPHead] = {}
 
     @classmethod
-    def for_engine(cls, engine) -> MTPDrafter:
-        model = engine.loaded.model
-        if getattr(model, "mtp", None) is None:
+    def for_engine(cls, runner, kv: KVCacheManager) -> MTPDrafter:
+        if getattr(runner.model, "mtp", None) is None:
             raise ModelLoadError("speculative='mtp' needs the model loaded with its MTP layer")
-        return cls(model, engine.runner.kv_caches[-1], engine.kv, engine.platform.device)
+        return cls(runner, kv)
 
     @torch.inference_mode()
     def after_step(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> None:
@@ -75,7 +75,7 @@ class MTPDrafter(Drafter):
             offset += chunk.num_tokens
         if not reqs:
             return
-        out = self._forward(rows, hidden[torch.tensor(src, device=hidden.device)])  # (N, hidden)
+        out = self._forward(rows, TargetRows(src))  # (N, hidden)
         last = 0
         for req, start, ids in zip(reqs, rows.starts, rows.token_ids):
             last += len(ids)
@@ -95,7 +95,7 @@ class MTPDrafter(Drafter):
             return drafts
         hidden = torch.stack([h.hidden for _, h in live])  # (B, hidden)
         for step in range(max(ks[i] for i, _ in live)):
-            tokens = self.model.compute_logits(hidden).argmax(dim=-1).tolist()  # (B,)
+            tokens = self.runner.mtp(MTPLogits(hidden.cpu())).argmax(dim=-1).tolist()  # (B,)
             for (i, _), t in zip(live, tokens):
                 drafts[i].append(t)
             keep = [j for j, (i, _) in enumerate(live) if len(drafts[i]) < ks[i] and self._reserve(requests[i], ks[i])]
@@ -105,7 +105,7 @@ class MTPDrafter(Drafter):
             reqs = [requests[i] for i, _ in live]
             rows = _Rows([self.kv.block_table(r.request_id) for r in reqs], [r.num_tokens - 1 + step for r in reqs],
                          [[drafts[i][-1]] for i, _ in live])
-            hidden = self._forward(rows, hidden[torch.tensor(keep, device=hidden.device)])
+            hidden = self._forward(rows, hidden[torch.tensor(keep, device=hidden.device)].cpu())
         return drafts
 
     def forget(self, request_id: str) -> None:
@@ -120,7 +120,8 @@ class MTPDrafter(Drafter):
         step's verification would allocate anyway; False if blocks ran short."""
         return self.kv.allocate(req, k - 1)
 
-    def _forward(self, rows: _Rows, previous_hidden: torch.Tensor) -> torch.Tensor:
+    def _forward(self, rows: _Rows, previous: TargetRows | torch.Tensor) -> torch.Tensor:
+        """The MTP layer over the rows, H[p] from the target step's rows or given (on the CPU)."""
         bs, ids, pos, slots = self.kv.block_size, [], [], []
         for table, start, tokens in zip(rows.tables, rows.starts, rows.token_ids):
             positions = range(start, start + len(tokens))
@@ -130,9 +131,6 @@ class MTPDrafter(Drafter):
         tables = torch.zeros(len(rows.tables), max(len(t) for t in rows.tables), dtype=torch.int64)
         for row, table in zip(tables, rows.tables):
             row[:len(table)] = torch.frombuffer(table, dtype=torch.int64)
-        d = self.device
-        meta = AttentionMetadata.build([len(t) for t in rows.token_ids],
-                                       [s + len(t) for s, t in zip(rows.starts, rows.token_ids)],
-                                       torch.tensor(slots, device=d), tables.to(d), bs)
-        return self.model.mtp_forward(torch.tensor(ids, device=d), torch.tensor(pos, device=d), previous_hidden,
-                                      self.kv_cache, meta)
+        inputs = StepInputs(ids, pos, slots, [len(t) for t in rows.token_ids],
+                            [s + len(t) for s, t in zip(rows.starts, rows.token_ids)], tables, bs, None)
+        return self.runner.mtp(MTPPass(inputs, previous))

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from r1serve.config import EngineConfig
+from r1serve.executor.mtp_pass import run_mtp
+from r1serve.executor.step_inputs import StepInputs
 from r1serve.layers.moe import DeepseekMoE
 from r1serve.models.loader import LoadedModel, load_model
 from r1serve.parallel.tensor_parallel import TensorParallel
@@ -46,11 +48,15 @@ class Worker:
 
     @torch.inference_mode()
     def serve_steps(self, steps) -> None:
-        """A rank other than 0: run each step rank 0 broadcasts (its collectives pair with rank
-        0's), until None."""
+        """A rank other than 0: run each step (and MTP pass) rank 0 broadcasts, whose
+        collectives pair with rank 0's, until None."""
         model, device = self.loaded.model, self.platform.device
-        while (inputs := steps.recv()) is not None:
-            input_ids, positions, meta, rows = inputs.tensors(device)
-            hidden = model(input_ids, positions, self.kv_caches, meta)
-            if rows is not None:
-                model.compute_logits(hidden[rows])  # this rank's vocabulary slice, gathered to rank 0
+        last_hidden = None  # the last target step's hidden states, for the MTP pass after it
+        while (message := steps.recv()) is not None:
+            if isinstance(message, StepInputs):
+                input_ids, positions, meta, rows = message.tensors(device)
+                last_hidden = model(input_ids, positions, self.kv_caches, meta)
+                if rows is not None:
+                    model.compute_logits(last_hidden[rows])  # this rank's vocabulary slice, gathered to rank 0
+            else:
+                run_mtp(model, message, last_hidden, self.kv_caches[-1], device)

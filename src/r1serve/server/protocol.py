@@ -27,6 +27,8 @@ TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1)]
 # What a chat template gets from the request itself; chat_template_kwargs may not override it.
 TEMPLATE_ARGUMENTS = ("messages", "add_generation_prompt", "special_tokens")
+TemplateKwargs = Annotated[dict[str, Any] | None,
+                           Field(json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})]
 
 
 def _is_id(t) -> bool:
@@ -249,8 +251,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(False, description="needs add_generation_prompt false and an "
                                                             "assistant message last")
-    chat_template_kwargs: dict[str, Any] | None = Field(
-        None, json_schema_extra={"propertyNames": {"not": {"enum": list(TEMPLATE_ARGUMENTS)}}})
+    chat_template_kwargs: TemplateKwargs = None
     max_reasoning_tokens: int | None = Field(None, ge=0, description="r1serve's thinking budget (reasoning "
                                                                       "models only)")
     reasoning_reserve: int | None = Field(None, ge=0, description="tokens of max_tokens kept for the answer: "
@@ -358,10 +359,15 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+# What shapes a chat prompt beyond its messages: /tokenize takes them with messages only.
+CHAT_ONLY = ("tools", "chat_template_kwargs", "thinking")
+
+
 class TokenizeRequest(Request, ValidText):
     # Exactly one of prompt and messages (null counts as not sent).
     model_config = ConfigDict(extra="ignore", protected_namespaces=(), json_schema_extra={"oneOf": [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"},
+                                                 **dict.fromkeys(CHAT_ONLY, {"type": "null"})}},
         {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
 
     model: str | None = None
@@ -371,15 +377,15 @@ class TokenizeRequest(Request, ValidText):
     add_generation_prompt: bool = True
     # With messages, what else shapes a chat request's prompt: the count is the chat's own.
     tools: list[Tool] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = None
     thinking: ThinkingSwitch | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.prompt is not None and (self.tools or self.chat_template_kwargs or self.thinking):
-            raise ValueError("tools, chat_template_kwargs and thinking go with messages, not prompt")
+        if self.prompt is not None and any(getattr(self, name) is not None for name in CHAT_ONLY):
+            raise ValueError(f"{', '.join(CHAT_ONLY)} go with messages, not prompt")
         return self
 
 
