@@ -168,8 +168,8 @@ def test_eos_stops_and_min_tokens_suppresses_it(llm, hf):
     plain = gen(llm, PROMPT_IDS, temperature=0, max_tokens=12, ignore_eos=True).token_ids
     eos = plain[2]
     first = plain.index(eos)
-    saved = engine.eos_token_ids
-    engine.eos_token_ids = frozenset({eos})  # as if the model's EOS were this token
+    saved = engine.inputs.eos_token_ids
+    engine.inputs.eos_token_ids = frozenset({eos})  # as if the model's EOS were this token
     try:
         out = gen(llm, PROMPT_IDS, temperature=0, max_tokens=12)
         assert out.token_ids == plain[:first + 1] and (out.finish_reason, out.stop_reason) == ("stop", None)
@@ -189,7 +189,7 @@ def test_eos_stops_and_min_tokens_suppresses_it(llm, hf):
         assert out.token_ids == greedy_with_eos_held_back(hf, PROMPT_IDS, eos, last + 1, 16)
         assert out.token_ids[last] != eos
     finally:
-        engine.eos_token_ids = saved
+        engine.inputs.eos_token_ids = saved
 
 
 def ascii_run(llm) -> tuple[list[int], str]:

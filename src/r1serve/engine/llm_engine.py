@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import logging
-import numbers
-import random
 import time
-from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -14,12 +11,12 @@ from r1serve.executor.launch import start_executor
 from r1serve.executor.worker import Worker
 from r1serve.executor.replica_group import ReplicaGroup, ReplicaSpec
 from r1serve.engine.cuda_graph_runner import CudaGraphRunner
-from r1serve.engine.detokenizer import IncrementalDetokenizer
 from r1serve.engine.drafter import NgramDrafter
 from r1serve.engine.mtp_drafter import MTPDrafter
-from r1serve.engine.grammar import GrammarCompiler, MaskFiller, RequestGrammar
+from r1serve.engine.input_processor import InputProcessor
 from r1serve.engine.kv_cache_manager import KVCacheManager
 from r1serve.engine.model_runner import ModelRunner
+from r1serve.engine.output_processor import OutputProcessor, ParentRequest
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler import Scheduler, SchedulerConfig
 from r1serve.engine.engine_stats import EngineStats
@@ -29,36 +26,16 @@ from r1serve.engine.speculation import Speculation
 from r1serve.errors import InvalidRequestError, ModelLoadError, RankFailedError
 from r1serve.models.loader import LoadedModel
 from r1serve.models.planning import ModelNumbers, numbers_for
-from r1serve.outputs import CompletionOutput, RequestOutput
+from r1serve.outputs import RequestOutput
 from r1serve.platforms import get_platform
 from r1serve.sampling_params import SamplingParams
 
 log = logging.getLogger("r1serve.engine")
 
 
-@dataclass
-class ParentRequest:
-    """A user request; with n > 1 it fans out to n engine requests sharing the prompt."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    children: list[Request]
-    detoks: list[IncrementalDetokenizer]
-    arrival_time: float = field(default_factory=time.monotonic)
-    sent: list[list[int]] = field(default_factory=list)  # per child: [chars, tokens] handed out (delta outputs)
-    error: str | None = None  # why the request failed inside the engine, if it did
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finished for c in self.children)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_path, replica: ReplicaSpec | None = None) -> None:
         self.config = config
-        # Constrained decoding, set up by the first request that needs it (engine/grammar.py).
-        self._grammars: GrammarCompiler | None = None
-        self._masks: MaskFiller | None = None
         self.platform = get_platform(config)
         # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (executor/).
         self.executor = start_executor(config, model_path, self.platform)
@@ -70,7 +47,7 @@ class LLMEngine:
         try:
             self.worker = self._start_worker(model_path)  # this rank's model and KV cache (executor/worker.py)
         except BaseException:
-            self.shutdown()
+            self._leave_ranks()
             raise
         self.loaded: LoadedModel = self.worker.loaded
         self.tokenizer = self.loaded.tokenizer
@@ -91,16 +68,16 @@ class LLMEngine:
         self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
         if self.platform.graph_capture is not None and not config.enforce_eager and not self.executor:
             self._capture_decode_graphs(kv_caches)
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         self.speculation = self._speculation()
         n = self.numbers()
         log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token "
                  "(%s), KV cache for %d tokens", arch.architecture, n.parameters, n.active_parameters,
                  n.weight_bytes / 2**30, n.kv_bytes_per_token, str(self.kv_dtype).removeprefix("torch."),
                  n.max_tokens_in_kv_cache)
-        self._parents: dict[str, ParentRequest] = {}
-        self._child_parent: dict[str, ParentRequest] = {}
-        self._seeds = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
+        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, arch.vocab_size, self.max_model_len, eos, self.platform.device,
+                                     config.seed)
+        self.outputs = OutputProcessor(self.tokenizer)
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
 
     def _start_worker(self, model_path) -> Worker:
@@ -124,13 +101,16 @@ class LLMEngine:
                            self.worker.experts_held())
 
     def shutdown(self) -> None:
+        self._leave_ranks()
+        if self.inputs.masks is not None:
+            self.inputs.masks.close()
+
+    def _leave_ranks(self) -> None:
         """Stop the other ranks of a tensor-parallel group, leave the replicas' (nothing to do on one rank)."""
         if self.executor is not None:
             self.executor.shutdown()
         if self.replicas is not None:
             self.replicas.shutdown()
-        if self._masks is not None:
-            self._masks.close()
 
     def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
         why_not = self.platform.graph_capture(self.config.kernel)
@@ -179,72 +159,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Queue a request; returns its prompt's token ids."""
-        if request_id in self._parents:
+        if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        self._validate_prompt(ids)
-        self._validate_params(params)
-        matcher = self._matcher(params)
-        parent = ParentRequest(request_id, text, ids, [], [])
-        for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
-            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(63)
-            gen = torch.Generator(device=self.platform.device).manual_seed(seed)
-            child = Request(child_id, ids, replace(params, n=1), self.eos_token_ids, self.max_model_len, gen)
-            if matcher is not None:
-                child.grammar = RequestGrammar(matcher.deep_copy())
-            parent.children.append(child)
-            parent.detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
-            parent.sent.append([0, 0])
-        self._parents[request_id] = parent
+        parent = self.inputs.process(request_id, prompt, params)
+        self.outputs.add(parent)
         for child in parent.children:
-            self._child_parent[child.request_id] = parent
             self.scheduler.add(child)
-        return ids
-
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise InvalidRequestError(f"a dict prompt needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, _token_list(prompt)
-        raise InvalidRequestError(f"prompt of type {type(prompt).__name__} is not supported; "
-                                  "give a string, a list of token ids or {'prompt_token_ids': [...]}")
-
-    def _validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        vocab = self.loaded.arch.vocab_size
-        bad = [t for t in ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
-                                      f"shorten it to at most {self.max_model_len - 1} tokens")
-
-    def _validate_params(self, params: SamplingParams) -> None:
-        vocab = self.loaded.arch.vocab_size
-        bad = sorted(t for t in params.logit_bias or () if t >= vocab)
-        if bad:
-            raise InvalidRequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-
-    def _matcher(self, params: SamplingParams):
-        if params.structured_outputs is None:
-            return None
-        if self._grammars is None:
-            vocab = self.loaded.arch.vocab_size
-            self._grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_token_ids)
-            self._masks = MaskFiller(vocab)
-        return self._grammars.matcher(params.structured_outputs)
+        return parent.prompt_token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        parent = self._parents.get(request_id)
+        parent = self.outputs.parents.get(request_id)
         if parent is None:
             return None
         for child in parent.children:
@@ -254,13 +178,13 @@ class LLMEngine:
 
     def abort_all(self) -> list[str]:
         """Abort every request (after a failed step); returns their ids."""
-        ids = list(self._parents)
+        ids = list(self.outputs.parents)
         for rid in ids:
             self.abort_request(rid)
         return ids
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self.outputs.parents)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -281,13 +205,13 @@ class LLMEngine:
         failed: list[ParentRequest] = []
 
         def on_token(req: Request, j: int, token: int) -> None:
-            parent = self._child_parent.get(req.request_id)
+            parent = self.outputs.parent_of(req.request_id)
             if parent is None:
                 return
             touched[parent.request_id] = parent
             lps = new[req.request_id][1]
             try:
-                self._on_token(parent, req, token, lps[j] if lps else None)
+                self.outputs.on_token(parent, req, token, lps[j] if lps else None)
             except Exception as exc:  # one request's failure (detokenizing, stop checks) ends it alone
                 parent.error = f"{type(exc).__name__}: {exc}"
                 req.finish("abort")
@@ -300,7 +224,7 @@ class LLMEngine:
         if self.speculation is not None:
             self.speculation.drafter.after_step(sched, self.runner.last_hidden)
             self.speculation.propose(self.scheduler.running)
-        outs = [self._output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
+        outs = [self.outputs.output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
         return [o for o in outs if o is not None]
 
     def _record_verified(self, sched, new: dict) -> None:
@@ -327,7 +251,8 @@ class LLMEngine:
     def _start_masks(self, sched):
         """Start computing the grammar masks of this step's constrained rows; returns what
         the sampler calls, after the forward pass, to get them (None: nothing constrained)."""
-        if self._masks is None:
+        masks = self.inputs.masks
+        if masks is None:
             return None
         rows, first = [], 0
         for chunk in sched.chunks:
@@ -337,60 +262,14 @@ class LLMEngine:
             if row is not None:
                 rows.append((first, *row, chunk.draft_token_ids))
             first += 1 + len(chunk.draft_token_ids)
-        pending = self._masks.start(rows)
-        return None if pending is None else lambda logits: self._masks.apply(pending, logits)
-
-    def _on_token(self, parent: ParentRequest, child: Request, token: int, lp) -> None:
-        """A token was appended to child (the sampled one, or one the engine forced in its place)."""
-        detok = parent.detoks[next(i for i, c in enumerate(parent.children) if c is child)]
-        if lp is not None:
-            child.logprobs.append({t: replace(v, decoded_token=self.tokenizer.decode([t])) for t, v in lp.items()})
-        stop = detok.add_tokens([token])
-        if stop is None and child.finished:
-            stop = detok.flush()
-        if stop is not None:
-            # A stop string: the request ends here, however many tokens the step accepted
-            # after this one; the scheduler drops them and frees the blocks.
-            child.finish("stop", stop)
+        pending = masks.start(rows)
+        return None if pending is None else lambda logits: masks.apply(pending, logits)
 
     def _finish_parent(self, parent: ParentRequest) -> RequestOutput:
-        out = self._output(parent)
-        self._parents.pop(parent.request_id, None)
-        for child in parent.children:
-            self._child_parent.pop(child.request_id, None)
-            if self.speculation is not None:
+        if self.speculation is not None:
+            for child in parent.children:
                 self.speculation.forget(child.request_id)
-        return out
-
-    def _output(self, parent: ParentRequest) -> RequestOutput | None:
-        kind = parent.children[0].params.output_kind
-        if kind == "final_only" and not parent.finished:
-            return None
-        outs = [self._completion(i, c, d, parent.sent[i] if kind == "delta" else None)
-                for i, (c, d) in enumerate(zip(parent.children, parent.detoks))]
-        first = parent.children[0]
-        metrics = {"arrival_time": parent.arrival_time, "first_token_time": first.first_token_time,
-                   "first_scheduled_time": first.first_scheduled_time,
-                   "num_preemptions": sum(c.num_preemptions for c in parent.children)}
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs,
-                             parent.finished, first.num_cached_tokens or 0, metrics, parent.error)
-
-    def _completion(self, index: int, child: Request, detok: IncrementalDetokenizer,
-                    sent: list[int] | None) -> CompletionOutput:
-        """One choice's output; with `sent` ([chars, tokens] already handed out), only what is
-        new: that costs the new part, not the whole output (an R1 answer runs to 32k tokens)."""
-        logprobs = child.logprobs
-        if sent is None:
-            text, token_ids = detok.visible_text(child.finished), child.output_token_ids
-        else:
-            text = detok.visible_text(child.finished, start=sent[0])
-            token_ids = child.token_ids[child.num_prompt_tokens + sent[1]:]
-            logprobs = logprobs and logprobs[sent[1]:]
-            sent[0] += len(text)
-            sent[1] += len(token_ids)
-        return CompletionOutput(index, text, token_ids, child.finish_reason, child.stop_reason,
-                                list(logprobs) if logprobs is not None else None, child.num_reasoning_tokens,
-                                child.reasoning_cut)
+        return self.outputs.remove(parent)
 
     # ---- introspection ------------------------------------------------------------------
 
@@ -401,12 +280,7 @@ class LLMEngine:
             kv_cache_usage=self.kv.usage(), num_kv_blocks=self.num_kv_blocks, num_free_blocks=self.kv.pool.num_free,
             prefix_cache_queries=self.kv.stats.queries, prefix_cache_hits=self.kv.stats.hits,
             prefix_cache_evictions=self.kv.pool.num_evictions,
-            grammar_wait_seconds=self._masks.seconds if self._masks else 0.0,
+            grammar_wait_seconds=self.inputs.masks.seconds if self.inputs.masks else 0.0,
             spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_accepted_per_position=tuple(spec.accepted_per_position))
-
-
-def _token_list(ids) -> list[int]:
-    # numpy and torch integers are accepted as ids; anything else is left for validation to name.
-    return [int(t) if isinstance(t, numbers.Integral) else t for t in ids]

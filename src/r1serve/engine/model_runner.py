@@ -51,7 +51,7 @@ class ModelRunner:
         """An MTP pass or head (executor/mtp_pass.py), run by every rank: the MTP layer's
         output, or the whole logits."""
         if self.ranks is not None:
-            self.ranks.send(message)
+            self.ranks.send(message.on_host())
         return run_mtp(self.model, message, self.last_hidden, self.kv_caches[-1], self.device)
 
     @torch.inference_mode()

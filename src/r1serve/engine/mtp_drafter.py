@@ -95,7 +95,7 @@ class MTPDrafter(Drafter):
             return drafts
         hidden = torch.stack([h.hidden for _, h in live])  # (B, hidden)
         for step in range(max(ks[i] for i, _ in live)):
-            tokens = self.runner.mtp(MTPLogits(hidden.cpu())).argmax(dim=-1).tolist()  # (B,)
+            tokens = self.runner.mtp(MTPLogits(hidden)).argmax(dim=-1).tolist()  # (B,)
             for (i, _), t in zip(live, tokens):
                 drafts[i].append(t)
             keep = [j for j, (i, _) in enumerate(live) if len(drafts[i]) < ks[i] and self._reserve(requests[i], ks[i])]
@@ -105,7 +105,7 @@ class MTPDrafter(Drafter):
             reqs = [requests[i] for i, _ in live]
             rows = _Rows([self.kv.block_table(r.request_id) for r in reqs], [r.num_tokens - 1 + step for r in reqs],
                          [[drafts[i][-1]] for i, _ in live])
-            hidden = self._forward(rows, hidden[torch.tensor(keep, device=hidden.device)].cpu())
+            hidden = self._forward(rows, hidden[torch.tensor(keep, device=hidden.device)])
         return drafts
 
     def forget(self, request_id: str) -> None:
@@ -121,7 +121,7 @@ class MTPDrafter(Drafter):
         return self.kv.allocate(req, k - 1)
 
     def _forward(self, rows: _Rows, previous: TargetRows | torch.Tensor) -> torch.Tensor:
-        """The MTP layer over the rows, H[p] from the target step's rows or given (on the CPU)."""
+        """The MTP layer over the rows, H[p] from the target step's rows or given."""
         bs, ids, pos, slots = self.kv.block_size, [], [], []
         for table, start, tokens in zip(rows.tables, rows.starts, rows.token_ids):
             positions = range(start, start + len(tokens))

@@ -14,7 +14,7 @@ sends as values; what every rank computed itself (the target step's) it names by
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,12 +29,19 @@ class TargetRows:
 @dataclass(frozen=True)
 class MTPPass:
     inputs: StepInputs  # t[p+1] at positions p, with their slots in the MTP layer's cache
-    previous: TargetRows | torch.Tensor  # H[p]: rows of the target step's, or (N, hidden) on the CPU
+    previous: TargetRows | torch.Tensor  # H[p]: rows of the target step's, or (N, hidden) values
+
+    def on_host(self) -> MTPPass:
+        """As it crosses to the other ranks: values on the CPU (the broadcast is gloo's)."""
+        return self if isinstance(self.previous, TargetRows) else replace(self, previous=self.previous.cpu())
 
 
 @dataclass(frozen=True)
 class MTPLogits:
-    hidden: torch.Tensor  # (B, hidden) on the CPU: the MTP outputs the head reads
+    hidden: torch.Tensor  # (B, hidden): the MTP outputs the head reads
+
+    def on_host(self) -> MTPLogits:
+        return MTPLogits(self.hidden.cpu())
 
 
 def run_mtp(model: torch.nn.Module, message: MTPPass | MTPLogits, last_hidden: torch.Tensor | None,
