@@ -41,7 +41,7 @@ class LogitsOnly:
     def __init__(self, model, seed: int = 0) -> None:
         self.model, self.seconds = model, 0.0
         self.generator = torch.Generator().manual_seed(seed)
-        self.hidden, self.vocab = model.cfg.hidden_size, model.cfg.vocab_size
+        self.hidden, self.vocab = model.arch.hidden_size, model.arch.vocab_size
 
     def __call__(self, input_ids, positions, kv_caches, meta):
         return torch.zeros(input_ids.shape[0], self.hidden)

@@ -16,20 +16,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import torch
-
 from r1serve.engine.request import Request
 from r1serve.engine.scheduler_output import SchedulerOutput
 
 
 class Drafter(ABC):
-    # Whether after_step needs the step's hidden states (the model runner then keeps them).
-    needs_hidden_states = False
-
-    def after_step(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> None:
+    def after_step(self, output: SchedulerOutput) -> None:
         """Called once per step, after its tokens were appended (and rejected drafts rolled
-        back). hidden: (N, hidden) the target's last hidden states of the step's rows, when
-        needs_hidden_states."""
+        back)."""
 
     @abstractmethod
     def propose(self, requests: list[Request], ks: list[int]) -> list[list[int]]:

@@ -64,10 +64,9 @@ class LLMEngine:
         if self.executor:
             self.executor.share_kv_blocks(self.num_kv_blocks)
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device,
-                                  self.executor.steps if self.executor else None)
+                                  self.executor.steps if self.executor else None, self._decode_graphs(kv_caches),
+                                  keep_hidden=config.speculative == "mtp")
         self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
-        if self.platform.graph_capture is not None and not config.enforce_eager and not self.executor:
-            self._capture_decode_graphs(kv_caches)
         self.speculation = self._speculation()
         n = self.numbers()
         log.info("%s: %.3g parameters (%.3g active per token), %.2f GiB of weights, %d KV bytes per token "
@@ -112,15 +111,19 @@ class LLMEngine:
         if self.replicas is not None:
             self.replicas.shutdown()
 
-    def _capture_decode_graphs(self, kv_caches: list[torch.Tensor]) -> None:
-        why_not = self.platform.graph_capture(self.config.kernel)
+    def _decode_graphs(self, kv_caches: list[torch.Tensor]) -> CudaGraphRunner | None:
+        """Decode steps captured as graphs, where the platform has them (one rank, not --enforce-eager)."""
+        c = self.config
+        if self.platform.graph_capture is None or c.enforce_eager or self.executor:
+            return None
+        why_not = self.platform.graph_capture(c.kernel)
         if why_not is not None:
             log.info("decode steps run eagerly: %s", why_not)
-            return
-        graphs = CudaGraphRunner(self.loaded.model, kv_caches, self.config.block_size, self.config.max_num_seqs,
-                                 self.max_model_len, self.platform.device)
+            return None
+        graphs = CudaGraphRunner(self.loaded.model, kv_caches, c.block_size, c.max_num_seqs, self.max_model_len,
+                                 self.platform.device)
         graphs.capture_all()
-        self.runner.decode_graphs = graphs
+        return graphs
 
     def _speculation(self) -> Speculation | None:
         c = self.config
@@ -130,7 +133,6 @@ class LLMEngine:
             drafter = NgramDrafter(c.prompt_lookup_min, c.prompt_lookup_max)
         else:
             drafter = MTPDrafter.for_engine(self.runner, self.kv)
-        self.runner.keep_hidden = drafter.needs_hidden_states
         return Speculation(c, drafter)
 
     def numbers(self) -> ModelNumbers:
@@ -222,7 +224,7 @@ class LLMEngine:
         for parent in failed:
             self.abort_request(parent.request_id)
         if self.speculation is not None:
-            self.speculation.drafter.after_step(sched, self.runner.last_hidden)
+            self.speculation.drafter.after_step(sched)
             self.speculation.propose(self.scheduler.running)
         outs = [self.outputs.output(p) if not p.finished else self._finish_parent(p) for p in touched.values()]
         return [o for o in outs if o is not None]

@@ -14,19 +14,20 @@ from r1serve.executor.step_inputs import StepInputs
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device, ranks: StepBroadcast | None = None) -> None:
+                 device: torch.device, ranks: StepBroadcast | None = None, decode_graphs=None,
+                 keep_hidden: bool = False) -> None:
         self.model = model
         self.kv_caches = kv_caches  # per layer: (2, num_blocks, block_size, Hkv, D)
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(on_device=device.type == "cuda")  # a GPU: no host sync per sampled request
         # On cuda: replays captured graphs for decode steps (engine/cuda_graph_runner.py).
-        self.decode_graphs = None
+        self.decode_graphs = decode_graphs
         # Under tensor parallelism: sends each step's inputs to the other ranks, which run
         # the same forward (executor/worker_process.py, Worker.serve_steps); this rank then samples alone.
         self.ranks = ranks
         # Speculative decoding's MTP drafter reads the step's last hidden states (N, hidden).
-        self.keep_hidden = False
+        self.keep_hidden = keep_hidden
         self.last_hidden: torch.Tensor | None = None
 
     @torch.inference_mode()

@@ -45,8 +45,6 @@ class _Rows:
 
 
 class MTPDrafter(Drafter):
-    needs_hidden_states = True
-
     def __init__(self, runner, kv: KVCacheManager) -> None:
         # The model runner runs each MTP pass on every rank (its mtp()): the MTP layer's own
         # cache is the last of the runner's.
@@ -61,7 +59,8 @@ class MTPDrafter(Drafter):
         return cls(runner, kv)
 
     @torch.inference_mode()
-    def after_step(self, output: SchedulerOutput, hidden: torch.Tensor | None) -> None:
+    def after_step(self, output: SchedulerOutput) -> None:
+        # H: the target step's hidden states, which the runner kept on every rank (keep_hidden).
         reqs, rows, src, offset = [], _Rows([], [], []), [], 0
         for chunk in output.chunks:
             req = chunk.request

@@ -34,14 +34,14 @@ class CausalLM(nn.Module):
     # it returns nor read a linear's dense weight after loading it.
     rewrite_linears_as_loaded = False
 
-    def __init__(self, cfg: ArchConfig, model: nn.Module, tp: TensorParallel) -> None:
+    def __init__(self, arch: ArchConfig, model: nn.Module, tp: TensorParallel) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.arch = arch  # the checkpoint's config (models/arch_config.py)
         self.tp = tp
         self.model = model
-        v0, v1 = tp.padded_split(cfg.vocab_size)
-        self.lm_head = nn.Linear(cfg.hidden_size, v1 - v0, bias=False)
-        if cfg.tie_word_embeddings:
+        v0, v1 = tp.padded_split(arch.vocab_size)
+        self.lm_head = nn.Linear(arch.hidden_size, v1 - v0, bias=False)
+        if arch.tie_word_embeddings:
             self.lm_head.weight = model.embed_tokens.weight
 
     def weight_part(self, checkpoint_name: str) -> WeightPart | None:
@@ -62,4 +62,4 @@ class CausalLM(nn.Module):
         if not self.tp.is_parallel:
             return logits
         full = self.tp.gather_to_first(logits)  # (B, padded vocab) on rank 0
-        return None if full is None else full[:, :self.cfg.vocab_size]
+        return None if full is None else full[:, :self.arch.vocab_size]

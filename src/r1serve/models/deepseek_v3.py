@@ -132,7 +132,7 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         # The MTP layer attends over its own cache: one more layer, after the others.
-        return KVCacheSpec.latent(self.cfg.num_layers + (self.mtp is not None), self.config.mla.latent_dim)
+        return KVCacheSpec.latent(self.arch.num_layers + (self.mtp is not None), self.config.mla.latent_dim)
 
     def mtp_forward(self, input_ids, positions, previous_hidden, kv_cache, meta) -> torch.Tensor:
         """The MTP layer over (N,) tokens t[p+1] at positions p, with (N, hidden) hidden states
@@ -143,7 +143,7 @@ class DeepseekV3ForCausalLM(CausalLM):
     def idle_step(self) -> None:
         """A step with no tokens of this replica's own, under DP attention: every MoE layer
         still takes part in its group's collectives, with the other replicas' tokens."""
-        empty = torch.zeros(0, self.cfg.hidden_size, dtype=self.model.norm.weight.dtype,
+        empty = torch.zeros(0, self.arch.hidden_size, dtype=self.model.norm.weight.dtype,
                             device=self.model.norm.weight.device)
         for layer in self.model.layers:
             if isinstance(layer.mlp, DeepseekMoE):
@@ -162,7 +162,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             if self._is_mtp(name) and (self.mtp is None or name.endswith(SHARED_WITH_MAIN)):
                 skipped += 1
                 continue
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.arch.tie_word_embeddings):
                 continue
             target = self.weight_slice(name, params)
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -175,7 +175,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             loaded.add(name)
         if self.mtp is not None and not any(self._is_mtp(n) for n in loaded):
             raise ModelLoadError(f"speculative='mtp': the checkpoint has no multi-token-prediction tensors "
-                                 f"(model.layers.{self.cfg.num_layers}.*) though config.json declares "
+                                 f"(model.layers.{self.arch.num_layers}.*) though config.json declares "
                                  f"num_nextn_predict_layers={self.config.num_nextn_predict_layers}")
         if skipped and self.mtp is None:
             log.info("skipped %d multi-token-prediction tensors (speculative='mtp' loads them)", skipped)
@@ -188,7 +188,7 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def _is_mtp(self, name: str) -> bool:
         m = re.match(r"model\.layers\.(\d+)\.", name)
-        return m is not None and int(m.group(1)) >= self.cfg.num_layers
+        return m is not None and int(m.group(1)) >= self.arch.num_layers
 
     def param_name(self, checkpoint_name: str) -> str:
         """The parameter a checkpoint tensor is loaded into."""
@@ -225,7 +225,7 @@ class DeepseekV3ForCausalLM(CausalLM):
         (rows) and o_proj (columns), its columns of the dense MLPs and of the experts (or
         its whole experts, under expert parallelism), its rows of the vocabulary; the
         multi-token-prediction layer not at all."""
-        tp, c, a = self.tp, self.config.mla, self.cfg
+        tp, c, a = self.tp, self.config.mla, self.arch
         if self._is_mtp(name) and (self.mtp is None or name.endswith(SHARED_WITH_MAIN)):
             return SKIP
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -253,7 +253,7 @@ class DeepseekV3ForCausalLM(CausalLM):
                 return None if not m or moe.experts[0] <= int(m.group(1)) < moe.experts[1] else SKIP
             size = self.config.moe.moe_intermediate_size * (1 if m else self.config.moe.n_shared_experts)
         else:
-            size = self.cfg.intermediate_size
+            size = self.arch.intermediate_size
         return TensorSlice(dim, *tp.split(size, "intermediate_size"))
 
     def _moe(self, name: str) -> DeepseekMoE:
@@ -262,11 +262,11 @@ class DeepseekV3ForCausalLM(CausalLM):
     def check_complete(self, loaded: set[str]) -> None:
         c = self.config
         expected = {"model.embed_tokens.weight", "model.norm.weight"}
-        if not self.cfg.tie_word_embeddings:
+        if not self.arch.tie_word_embeddings:
             expected.add("lm_head.weight")
         for i in range(len(self._layers())):
             p = f"model.layers.{i}"
-            if i == self.cfg.num_layers:
+            if i == self.arch.num_layers:
                 expected |= {f"{p}.{w}.weight" for w in ("enorm", "hnorm", "eh_proj", "shared_head.norm")}
             expected |= {f"{p}.self_attn.kv_a_proj_with_mqa.weight", f"{p}.self_attn.kv_b_proj.weight",
                          f"{p}.self_attn.o_proj.weight"}

@@ -91,12 +91,12 @@ class LlamaForCausalLM(CausalLM):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         # A rank caches only its own KV heads.
-        return KVCacheSpec.key_value(self.cfg.num_layers, self.model.layers[0].self_attn.n_kv_heads, self.cfg.head_dim)
+        return KVCacheSpec.key_value(self.arch.num_layers, self.model.layers[0].self_attn.n_kv_heads, self.arch.head_dim)
 
     def checkpoint_slice(self, name: str) -> Selection:
         """What this rank reads of a checkpoint tensor: its heads of q, k, v (rows) and o
         (columns), its columns of the MLP, its rows of the vocabulary."""
-        tp, c, d = self.tp, self.cfg, self.cfg.head_dim
+        tp, c, d = self.tp, self.arch, self.arch.head_dim
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             return TensorSlice(0, *tp.padded_split(c.vocab_size))
         part = name.split(".")[-2] if name.startswith("model.layers.") else ""
@@ -114,7 +114,7 @@ class LlamaForCausalLM(CausalLM):
     def weight_part(self, checkpoint_name: str) -> WeightPart | None:
         if not checkpoint_name.endswith(".weight") or "rotary_emb" in checkpoint_name:
             return None
-        if checkpoint_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+        if checkpoint_name == "lm_head.weight" and self.arch.tie_word_embeddings:
             return None
         target, idx = self._fused_target(checkpoint_name)
         module = target.removesuffix(".weight")
@@ -134,7 +134,7 @@ class LlamaForCausalLM(CausalLM):
         """Copy each (name, tensor) into its parameter; returns the names loaded."""
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.arch.tie_word_embeddings):
                 continue
             target, slice_idx = self._fused_target(name)
             try:  # one lookup per tensor: a linear rewritten once loaded no longer has this weight
@@ -172,14 +172,14 @@ class LlamaForCausalLM(CausalLM):
         # The rows of each part of a fused parameter on this rank: [gate | up], [q | k | v].
         if ".mlp." in name:
             return [self.model.layers[0].mlp.down_proj.in_features] * 2
-        attn, d = self.model.layers[0].self_attn, self.cfg.head_dim
+        attn, d = self.model.layers[0].self_attn, self.arch.head_dim
         return [attn.n_heads * d, attn.n_kv_heads * d, attn.n_kv_heads * d]
 
     def check_complete(self, loaded: set[str]) -> None:
         """Raise unless the checkpoint names loaded (as floats or as blocks) cover the model."""
-        expected = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(self.cfg.num_layers) for p in "qkvo"}
+        expected = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(self.arch.num_layers) for p in "qkvo"}
         expected |= {"model.embed_tokens.weight", "model.norm.weight"}
-        if not self.cfg.tie_word_embeddings:
+        if not self.arch.tie_word_embeddings:
             expected.add("lm_head.weight")
         missing = sorted(expected - loaded)
         if missing:
