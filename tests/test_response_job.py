@@ -14,7 +14,7 @@ from r1serve.engine.async_engine import RequestStream
 from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.accounts.accounts import Accounts, Principal
 from r1serve.accounts.database import usage_ledger
-from r1serve.server.generation import PromptInput
+from r1serve.server.engine_request import PromptInput
 from r1serve.server.metrics import ServerMetrics
 from r1serve.server.protocol import CompletionRequest
 from r1serve.server.response_job import ClientGone

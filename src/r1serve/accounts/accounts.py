@@ -159,7 +159,7 @@ class Meter:
         self.admission_id: int | None = None
         self.started = time.monotonic()
 
-    async def admit(self, prompt_tokens: int, outputs: int, max_tokens: int) -> int:
+    async def hold(self, prompt_tokens: int, outputs: int, max_tokens: int) -> int:
         """Hold the request's worst case against the key; returns the max_tokens per output
         the key's quota leaves it (`max_tokens`, or less)."""
         key = self.principal.key

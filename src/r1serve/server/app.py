@@ -134,7 +134,7 @@ class ServerState:
             raise APIError(503, f"the engine for `{name}` has stopped; restart the server")
         return served
 
-    def admit(self, served: ServedModel) -> None:
+    def refuse_if_queue_full(self, served: ServedModel) -> None:
         if served.engine.num_waiting >= self.config.max_waiting:
             raise APIError(429, f"the server is busy ({served.engine.num_waiting} requests waiting); retry shortly",
                            code="queue_full", headers=self._retry())
@@ -239,14 +239,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
               responses=responses(ChatCompletion, *generating, stream=ChatCompletionChunk))
     async def chat_completions(req: ChatCompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
-        state.admit(served)
+        state.refuse_if_queue_full(served)
         return await _engine_call(create_chat_completion(served, req, raw, state.accounts, principal))
 
     @app.post("/v1/completions", dependencies=[API_KEY],
               responses=responses(Completion, *generating, stream=CompletionChunk))
     async def completions(req: CompletionRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
-        state.admit(served)
+        state.refuse_if_queue_full(served)
         return await _engine_call(create_completion(served, req, raw, state.accounts, principal))
 
     # DeepSeek's base URL has no /v1, and its beta features (FIM, chat prefix completion) live
@@ -295,7 +295,7 @@ def _add_responses_routes(app: FastAPI, state: ServerState) -> None:
               responses=responses(ResponsesReply, 400, 401, 402, 404, 429, 503, stream=ResponsesEvent))
     async def create_response(req: ResponsesRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
-        state.admit(served)
+        state.refuse_if_queue_full(served)
         earlier = await asyncio.to_thread(earlier_conversation, store, req, principal.key_id)
         chat = responses_chat_request(req, earlier)
         return await _engine_call(create_chat_completion(served, chat, raw, state.accounts, principal, ResponsesJob,
@@ -328,7 +328,7 @@ def _add_anthropic_routes(app: FastAPI, state: ServerState, signer: ThinkingSign
 
     async def messages(req: MessagesRequest, raw: Request, principal: Principal = caller):
         served = state.model(req.model)
-        state.admit(served)
+        state.refuse_if_queue_full(served)
         chat = chat_request(req, served, signer, stream=bool(req.stream))
         return await _engine_call(create_chat_completion(served, chat, raw, state.accounts, principal, MessageJob,
                                                          signer=signer))

@@ -18,7 +18,8 @@ from r1serve.engine.async_engine import EngineDeadError, EngineStepError, Reques
 from r1serve.outputs import RequestOutput
 from r1serve.accounts.accounts import Meter
 from r1serve.server.errors import APIError, error_body
-from r1serve.server.generation import SSE_DONE, engine_error, engine_failed, merged, sse
+from r1serve.server.engine_streams import engine_error, engine_failed, merged
+from r1serve.server.sse import SSE_DONE, sse
 from r1serve.server.metrics import RequestTimer
 from r1serve.server.protocol import SamplingFields, now
 from r1serve.server.served_model import ServedModel

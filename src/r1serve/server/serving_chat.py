@@ -13,8 +13,10 @@ from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.sampling_params import ReasoningSpec
 from r1serve.accounts.accounts import Accounts, Meter, Principal
 from r1serve.server.errors import APIError
-from r1serve.server.generation import (PromptInput, capped, chat_logprobs, check_context, sampling_params, sse,
-                                       start_requests, until_disconnect)
+from r1serve.server.engine_request import PromptInput, capped, check_context, sampling_params
+from r1serve.server.engine_streams import start_requests, until_disconnect
+from r1serve.server.logprobs import chat_logprobs
+from r1serve.server.sse import sse
 from r1serve.server.protocol import ChatCompletionRequest, ChatMessage, new_id, usage_body
 from r1serve.server.reasoning import END, START, Delta, ReasoningSplitter, split_reasoning
 from r1serve.server.request_log import JOB
@@ -147,7 +149,7 @@ async def create_chat_completion(model: ServedModel, req: ChatCompletionRequest,
                      logit_bias=(params.logit_bias or {}) | banned if banned else params.logit_bias)
     request_id = job.new_request_id()
     meter = accounts.meter(principal, model.name, request_id)
-    granted = await meter.admit(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
+    granted = await meter.hold(len(prompt.token_ids), req.n, max_tokens)  # the worst case, held against the quota
     params = reserve_answer(capped(params, granted), req.reasoning_reserve)
     chat = job(model, req, request_id, prompt, spec, meter, **job_args)
     setattr(raw.state, JOB, chat)  # its tokens go in the request's log line

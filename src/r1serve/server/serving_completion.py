@@ -12,8 +12,10 @@ from r1serve.outputs import CompletionOutput, RequestOutput
 from r1serve.accounts.accounts import Accounts, Meter, Principal
 from r1serve.server.errors import APIError
 from r1serve.server.fim import FimFormat, fim_format
-from r1serve.server.generation import (PromptInput, capped, check_context, completion_logprobs, sampling_params, sse,
-                                       start_requests, until_disconnect)
+from r1serve.server.engine_request import PromptInput, capped, check_context, sampling_params
+from r1serve.server.engine_streams import start_requests, until_disconnect
+from r1serve.server.logprobs import completion_logprobs
+from r1serve.server.sse import sse
 from r1serve.server.protocol import CompletionRequest, new_id, usage_body
 from r1serve.server.request_log import JOB
 from r1serve.server.response_job import EventStreamResponse, ResponseJob
@@ -45,7 +47,7 @@ async def create_completion(model: ServedModel, req: CompletionRequest, raw: HTT
     params = sampling_params(req, max_tokens, req.logprobs)
     request_id = new_id("cmpl")
     meter = accounts.meter(principal, model.name, request_id)
-    granted = await meter.admit(sum(len(p.token_ids) for p in prompts), req.n * len(prompts), max_tokens)
+    granted = await meter.hold(sum(len(p.token_ids) for p in prompts), req.n * len(prompts), max_tokens)
     params = capped(params, granted)
     job = _Completion(model, req, request_id, prompts, meter)
     ids = [job.id] if len(prompts) == 1 else [f"{job.id}-{i}" for i in range(len(prompts))]
