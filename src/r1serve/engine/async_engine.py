@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Failed, Reply, Stepped,
                                           Stopped, unknown_message)
-from r1serve.engine.core_messages import Prompt
+from r1serve.engine.core_messages import Prompt, prompt_text
 from r1serve.engine.engine_core import EngineCore, ProcessCore, ThreadCore
 from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import EngineDeadError
@@ -137,7 +137,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         stream = RequestStream(request_id, self)
-        stream.prompt = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+        stream.prompt = prompt_text(prompt)
         self._streams[request_id] = stream
         accepted = self._loop.create_future()
         self._accepting[request_id] = accepted

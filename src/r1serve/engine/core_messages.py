@@ -26,6 +26,12 @@ from r1serve.sampling_params import SamplingParams
 Prompt = str | list[int] | dict
 
 
+def prompt_text(prompt: Prompt) -> str | None:
+    """The prompt's text, where it has one: its outputs carry it back (cores send them
+    without their prompts, which crossed once already)."""
+    return prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+
+
 # ---- commands: front end -> core ----------------------------------------------------------------
 
 

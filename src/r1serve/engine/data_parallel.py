@@ -25,8 +25,8 @@ import torch
 from r1serve.config import EngineConfig
 from r1serve.executor.executor import free_port
 from r1serve.executor.replica_group import ReplicaSpec
-from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, Failed,
-                                          Reply, Shutdown, Stepped, Stopped, check_command)
+from r1serve.engine.core_messages import (AbortRequest, Added, AddRequest, Command, EngineInfo, Failed, Reply,
+                                          Shutdown, Stepped, Stopped, check_command, prompt_text)
 from r1serve.engine.engine_core import EngineSink, ProcessCore
 from r1serve.engine.engine_stats import EngineStats
 from r1serve.errors import EngineDeadError, InvalidRequestError
@@ -257,8 +257,7 @@ class DataParallelEngine:
                 self._check_alive()
         if reply.error is not None:
             raise reply.error
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
-        self._prompts[request_id] = (text, reply.prompt_token_ids)
+        self._prompts[request_id] = (prompt_text(prompt), reply.prompt_token_ids)
         return reply.prompt_token_ids
 
     def abort_request(self, request_id: str) -> None:
