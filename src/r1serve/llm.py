@@ -4,13 +4,15 @@ from __future__ import annotations
 import itertools
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from tqdm import tqdm
 
 from r1serve.config import EngineConfig
+from r1serve.engine.core_messages import Prompt
 from r1serve.engine.data_parallel import DataParallelEngine
-from r1serve.engine.llm_engine import LLMEngine, Prompt
+from r1serve.engine.engine_stats import EngineStats
+from r1serve.engine.llm_engine import LLMEngine
 from r1serve.errors import InvalidRequestError
 from r1serve.models.catalog import default_cache_dir, resolve_model
 from r1serve.outputs import RequestOutput
@@ -19,6 +21,23 @@ from r1serve.tool_calls import ToolCallFormat, detect_format
 
 
 ENGINE_OPTIONS = frozenset(f.name for f in fields(EngineConfig)) - {"model", "cache_dir", "dtype"}
+
+
+class OfflineEngine(Protocol):
+    """What LLM drives: LLMEngine in this process, or DataParallelEngine over replicas' processes."""
+
+    tokenizer: Any
+    dtype: Any  # torch.dtype
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> list[int]: ...
+
+    def abort_request(self, request_id: str) -> Any: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
 
 
 class LLM:
@@ -37,7 +56,8 @@ class LLM:
         config = EngineConfig(model=model, cache_dir=cache_dir, dtype=dtype, **engine_options)
         path = resolve_model(model, cache_dir)
         # Data-parallel replicas run in engine processes of their own, driven from here.
-        self.engine = DataParallelEngine(config, path) if config.data_parallel_size > 1 else LLMEngine(config, path)
+        self.engine: OfflineEngine = (DataParallelEngine(config, path) if config.data_parallel_size > 1
+                                      else LLMEngine(config, path))
         self._ids = itertools.count()
 
     def close(self) -> None:
