@@ -37,13 +37,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_path, replica: ReplicaSpec | None = None) -> None:
         self.config = config
         self.platform = get_platform(config)
-        # Ranks 1..N-1 of a tensor-parallel group; this process is rank 0 (executor/).
+        # The engine's ranks: this process is rank 0, any others were started (executor/).
         self.executor = start_executor(config, model_path, self.platform)
         # Under DP attention: this replica's place among the replicas its MoE layers span.
         self.replicas = (ReplicaGroup(replica, self.platform.dist_backend, config.distributed_timeout_s)
                          if replica else None)
-        if self.platform.host_threads and (config.num_threads or self.executor):
-            torch.set_num_threads(self.executor.threads if self.executor else config.num_threads)
+        if self.platform.host_threads and self.executor.threads:
+            torch.set_num_threads(self.executor.threads)
         try:
             self.worker = self._start_worker(model_path)  # this rank's model and KV cache (executor/worker.py)
         except BaseException:
@@ -61,10 +61,9 @@ class LLMEngine:
                                  lookahead_layers=config.speculative == "mtp")
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.enable_chunked_prefill), self.kv)
-        if self.executor:
-            self.executor.share_kv_blocks(self.num_kv_blocks)
+        self.executor.share_kv_blocks(self.num_kv_blocks)
         self.runner = ModelRunner(self.loaded.model, kv_caches, config.block_size, self.platform.device,
-                                  self.executor.steps if self.executor else None, self._decode_graphs(kv_caches),
+                                  self.executor.steps, self._decode_graphs(kv_caches),
                                   keep_hidden=config.speculative == "mtp")
         self.kernels = self.loaded.kernels + self.platform.bind(self.runner.sampler, config.kernel)  # `r1serve info`
         self.speculation = self._speculation()
@@ -80,13 +79,11 @@ class LLMEngine:
         self.failure: RankFailedError | None = None  # set once a rank of the group has failed
 
     def _start_worker(self, model_path) -> Worker:
-        if self.replicas is not None:
-            return Worker(self.config, model_path, self.platform, self.replicas.tp)
-        if self.executor is None:
-            return Worker(self.config, model_path, self.platform)
+        # Under DP attention the model's group is the replicas' (its MoE layers span them).
+        tp = self.replicas.tp if self.replicas is not None else self.executor.tp
         worker, error = None, None
         try:
-            worker = Worker(self.config, model_path, self.platform, self.executor.tp)
+            worker = Worker(self.config, model_path, self.platform, tp)
         except Exception as exc:
             error = exc
         self.executor.agree_loaded(error)  # raises rank 0's error, or another rank's
@@ -106,15 +103,14 @@ class LLMEngine:
 
     def _leave_ranks(self) -> None:
         """Stop the other ranks of a tensor-parallel group, leave the replicas' (nothing to do on one rank)."""
-        if self.executor is not None:
-            self.executor.shutdown()
+        self.executor.shutdown()
         if self.replicas is not None:
             self.replicas.shutdown()
 
     def _decode_graphs(self, kv_caches: list[torch.Tensor]) -> CudaGraphRunner | None:
         """Decode steps captured as graphs, where the platform has them (one rank, not --enforce-eager)."""
         c = self.config
-        if self.platform.graph_capture is None or c.enforce_eager or self.executor:
+        if self.platform.graph_capture is None or c.enforce_eager or self.executor.size > 1:
             return None
         why_not = self.platform.graph_capture(c.kernel)
         if why_not is not None:
@@ -239,7 +235,7 @@ class LLMEngine:
 
     def _execute(self, sched):
         masks = self._start_masks(sched)
-        if self.executor is None:
+        if self.executor.size == 1:  # a failed step fails its requests; the engine goes on
             return self.runner.execute(sched, masks)
         if self.failure is not None:
             raise self.failure

@@ -1,7 +1,7 @@
 """What rank 0 does with the other ranks of its tensor-parallel group, however they were
-launched (as processes of this node, multiproc_executor.py; as Ray actors, ray_executor.py):
-agree that every rank loaded, share the KV cache's size, broadcast each step, and tell apart
-a dead rank from a failed step."""
+launched (UniprocExecutor: there are none; as processes of this node, multiproc_executor.py;
+as Ray actors, ray_executor.py): agree that every rank loaded, share the KV cache's size,
+broadcast each step, and tell apart a dead rank from a failed step."""
 from __future__ import annotations
 
 import os
@@ -36,8 +36,8 @@ class Executor(ABC):
     size: int
     serving = False  # every rank loaded: the workers now wait for steps
     tp: TensorParallel
-    steps: StepBroadcast
-    threads: int
+    steps: StepBroadcast | None  # None: no other rank to send steps to
+    threads: int | None  # the thread pool of each rank (None: torch's own choice)
 
     def where(self, rank: int) -> str:
         """Where a rank runs, for messages (the node, when that tells something)."""
@@ -75,3 +75,24 @@ class Executor(ABC):
                                "the ranks are out of step and the engine stopped")
 
 
+class UniprocExecutor(Executor):
+    """One rank, this process: nothing to agree on, share or broadcast."""
+
+    size = 1
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.tp, self.steps, self.threads = TensorParallel(), None, config.num_threads
+
+    def dead_ranks(self) -> list[str]:
+        return []
+
+    def agree_loaded(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+        self.serving = True
+
+    def share_kv_blocks(self, num_kv_blocks: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
