@@ -73,3 +73,25 @@ def test_harness_on_arm64_under_qemu(march, extensions, tmp_path):
     report = _build_and_run("aarch64-linux-gnu-g++", [f"-march={march}", "-static"], tmp_path / "harness_arm",
                             ["qemu-aarch64"])
     assert report.split() == ["ok", "neon", *extensions], report
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    # torch's build lock names no process: one left by a killed build would make every later
+    # start wait for ever. Older than a build can take, it is removed; a fresh one is kept.
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from r1serve.kernels.cpu_extension import STALE_LOCK_S, _clear_stale_lock
+
+    fake = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path / name))
+    (tmp_path / "k").mkdir()
+    lock = tmp_path / "k" / "lock"
+    lock.touch()
+    _clear_stale_lock(fake, "k")
+    assert lock.exists()  # a build may be running now
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    _clear_stale_lock(fake, "k")
+    assert not lock.exists()
+    _clear_stale_lock(fake, "k")  # no lock: nothing to do

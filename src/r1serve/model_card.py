@@ -107,7 +107,7 @@ def describe(card: ModelCard) -> str:
               else f"{_count(card.active_parameters)} active per token")
     lines = [f"{card.name}  ({card.architecture}, {card.source})",
              f"  parameters   {_count(card.parameters)} ({active})",
-             f"  weights      " + " · ".join(f"{group} {kind}" for group, kind in card.weights.items())]
+             "  weights      " + " · ".join(f"{group} {kind}" for group, kind in card.weights.items())]
     if card.files:
         shown = card.files[0] if len(card.files) == 1 else f"{len(card.files)} files in {Path(card.files[0]).parent}"
         lines.append(f"  on disk      {shown}, {card.size_on_disk / 1e9:.2f} GB")

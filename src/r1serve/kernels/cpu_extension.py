@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import sys
+import time
 from pathlib import Path
 
 from r1serve.kernels.cpu_isa import best_isa, cpu_flags, cpu_model, runnable_isas
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ["argmax_rows.cpp", "bindings.cpp", "quant_linear.cpp", "paged_decode_attention.cpp", "rms_norm.cpp",
            "rotary_kv_write.cpp", "silu_and_mul.cpp"]
+# A build takes a minute or two; a build lock older than this was left by a build that was
+# killed (torch's lock holds no pid), and every later start would wait on it for ever.
+STALE_LOCK_S = 15 * 60
 # Flags beyond -march=native that cap a build at an ISA below the machine's best.
 _CAP_FLAGS = {"avx512": [], "neon": [], "avx2": ["-mno-avx512f"], "scalar": ["-DR1SERVE_VEC_SCALAR"]}
 
@@ -48,6 +52,7 @@ def cpu_kernels(isa: str | None = None):
 
         if not _built(cpp_extension, name):
             log.warning("building the CPU kernels for %s (once for these sources and this CPU; about a minute)", isa)
+        _clear_stale_lock(cpp_extension, name)
         module = cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=flags,
                                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers, ...: fall back, never fail serving
@@ -63,6 +68,18 @@ def _built(cpp_extension, name: str) -> bool:
         return (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").is_file()
     except Exception:  # a private helper of torch's: if it moves, the message is all that is lost
         return True
+
+
+def _clear_stale_lock(cpp_extension, name: str, max_age_s: float = STALE_LOCK_S) -> None:
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, AttributeError):  # no lock (the usual case), or torch's helper moved
+        return
+    if age > max_age_s:
+        log.warning("removing the CPU kernels' build lock left %.0f minutes ago by a build that was interrupted "
+                    "(%s)", age / 60, lock)
+        lock.unlink(missing_ok=True)
 
 
 def build_digest(flags: list[str]) -> str:
