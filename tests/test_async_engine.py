@@ -59,7 +59,7 @@ def test_a_failing_request_fails_alone(llm):
     def explode(_ids):
         raise UnicodeError("detokenizer broke")
 
-    engine._parents["bad"].detoks[0].add_tokens = explode
+    engine.outputs.parents["bad"].detoks[0].add_tokens = explode
     outs: dict = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -73,7 +73,7 @@ def test_a_failing_request_fails_alone(llm):
 def test_a_request_aborted_before_it_ran_reports_zero_cached_tokens(llm):
     engine = llm.engine
     engine.add_request("early", PROMPTS[2], SamplingParams(max_tokens=4))
-    assert engine._parents["early"].children[0].num_cached_tokens is None  # not scheduled: not known
+    assert engine.outputs.parents["early"].children[0].num_cached_tokens is None  # not scheduled: not known
     out = engine.abort_request("early")
     assert out.finished and out.num_cached_tokens == 0  # the output's field is always a count
     assert_idle(llm)

@@ -32,7 +32,7 @@ def assert_idle(llm):
     e = llm.engine
     assert not e.has_unfinished_requests()
     assert not e.scheduler.waiting and not e.scheduler.running and not e.scheduler._requests
-    assert not e._child_parent
+    assert e.outputs.is_empty()  # no request or child left in the output bookkeeping
     assert e.kv.pool.num_free == e.num_kv_blocks, "KV blocks leaked"
 
 
@@ -307,7 +307,7 @@ def test_a_bad_request_while_others_run_leaves_them_alone(llm, baseline):
     for bad in ([], [VOCAB], [1] * 600):
         with pytest.raises(InvalidRequestError):
             engine.add_request("bad", bad, GREEDY)
-    assert list(engine._parents) == ["good"] and len(engine.scheduler.running) == 1
+    assert list(engine.outputs.parents) == ["good"] and len(engine.scheduler.running) == 1
     done = []
     while engine.has_unfinished_requests():
         done += [o for o in engine.step() if o.finished]

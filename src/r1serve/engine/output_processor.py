@@ -39,6 +39,9 @@ class OutputProcessor:
         for child in parent.children:
             self._child_parent[child.request_id] = parent
 
+    def is_empty(self) -> bool:
+        return not self.parents and not self._child_parent
+
     def parent_of(self, child_id: str) -> ParentRequest | None:
         return self._child_parent.get(child_id)
 
