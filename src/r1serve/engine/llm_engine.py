@@ -53,7 +53,6 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.dtype = self.loaded.dtype  # the activations'
         arch = self.loaded.arch
-        self.kv_spec, self.kv_dtype = self.worker.kv_spec, self.worker.kv_dtype
         self.num_kv_blocks = self.worker.kv_blocks_wanted()
         self.max_model_len = self._max_model_len()
         kv_caches = self.worker.allocate_kv(self.num_kv_blocks)
@@ -136,6 +135,14 @@ class LLMEngine:
         lm = self.loaded
         return numbers_for(lm.model, lm.arch, lm.dtype, self.num_kv_blocks * self.kv_bytes_per_block,
                            lm.num_parameters, lm.weight_bytes, self.kv_dtype)
+
+    @property
+    def kv_spec(self):
+        return self.worker.kv_spec  # per-head K/V, or MLA's one latent per token
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.worker.kv_dtype
 
     @property
     def kv_bytes_per_token(self) -> int:
